@@ -59,6 +59,12 @@ class Backbone(ABC):
         """Default module names that receive LoRA adapters."""
         return ["to_q", "to_k", "to_v", "to_out.0"]
 
+    @classmethod
+    def check_generate_config(cls, gen: GenerateConfig) -> list[tuple[str, str]]:
+        """Family-specific checks of the generate section, as (key, message) pairs; the recipe loader
+        turns them into one error naming the key, the value and what is allowed."""
+        return []
+
     # ---- conditioning ----------------------------------------------------------------------------
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> Embeddings:
