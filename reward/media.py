@@ -99,7 +99,9 @@ def load_media(path: str | Path, prompt: str = "") -> Sample:
         return load_video(path, prompt)
     if suffix in IMAGE_SUFFIXES:
         return load_image(path, prompt)
-    raise MediaError(f"{path}: unknown media suffix {suffix!r}; images: {sorted(IMAGE_SUFFIXES)}, videos: {sorted(VIDEO_SUFFIXES)}")
+    raise MediaError(
+        f"{path}: unknown media suffix {suffix!r}; images: {sorted(IMAGE_SUFFIXES)}, videos: {sorted(VIDEO_SUFFIXES)}"
+    )
 
 
 def save_video(path: str | Path, pixels: torch.Tensor, fps: float) -> None:

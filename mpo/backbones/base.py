@@ -77,7 +77,9 @@ class Backbone(ABC):
         """Per-sample latent shape for the requested resolution (and frames)."""
 
     @abstractmethod
-    def sample(self, embeds: Embeddings, negative: Embeddings, noise: torch.Tensor, gen: GenerateConfig) -> torch.Tensor:
+    def sample(
+        self, embeds: Embeddings, negative: Embeddings, noise: torch.Tensor, gen: GenerateConfig
+    ) -> torch.Tensor:
         """Denoise ``noise`` ([B, *latent_shape], initial latents) to clean latents with classifier-free
         guidance. Deterministic given ``noise`` (no hidden random draws), so a candidate is fixed by
         its seed whatever the batch it is in."""
@@ -101,7 +103,9 @@ class Backbone(ABC):
         noise - x0)."""
 
     @abstractmethod
-    def predict(self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, embeds: Embeddings) -> torch.Tensor:
+    def predict(
+        self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, embeds: Embeddings
+    ) -> torch.Tensor:
         """One denoiser forward on cached embeddings (``denoiser`` may be wrapped by accelerate)."""
 
     # ---- export -----------------------------------------------------------------------------------

@@ -1,0 +1,282 @@
+"""`reward`: score, fit and evaluate with a VisionReward checklist, independently of training.
+
+    reward checklists
+    reward score --checklist image-official --answers annotations.jsonl --out scores.parquet
+    reward score --checklist image-full --backend vlm --model Qwen/Qwen2-VL-2B-Instruct \
+                 --images imgs/*.png --prompts prompts.txt --out scores.parquet
+    reward fit   --checklist image-full --pairs pairs.jsonl --out weights.json
+    reward eval  --pairs pairs.jsonl --weights weights.json
+
+Outputs are parquet, JSONL or CSV by suffix, one row per sample: id, total, dim.<name>,
+sub.<name>, q.<question id> (p(yes)), and the backend that answered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reward.checklist import ChecklistError, available_checklists, load_checklist
+
+
+def _write_rows(rows: list[dict[str, Any]], out: str | Path) -> None:
+    """Atomic write (tmp + rename) of rows as parquet / JSONL / CSV by suffix."""
+    import pandas as pd
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    frame = pd.DataFrame(rows)
+    if out.suffix == ".parquet":
+        frame.to_parquet(tmp, index=False)
+    elif out.suffix == ".csv":
+        frame.to_csv(tmp, index=False)
+    elif out.suffix in (".jsonl", ".json"):
+        frame.to_json(tmp, orient="records", lines=True)
+    else:
+        raise ChecklistError(f"{out}: output must end in .parquet, .jsonl or .csv")
+    tmp.replace(out)
+
+
+def _read_prompts(path: str | None, media: list[str]) -> list[str]:
+    if not path:
+        return [""] * len(media)
+    p = Path(path)
+    if p.suffix in (".json", ".jsonl"):
+        from reward.answers import read_rows
+
+        table: dict[str, str] = {}
+        if p.suffix == ".json" and p.read_text().lstrip().startswith("{"):
+            table = {str(k): str(v) for k, v in json.loads(p.read_text()).items()}
+        else:
+            for row in read_rows(p):
+                table[str(row.get("path") or row.get("id"))] = str(row["prompt"])
+        prompts = []
+        for m in media:
+            key = m if m in table else Path(m).name if Path(m).name in table else Path(m).stem
+            if key not in table:
+                raise ChecklistError(f"{p}: no prompt for {m} (keys are paths, file names or stems)")
+            prompts.append(table[key])
+        return prompts
+    lines = [line.rstrip("\n") for line in p.read_text().splitlines() if line.strip()]
+    if len(lines) != len(media):
+        raise ChecklistError(
+            f"{p}: {len(lines)} prompts for {len(media)} files (one prompt per line, in file order)"
+        )
+    return lines
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    checklist = load_checklist(args.checklist, weights=args.weights)
+    if args.answers:
+        from reward.answers import answers_to_tensors, read_rows
+        from reward.model import ChecklistScorer
+
+        ids, p_yes, alignment = answers_to_tensors(checklist, read_rows(args.answers), str(args.answers))
+        scores = ChecklistScorer(checklist)(p_yes, alignment, source=f"answers:{args.answers}")
+        rows = [{"id": i, **r, "source": scores.source} for i, r in zip(ids, scores.to_rows())]
+        _write_rows(rows, args.out)
+        print(f"scored {len(rows)} rows with {checklist.describe()} -> {args.out}")
+        return 0
+
+    media = list(args.images or []) + list(args.videos or [])
+    if not media:
+        raise ChecklistError("give --answers FILE, or --images / --videos with --backend")
+    from tqdm import tqdm
+
+    from reward.backends import build_backend
+    from reward.media import MediaError, load_media
+    from reward.visionreward import VisionReward
+
+    prompts = _read_prompts(args.prompts, media)
+    kwargs: dict[str, Any] = {}
+    if args.backend == "vlm":
+        kwargs = {
+            "dtype": args.dtype,
+            "batch_size": args.batch_size,
+            "max_frames": args.max_frames,
+            "device": args.device,
+        }
+        if args.alignment_model:
+            kwargs["alignment_model_path"] = args.alignment_model
+    reward = VisionReward(
+        checklist, build_backend(args.backend, model_path=args.model, **kwargs), args.batch_size
+    )
+    rows: list[dict[str, Any]] = []
+    failed: list[str] = []
+    batch = []
+    bar = tqdm(total=len(media), unit="sample", desc=f"reward score ({args.backend})")
+
+    def flush() -> None:
+        if batch:
+            scores = reward.score(batch)
+            rows.extend(
+                {"id": s.id, "prompt": s.prompt, **r, "source": scores.source}
+                for s, r in zip(batch, scores.to_rows())
+            )
+            bar.update(len(batch))
+            batch.clear()
+
+    for path, prompt in zip(media, prompts):
+        try:
+            batch.append(load_media(path, prompt))
+        except MediaError as err:
+            failed.append(str(err))
+            print(f"skipped: {err}", file=sys.stderr)
+            bar.update(1)
+            continue
+        if len(batch) == args.batch_size:
+            flush()
+    flush()
+    bar.close()
+    if not rows:
+        raise ChecklistError(f"none of the {len(media)} files could be read")
+    _write_rows(rows, args.out)
+    print(f"scored {len(rows)} samples ({len(failed)} skipped) with {checklist.describe()} -> {args.out}")
+    if rows and rows[0]["source"].startswith("pixel-stats"):
+        print(
+            "note: pixel-stats answers only what pixel statistics can judge; it is a demo, not a human-preference model"
+        )
+    return 0
+
+
+def _pair_features(checklist, pairs_path: str):
+    from reward.answers import read_pairs
+    from reward.model import ChecklistScorer
+
+    scorer = ChecklistScorer(checklist)
+    p_a, al_a, p_b, al_b, labels = read_pairs(checklist, pairs_path)
+    fa = scorer.features(p_a, al_a).nan_to_num(0.0)
+    fb = scorer.features(p_b, al_b).nan_to_num(0.0)
+    return scorer, (p_a, al_a, p_b, al_b), fa, fb, labels
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from reward.fit import fit_logistic, fit_masked_logistic
+    from reward.metrics import preference_accuracy
+
+    checklist = load_checklist(args.checklist)
+    _, _, fa, fb, labels = _pair_features(checklist, args.pairs)
+    delta = (fa - fb).numpy()
+    y = labels.numpy()
+    fitted = {"masked": fit_masked_logistic(delta, y), "logistic": fit_logistic(delta, y)}
+    chosen = fitted[args.method]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from dataclasses import replace
+
+    result = replace(checklist, weights=chosen.weights, intercept=0.0).weights_dict(
+        method="masked-logistic (Algorithm 1)" if args.method == "masked" else "logistic"
+    )
+    out.write_text(json.dumps(result, indent=2))
+    for name, fit in fitted.items():
+        score_a, score_b = fa.numpy() @ fit.weights, fb.numpy() @ fit.weights
+        acc = preference_accuracy(score_a, score_b, y, ties="drop")
+        negatives = int((fit.weights < 0).sum())
+        zeros = int((fit.weights == 0).sum())
+        print(
+            f"{name:9s} train accuracy (ties dropped) {float(_first(acc)):.4f}  zero weights {zeros}  negative weights {negatives}"
+        )
+    print(f"wrote {args.method} weights for {checklist.name} ({len(chosen.weights)} features) -> {out}")
+    return 0
+
+
+def _first(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return value[0]
+    return getattr(value, "accuracy", value)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from reward.metrics import preference_accuracy, tau_with_ties
+
+    name = args.checklist
+    if name is None:
+        data = json.loads(Path(args.weights).read_text())
+        name = data.get("checklist")
+        if not name:
+            raise ChecklistError(f"{args.weights}: names no checklist; pass --checklist")
+    checklist = load_checklist(name, weights=args.weights)
+    scorer, (p_a, al_a, p_b, al_b), _, _, labels = _pair_features(checklist, args.pairs)
+    sa = scorer(p_a, al_a).total.nan_to_num(0.0).numpy()
+    sb = scorer(p_b, al_b).total.nan_to_num(0.0).numpy()
+    y = labels.numpy()
+    report = {
+        "pairs": len(y),
+        "accuracy_without_ties": _first(preference_accuracy(sa, sb, y, ties="drop")),
+        "accuracy_with_ties": _first(preference_accuracy(sa, sb, y, ties="calibrate")),
+        "tau_with_ties": _first(tau_with_ties(sa, sb, y)),
+    }
+    report = {k: float(v) if not isinstance(v, int) else v for k, v in report.items()}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_checklists(_: argparse.Namespace) -> int:
+    for name in available_checklists():
+        print(load_checklist(name).describe())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reward", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    score = sub.add_parser("score", help="score answers, or images/videos with a backend")
+    score.add_argument(
+        "--checklist", required=True, help=f"bundled ({', '.join(available_checklists())}) or a YAML path"
+    )
+    score.add_argument("--weights", help="weights file (e.g. from `reward fit`) replacing the checklist's")
+    score.add_argument("--answers", help="JSONL/parquet rows {id, prompt, answers: {...}, alignment}")
+    score.add_argument("--backend", default="pixel-stats", choices=["vlm", "pixel-stats"])
+    score.add_argument("--model", help="VLM folder or hub id (backend vlm)")
+    score.add_argument("--alignment-model", help="separate VLM for the alignment term")
+    score.add_argument("--images", nargs="*")
+    score.add_argument("--videos", nargs="*")
+    score.add_argument(
+        "--prompts", help="text file, one prompt per line in file order; or JSON/JSONL path -> prompt"
+    )
+    score.add_argument("--out", required=True)
+    score.add_argument("--batch-size", type=int, default=8)
+    score.add_argument("--max-frames", type=int, default=24)
+    score.add_argument("--dtype", default="bfloat16")
+    score.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    score.set_defaults(func=cmd_score)
+
+    fit = sub.add_parser("fit", help="learn weights from preference pairs (paper Algorithm 1)")
+    fit.add_argument("--checklist", required=True)
+    fit.add_argument(
+        "--pairs", required=True, help="JSONL/parquet rows {a: answers row, b: answers row, label}"
+    )
+    fit.add_argument("--out", required=True)
+    fit.add_argument("--method", choices=["masked", "logistic"], default="masked")
+    fit.set_defaults(func=cmd_fit)
+
+    ev = sub.add_parser("eval", help="preference accuracy (with/without ties) and tau with ties")
+    ev.add_argument("--pairs", required=True)
+    ev.add_argument("--weights", required=True)
+    ev.add_argument("--checklist", help="default: the checklist named in the weights file")
+    ev.set_defaults(func=cmd_eval)
+
+    sub.add_parser("checklists", help="list the bundled checklists").set_defaults(func=cmd_checklists)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ChecklistError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
