@@ -1,0 +1,194 @@
+"""`reward score | fit | eval` from the command line, on answers files, media files and pairs."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from reward.checklist import load_checklist
+from reward.cli import main
+from reward.model import ChecklistScorer
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _answers_row(checklist, rng: np.random.Generator, rid: str, by: str = "id") -> dict:
+    answers = {}
+    for i, q in enumerate(checklist.questions):
+        key = {"id": q.id, "index": str(i), "text": q.text}[by]
+        answers[key] = bool(rng.random() < 0.5) if i % 2 else float(rng.random())
+    row = {"id": rid, "prompt": "a red bus", "answers": answers}
+    if checklist.alignment_question:
+        row["alignment"] = float(rng.random())
+    return row
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("key_style", ["id", "index", "text"])
+def test_score_answers_file_matches_scorer(tmp_path, key_style):
+    checklist = load_checklist("image-official")
+    rng = np.random.default_rng(0)
+    rows = [_answers_row(checklist, rng, f"s{i}", by=key_style) for i in range(6)]
+    src = _write_jsonl(tmp_path / "answers.jsonl", rows)
+    out = tmp_path / "scores.parquet"
+    assert main(["score", "--checklist", "image-official", "--answers", str(src), "--out", str(out)]) == 0
+    frame = pd.read_parquet(out)
+    assert list(frame["id"]) == [f"s{i}" for i in range(6)]
+    assert {f"dim.{d}" for d in checklist.dimensions} <= set(frame.columns)
+    assert {f"sub.{s}" for s in checklist.sub_dimensions} <= set(frame.columns)
+    # recompute independently of the CLI's parsing (answers were written in checklist order)
+    p = torch.tensor([[float(v) for v in r["answers"].values()] for r in rows], dtype=torch.float64)
+    expected = ChecklistScorer(checklist)(
+        p, torch.tensor([r["alignment"] for r in rows], dtype=torch.float64)
+    )
+    np.testing.assert_allclose(frame["total"].to_numpy(), expected.total.numpy(), atol=1e-12)
+
+
+def test_score_answers_with_prompt_filled_video_questions(tmp_path):
+    checklist = load_checklist("video-official")
+    rng = np.random.default_rng(1)
+    row = _answers_row(checklist, rng, "v0")
+    row["answers"] = {
+        q.render("a cat surfing"): v for q, v in zip(checklist.questions, row["answers"].values())
+    }
+    row["prompt"] = "a cat surfing"
+    src = _write_jsonl(tmp_path / "a.jsonl", [row])
+    out = tmp_path / "s.jsonl"
+    assert main(["score", "--checklist", "video-official", "--answers", str(src), "--out", str(out)]) == 0
+    assert len(pd.read_json(out, lines=True)) == 1
+
+
+def test_missing_and_unknown_questions_name_row_and_question(tmp_path, capsys):
+    checklist = load_checklist("image-official")
+    rng = np.random.default_rng(2)
+    rows = [_answers_row(checklist, rng, "ok"), _answers_row(checklist, rng, "broken")]
+    del rows[1]["answers"]["very_clear"]
+    src = _write_jsonl(tmp_path / "a.jsonl", rows)
+    assert (
+        main(
+            [
+                "score",
+                "--checklist",
+                "image-official",
+                "--answers",
+                str(src),
+                "--out",
+                str(tmp_path / "o.parquet"),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "row 1 (id broken)" in err and "very_clear" in err
+    rows[1]["answers"]["very_clear"] = True
+    rows[1]["answers"]["Is the image pretty?"] = True
+    _write_jsonl(src, rows)
+    assert (
+        main(
+            [
+                "score",
+                "--checklist",
+                "image-official",
+                "--answers",
+                str(src),
+                "--out",
+                str(tmp_path / "o.parquet"),
+            ]
+        )
+        == 2
+    )
+    assert "unknown question 'Is the image pretty?'" in capsys.readouterr().err
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_explicit_null_is_unknown_not_no(tmp_path):
+    checklist = load_checklist("image-full")
+    rng = np.random.default_rng(3)
+    row = _answers_row(checklist, rng, "x")
+    row["answers"]["colors_bright"] = None
+    src = _write_jsonl(tmp_path / "a.jsonl", [row])
+    out = tmp_path / "o.parquet"
+    assert main(["score", "--checklist", "image-full", "--answers", str(src), "--out", str(out)]) == 0
+    frame = pd.read_parquet(out)
+    assert math.isnan(frame["q.colors_bright"][0])
+    assert not math.isnan(frame["sub.color_brightness"][0])  # the other brightness question still counts
+
+
+def test_score_media_with_pixel_stats_skips_corrupt_files(tmp_path, capsys):
+    media = tmp_path / "media"
+    shutil.copytree(EXAMPLES, media)
+    (media / "corrupt.png").write_bytes(b"not a png")
+    images = sorted(str(p) for p in media.glob("*.png"))
+    out = tmp_path / "scores.parquet"
+    code = main(
+        ["score", "--checklist", "image-full", "--backend", "pixel-stats", "--images", *images,
+         "--prompts", str(media / "prompts.json"), "--out", str(out), "--batch-size", "2"]
+    )  # fmt: skip
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "corrupt.png" in captured.err
+    frame = pd.read_parquet(out).set_index("id")
+    assert len(frame) == len(images) - 1
+    bright = frame.loc[str(media / "bright_beach.png"), "sub.color_brightness"]
+    dark = frame.loc[str(media / "dark_cave.png"), "sub.color_brightness"]
+    assert bright > dark
+    assert frame["source"].str.startswith("pixel-stats").all()
+
+
+def test_score_videos_with_pixel_stats(tmp_path):
+    videos = [str(EXAMPLES / "moving_ball.mp4"), str(EXAMPLES / "static_ball.mp4")]
+    out = tmp_path / "v.parquet"
+    assert main(["score", "--checklist", "video-full", "--backend", "pixel-stats", "--videos", *videos,
+                 "--prompts", str(EXAMPLES / "prompts.json"), "--out", str(out)]) == 0  # fmt: skip
+    frame = pd.read_parquet(out).set_index("id")
+    assert (
+        frame.loc[videos[0], "sub.object_motion_dynamic"] > frame.loc[videos[1], "sub.object_motion_dynamic"]
+    )
+
+
+def _pairs_from_weights(checklist, true_w: np.ndarray, n: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    scorer = ChecklistScorer(checklist)
+    rows = []
+    for _ in range(n):
+        a = _answers_row(checklist, rng, "a")
+        b = _answers_row(checklist, rng, "b")
+        a["answers"] = {k: bool(rng.random() < 0.5) for k in a["answers"]}
+        b["answers"] = {k: bool(rng.random() < 0.5) for k in b["answers"]}
+        fa = scorer.features(
+            torch.tensor([[float(v) for v in a["answers"].values()]]), torch.tensor([a["alignment"]])
+        )
+        fb = scorer.features(
+            torch.tensor([[float(v) for v in b["answers"].values()]]), torch.tensor([b["alignment"]])
+        )
+        margin = float(((fa - fb).nan_to_num(0.0).numpy() @ true_w)[0])
+        rows.append({"a": a, "b": b, "label": int(rng.random() < 1 / (1 + math.exp(-margin)))})
+    return rows
+
+
+def test_fit_then_eval_round_trip(tmp_path, capsys):
+    checklist = load_checklist("image-official")
+    true_w = np.where(np.arange(len(checklist.features)) % 3 == 0, 0.0, 1.5)
+    pairs = _write_jsonl(tmp_path / "pairs.jsonl", _pairs_from_weights(checklist, true_w, 600, seed=4))
+    weights = tmp_path / "weights.json"
+    assert main(["fit", "--checklist", "image-official", "--pairs", str(pairs), "--out", str(weights)]) == 0
+    fitted = load_checklist("image-official", weights=weights)
+    assert (fitted.weights >= 0).all()
+    assert np.corrcoef(fitted.weights, true_w)[0, 1] > 0.8
+    capsys.readouterr()
+    assert main(["eval", "--pairs", str(pairs), "--weights", str(weights)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["pairs"] == 600
+    assert 0.6 < report["accuracy_without_ties"] <= 1.0
+    assert -1.0 <= report["tau_with_ties"] <= 1.0
