@@ -48,7 +48,8 @@ class VisionReward:
         for s in samples:
             if s.modality != self.checklist.modality:
                 raise ChecklistError(
-                    f"sample {s.id or '?'} is a {s.modality} but checklist {self.checklist.name!r} is for {self.checklist.modality}s"
+                    f"sample {s.id or '?'} is {'an image' if s.modality == 'image' else 'a video'} "
+                    f"but checklist {self.checklist.name!r} is for {self.checklist.modality}s"
                 )
         p_parts, a_parts, source = [], [], ""
         for batch in _batches(samples, self.batch_size):
