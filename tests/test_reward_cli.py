@@ -129,6 +129,8 @@ def test_score_media_with_pixel_stats_skips_corrupt_files(tmp_path, capsys):
     media = tmp_path / "media"
     shutil.copytree(EXAMPLES, media)
     (media / "corrupt.png").write_bytes(b"not a png")
+    prompts = json.loads((media / "prompts.json").read_text())
+    (media / "prompts.json").write_text(json.dumps({**prompts, "corrupt.png": "anything"}))
     images = sorted(str(p) for p in media.glob("*.png"))
     out = tmp_path / "scores.parquet"
     code = main(
