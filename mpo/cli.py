@@ -1,0 +1,126 @@
+"""The ``mpo`` command: one sub-command per stage, each on a recipe plus ``key=value`` overrides.
+
+::
+
+    mpo run      RECIPE [key=value ...]   every stage in order (generate, score, select, train, export)
+    mpo generate RECIPE [key=value ...]   and likewise score | select | train | eval | export
+    mpo select --scores scores.parquet --out pairs.parquet [select.key=value ...]   no recipe needed
+    mpo recipe   RECIPE [key=value ...]   print the resolved recipe (what a run would use)
+
+One process (CPU or one GPU)::
+
+    mpo run recipes/tiny/sdxl.yaml
+
+Many GPUs, one or several nodes (the recipe's header names its launch config)::
+
+    accelerate launch --config_file launch/deepspeed_zero2.yaml -m mpo.cli run recipes/cogvideox-2b/mpo.yaml
+
+Exit status: 0 when the stage finished; 2 for a bad command line or recipe, with a message naming the
+key, value and file and no traceback; any other error propagates with its traceback (non-zero), so
+that a scheduler sees the job fail. Stages are imported only when asked for, so that ``mpo recipe``
+and argument errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mpo.config import RecipeError, load_recipe, load_select_config, to_yaml
+
+# command -> (module, function); each function takes the loaded recipe.
+STAGES: dict[str, tuple[str, str]] = {
+    "run": ("mpo.run", "run_all"),
+    "generate": ("mpo.generate", "generate_stage"),
+    "score": ("mpo.score", "score_stage"),
+    "select": ("mpo.select", "select_stage"),
+    "train": ("mpo.train", "train_stage"),
+    "eval": ("mpo.evaluate", "eval_stage"),
+    "export": ("mpo.export", "export_stage"),
+}
+HELP = {
+    "run": "all stages in order on one run directory",
+    "generate": "N candidates per prompt: latents and prompt embeddings, sharded and resumable",
+    "score": "score the candidates with the recipe's reward",
+    "select": "preference pairs from the scores (or from any scores file with --scores/--out)",
+    "train": "Diffusion-DPO on the selected pairs, with eval curves and checkpoints",
+    "eval": "reward per dimension on the held-out prompts",
+    "export": "the aligned checkpoint as a diffusers folder / LoRA weights",
+}
+OVERRIDES_HELP = "key=value recipe overrides, e.g. train.max_steps=10 select.level=sub_dimension"
+
+
+def _stage(command: str) -> Callable[..., Any]:
+    module, function = STAGES[command]
+    return getattr(importlib.import_module(module), function)
+
+
+def _run_stage(args: argparse.Namespace) -> None:
+    _stage(args.command)(load_recipe(args.recipe, args.overrides))
+
+
+def _print_recipe(args: argparse.Namespace) -> None:
+    sys.stdout.write(to_yaml(load_recipe(args.recipe, args.overrides)))
+
+
+def _select(args: argparse.Namespace) -> None:
+    """``select RECIPE [overrides]`` or ``select --scores FILE --out FILE [select.* overrides]``."""
+    if args.scores is None:
+        if args.out is not None:
+            args.parser.error("--out goes with --scores (with a recipe, pairs go to its run directory)")
+        if not args.items:
+            args.parser.error("give a RECIPE, or --scores FILE --out FILE")
+        args.recipe, args.overrides = args.items[0], args.items[1:]
+        return _run_stage(args)
+    if args.out is None:
+        args.parser.error("--scores needs --out (where to write the pairs parquet)")
+    not_overrides = [item for item in args.items if "=" not in item]
+    if not_overrides:
+        args.parser.error(f"with --scores only key=value overrides follow, not {not_overrides}")
+    cfg = load_select_config(args.items)
+    importlib.import_module("mpo.select").select_from_file(args.scores, args.out, cfg)
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mpo",
+        description="Align diffusion models with fine-grained VisionReward preferences (MPO + Diffusion-DPO).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in STAGES:
+        sub = commands.add_parser(command, help=HELP[command], description=HELP[command])
+        if command == "select":
+            sub.add_argument("items", nargs="*", metavar="RECIPE [key=value ...]", help=OVERRIDES_HELP)
+            sub.add_argument("--scores", help="a scores.parquet to select from, without a recipe")
+            sub.add_argument("--out", help="the pairs parquet to write (with --scores)")
+            sub.set_defaults(handler=_select, parser=sub)
+        else:
+            sub.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny/sdxl.yaml")
+            sub.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+            sub.set_defaults(handler=_run_stage)
+    sub = commands.add_parser(
+        "recipe", help="print the resolved recipe", description="print the resolved recipe"
+    )
+    sub.add_argument("recipe", help="recipe YAML")
+    sub.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    sub.set_defaults(handler=_print_recipe)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mpo`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except RecipeError as err:
+        print(f"mpo {args.command}: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
