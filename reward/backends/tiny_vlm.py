@@ -1,0 +1,167 @@
+"""A tiny random-initialised Qwen2-VL, built in code and saved like a hub checkpoint.
+
+Tests and benchmarks need a real image-text-to-text model that loads through the same
+``from_pretrained`` path as Qwen2-VL-2B, but nothing may be downloaded. :func:`build_tiny_qwen2_vl`
+writes one to a folder: the model config (2 decoder layers, hidden size 64, a 2-block vision tower with
+14-pixel patches), a byte-level BPE tokenizer trained here on a few sentences (so "yes", "Yes",
+" yes", "no", ... are single tokens, as in Qwen's vocabulary) with Qwen2-VL's special tokens, a chat
+template in Qwen2-VL's layout, and image/video processor settings that resize pictures to between
+56x56 and 112x112 pixels (4 to 16 visual tokens), so a forward pass takes milliseconds on a CPU.
+
+Weights are drawn from a seeded generator with a larger spread than the library default, so that the
+random model's yes/no logits differ clearly between questions (a model whose p(yes) is 0.5 +- 1e-6
+everywhere would make answer-equivalence tests meaningless).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+# Qwen2-VL's conversation layout: a default system turn, visual placeholders wrapped in
+# <|vision_start|>/<|vision_end|>, every turn closed by <|im_end|> and a newline.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{%- endif -%}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- elif part['type'] == 'video' -%}<|vision_start|><|video_pad|><|vision_end|>"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "<|im_end|>\n"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
+)
+
+# What the tokenizer is trained on: checklist-style questions and both answers in every spelling the
+# reward reads, repeated so that each answer spelling becomes one token.
+_CORPUS = [
+    "Is the image clear? Is the subject in focus? Are the colors rich and bright?",
+    "Does the image show the prompt? Does this figure show a cat on a red sofa?",
+    "Is the video stable? Is the motion smooth? Does the video meet all the requirements?",
+    "Are there any letters present? Is the lighting natural? Is the composition symmetrical?",
+    "Are the details not rough? Is there noise or blur in the picture? Is the face distorted?",
+    "You are a helpful assistant. Answer the question about the picture with one word.",
+    "a photo of a dog, a mountain lake at sunset, a city street at night, a bowl of fruit",
+] + ["yes no Yes No yes. no. Yes, No,", "Yes", "No", "yes", "no"] * 20
+
+
+def _build_tokenizer():
+    """Byte-level BPE (Qwen's scheme: any byte string is encodable) with Qwen2-VL's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        min_frequency=1,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    )
+    for word in ("yes", "Yes", " yes", "no", "No", " no"):
+        ids = fast.encode(word, add_special_tokens=False)
+        if len(ids) != 1:  # the corpus above is meant to guarantee this
+            raise RuntimeError(f"tiny tokenizer: {word!r} is not a single token ({ids})")
+    return fast
+
+
+def build_tiny_qwen2_vl(
+    path: str | Path, seed: int = 0, min_pixels: int = 56 * 56, max_pixels: int = 112 * 112
+) -> Path:
+    """Build, save and return a tiny Qwen2-VL checkpoint folder (model, tokenizer, processors).
+
+    ``min_pixels`` / ``max_pixels`` bound the area pictures are resized to (Qwen2-VL-2B's own
+    processor uses 56*56 and 28*28*1280); a benchmark of a full-size model raises them.
+    """
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _build_tokenizer()
+    token_id = tokenizer.convert_tokens_to_ids
+    hidden = 64
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": hidden,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 2048,
+            # head_dim 16 -> 8 rotary frequencies, split over (time, height, width)
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            "bos_token_id": token_id("<|endoftext|>"),
+            "eos_token_id": token_id("<|im_end|>"),
+            "pad_token_id": token_id("<|endoftext|>"),
+            "initializer_range": 0.2,
+        },
+        vision_config={
+            "depth": 2,
+            "embed_dim": 32,
+            "hidden_size": hidden,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "initializer_range": 0.2,
+        },
+        image_token_id=token_id("<|image_pad|>"),
+        video_token_id=token_id("<|video_pad|>"),
+        vision_start_token_id=token_id("<|vision_start|>"),
+        vision_end_token_id=token_id("<|vision_end|>"),
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = token_id("<|endoftext|>")
+    model.generation_config.eos_token_id = token_id("<|im_end|>")
+    model.save_pretrained(path)
+
+    pixels = {"min_pixels": min_pixels, "max_pixels": max_pixels}
+    # Saved piece by piece rather than through Qwen2VLProcessor: building that class needs the
+    # torchvision-backed video processor, which CPU-only installs may lack. Loading the folder back with
+    # AutoProcessor gives the same processor either way.
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    Qwen2VLImageProcessorPil(**pixels).save_pretrained(path)
+    (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    (path / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}, indent=2))
+    video_config = {
+        "video_processor_type": "Qwen2VLVideoProcessor",
+        "processor_class": "Qwen2VLProcessor",
+        "size": {"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]},
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "do_sample_frames": False,
+    }
+    (path / "video_preprocessor_config.json").write_text(json.dumps(video_config, indent=2))
+    return path
