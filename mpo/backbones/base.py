@@ -145,3 +145,62 @@ def get_backbone_class(name: str) -> type[Backbone]:
 
 def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backbone:
     return get_backbone_class(cfg.family).load(cfg, device)
+
+
+def repeat_rows(embeds: Embeddings, batch: int, name: str) -> Embeddings:
+    """Broadcast one-row embeddings (e.g. the cached negative prompt) to ``batch`` rows."""
+    out = {}
+    for key, value in embeds.items():
+        if value.shape[0] == batch:
+            out[key] = value
+        elif value.shape[0] == 1:
+            out[key] = value.expand(batch, *value.shape[1:])
+        else:
+            raise ValueError(f"{name}[{key!r}] has {value.shape[0]} rows; expected 1 or {batch}")
+    return out
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``model.dtype`` (a string in the recipe) to a torch dtype, with an error naming the key."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"model.dtype={name!r} is not a floating-point torch dtype (e.g. float32, bfloat16)")
+    return dtype
+
+
+def load_pipeline(pipeline_cls: type, cfg: ModelConfig):
+    """``pipeline_cls.from_pretrained(cfg.path, ...)`` with errors that name ``model.path``.
+
+    A local folder holding another family's pipeline is refused before any weight is read, so a
+    recipe pointing an SDXL adapter at a CogVideoX folder fails with one clear line, not a stack of
+    missing-component errors from inside diffusers.
+    """
+    import json
+    from pathlib import Path
+
+    from diffusers.utils import deprecation_utils
+
+    dtype = torch_dtype(cfg.dtype)
+    index = Path(cfg.path) / "model_index.json"
+    if index.is_file():
+        found = json.loads(index.read_text()).get("_class_name")
+        if found != pipeline_cls.__name__:
+            raise ValueError(
+                f"model.path={cfg.path!r} holds a {found} but model.family={cfg.family!r} needs a "
+                f"{pipeline_cls.__name__}"
+            )
+    # diffusers renamed `torch_dtype` to `dtype` (the old name warns on every load); older releases
+    # only know the old one.
+    dtype_key = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+    try:
+        return pipeline_cls.from_pretrained(
+            cfg.path, revision=cfg.revision, variant=cfg.variant, **{dtype_key: dtype}
+        )
+    except (OSError, ValueError) as err:
+        if isinstance(err, ValueError) and Path(cfg.path).is_dir():
+            raise  # a local folder that was found but is broken: diffusers' message says how
+        hint = "" if cfg.tiny else "; set model.tiny=true to build the tiny test model there"
+        raise OSError(
+            f"model.path={cfg.path!r}: cannot load a {pipeline_cls.__name__} (not a local diffusers folder, "
+            f"and not a reachable hub id{hint}): {err}"
+        ) from err

@@ -1,0 +1,242 @@
+"""CogVideoX (2B / 5B / 1.5): T5 text encoder, 3D causal VAE, v-prediction, 3D rotary embeddings.
+
+Everything goes through diffusers' :class:`~diffusers.CogVideoXPipeline`: loading, prompt encoding,
+the rotary position embeddings and the sampling loop are the pipeline's own, so this adapter agrees
+with what users of the released checkpoints run.
+
+Conventions that the generate and train stages rely on
+- Conditioning is ``{"prompt_embeds": [B, L, 4096]}`` with L = the transformer's
+  ``max_text_seq_length`` (226 for the released models); the empty prompt's embedding is the
+  unconditional branch, as in the pipeline.
+- Latents are ``[B, F, C, h, w]`` (frames before channels, the transformer's layout), already
+  multiplied by the VAE scaling factor. F = (num_frames - 1) / temporal compression + 1.
+- The rotary embeddings are rebuilt from the latent size in ``sample`` and ``predict`` alike (cached
+  per size), so the training step sees the positions the candidates were generated with.
+- The training schedule is the checkpoint's CogVideoXDDIMScheduler (SNR-shifted, zero terminal
+  SNR): ``add_noise`` and the v-target ``alpha_t * noise - sigma_t * x0`` come from its
+  ``alphas_cumprod``. Sampling uses the same scheduler, deterministic (eta = 0); the DPM variant of
+  the CogVideoX scheduler is stochastic and is replaced by DDIM built from the same config.
+
+Departure from the official inference script: classifier-free guidance has a constant scale
+(``use_dynamic_cfg=False``): the dynamic schedule goes with the DPM sampler, not with DDIM.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline
+from torch import nn
+
+from mpo.backbones.base import (
+    Backbone,
+    Embeddings,
+    PredictionType,
+    load_pipeline,
+    register_backbone,
+    repeat_rows,
+)
+
+if TYPE_CHECKING:
+    from mpo.config import GenerateConfig, ModelConfig
+
+# Every released CogVideoX VAE compresses time by 4, space by 8, and the transformers use 2 x 2
+# patches: the recipe check runs before any model is loaded, so it uses these; latent_shape()
+# re-checks against the loaded model's own config.
+TEMPORAL_COMPRESSION = 4
+SPATIAL_MULTIPLE = 8 * 2
+
+
+@register_backbone("cogvideox")
+class CogVideoXBackbone(Backbone):
+    modality: ClassVar[Literal["image", "video"]] = "video"
+
+    def __init__(self, pipe: CogVideoXPipeline, device: torch.device | str = "cpu") -> None:
+        """Wrap a loaded pipeline: move it to ``device``, freeze it, make sampling deterministic.
+
+        Every weight starts frozen and in eval mode; the trainer unfreezes (or adds LoRA to) what it
+        trains and switches the denoiser to train mode itself.
+        """
+        if not isinstance(pipe.scheduler, CogVideoXDDIMScheduler):
+            pipe.scheduler = CogVideoXDDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.to(device)
+        for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
+            module.requires_grad_(False).eval()
+        # Decode one video at a time, in spatial tiles when larger than the VAE's tile size, as the
+        # official inference does: the 3D VAE is what runs out of memory at 49 x 480 x 720.
+        pipe.vae.enable_slicing()
+        pipe.vae.enable_tiling()
+        pipe.set_progress_bar_config(disable=True)  # the stages draw their own progress bars
+        self._pipe = pipe
+        self._device = torch.device(device)
+        # A separate object: diffusers schedulers cache tensors on whatever device they last saw.
+        self._train_scheduler = CogVideoXDDIMScheduler.from_config(pipe.scheduler.config)
+        self._rotary: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def load(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> CogVideoXBackbone:
+        from mpo.backbones.tiny import ensure_tiny
+
+        ensure_tiny(cfg)
+        return cls(load_pipeline(CogVideoXPipeline, cfg), device)
+
+    # ---- model ---------------------------------------------------------------------------------
+    @property
+    def denoiser(self) -> nn.Module:
+        return self._pipe.transformer
+
+    def set_denoiser(self, module: nn.Module) -> None:
+        # The pipeline reads transformer.config, which DDP / compile wrappers hide.
+        self._pipe.transformer = extract_model_from_parallel(module)
+
+    @property
+    def prediction_type(self) -> PredictionType:
+        kind = self._pipe.scheduler.config.prediction_type
+        if kind not in ("epsilon", "v_prediction"):
+            raise ValueError(f"scheduler prediction_type={kind!r} is not supported (epsilon, v_prediction)")
+        return kind
+
+    @property
+    def lora_target_modules(self) -> list[str]:
+        # The joint text-video attention projections, as in diffusers' CogVideoX LoRA training.
+        return ["to_q", "to_k", "to_v", "to_out.0"]
+
+    def pipeline(self) -> CogVideoXPipeline:
+        return self._pipe
+
+    @classmethod
+    def check_generate_config(cls, gen: GenerateConfig) -> list[tuple[str, str]]:
+        problems = []
+        if gen.num_frames < 1 or (gen.num_frames - 1) % TEMPORAL_COMPRESSION:
+            problems.append(
+                (
+                    "generate.num_frames",
+                    f"must be {TEMPORAL_COMPRESSION}k+1 (the VAE's temporal compression), e.g. 49",
+                )
+            )
+        for key in ("height", "width"):
+            if getattr(gen, key) <= 0 or getattr(gen, key) % SPATIAL_MULTIPLE:
+                problems.append(
+                    (
+                        f"generate.{key}",
+                        f"must be a positive multiple of {SPATIAL_MULTIPLE} (VAE factor 8 x patch size 2), "
+                        "e.g. 480 x 720",
+                    )
+                )
+        return problems
+
+    # ---- conditioning ----------------------------------------------------------------------------
+    @property
+    def max_text_length(self) -> int:
+        return self._pipe.transformer.config.max_text_seq_length
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Embeddings:
+        embeds, _ = self._pipe.encode_prompt(
+            prompt=list(prompts),
+            do_classifier_free_guidance=False,
+            num_videos_per_prompt=1,
+            max_sequence_length=self.max_text_length,
+            device=self._device,
+        )
+        return {"prompt_embeds": embeds}
+
+    # ---- latents -----------------------------------------------------------------------------------
+    def latent_shape(self, gen: GenerateConfig) -> tuple[int, ...]:
+        pipe = self._pipe
+        temporal, spatial = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
+        config = pipe.transformer.config
+        if gen.num_frames < 1 or (gen.num_frames - 1) % temporal:
+            raise ValueError(f"generate.num_frames={gen.num_frames} must be {temporal}k+1 for this VAE")
+        frames = (gen.num_frames - 1) // temporal + 1
+        if config.patch_size_t is not None and frames % config.patch_size_t:
+            good = (frames + config.patch_size_t - frames % config.patch_size_t - 1) * temporal + 1
+            raise ValueError(
+                f"generate.num_frames={gen.num_frames} gives {frames} latent frames, not a multiple of the "
+                f"transformer's temporal patch size {config.patch_size_t}; use e.g. {good}"
+            )
+        for key in ("height", "width"):
+            if getattr(gen, key) % (spatial * config.patch_size):
+                raise ValueError(
+                    f"generate.{key}={getattr(gen, key)} must be a multiple of {spatial * config.patch_size} "
+                    f"(VAE factor {spatial} x patch size {config.patch_size})"
+                )
+        return (frames, config.in_channels, gen.height // spatial, gen.width // spatial)
+
+    def _rotary_embeddings(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The pipeline's 3D rotary (cos, sin) tables for this latent size, or None without rotary."""
+        if not self._pipe.transformer.config.use_rotary_positional_embeddings:
+            return None
+        frames, height, width = latents.shape[1], latents.shape[-2], latents.shape[-1]
+        key = (frames, height, width, latents.device)
+        if key not in self._rotary:
+            spatial = self._pipe.vae_scale_factor_spatial
+            self._rotary[key] = self._pipe._prepare_rotary_positional_embeddings(
+                height * spatial, width * spatial, frames, latents.device
+            )
+        return self._rotary[key]
+
+    @torch.no_grad()
+    def sample(
+        self, embeds: Embeddings, negative: Embeddings, noise: torch.Tensor, gen: GenerateConfig
+    ) -> torch.Tensor:
+        batch = noise.shape[0]
+        dtype = self._pipe.transformer.dtype
+        spatial, temporal = self._pipe.vae_scale_factor_spatial, self._pipe.vae_scale_factor_temporal
+        return self._pipe(
+            prompt_embeds=repeat_rows(embeds, batch, "embeds")["prompt_embeds"].to(self._device, dtype),
+            negative_prompt_embeds=repeat_rows(negative, batch, "negative")["prompt_embeds"].to(
+                self._device, dtype
+            ),
+            height=noise.shape[-2] * spatial,
+            width=noise.shape[-1] * spatial,
+            num_frames=(noise.shape[1] - 1) * temporal + 1,
+            num_inference_steps=gen.num_inference_steps,
+            guidance_scale=gen.guidance_scale,
+            use_dynamic_cfg=False,
+            # [B, F, C, h, w] unit noise: prepare_latents multiplies by init_noise_sigma itself.
+            latents=noise.to(self._device, dtype),
+            # Unused by DDIM at eta = 0; a private generator keeps the global RNG untouched regardless.
+            generator=torch.Generator(device="cpu").manual_seed(0),
+            output_type="latent",
+            return_dict=False,
+        )[0]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self._pipe.vae
+        latents = latents.to(self._device, vae.dtype).permute(0, 2, 1, 3, 4)  # -> [B, C, F, h, w]
+        video = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]  # [B, 3, T, H, W]
+        return (video.float().permute(0, 2, 1, 3, 4) / 2 + 0.5).clamp(0, 1)
+
+    # ---- training ---------------------------------------------------------------------------------
+    @property
+    def num_train_timesteps(self) -> int:
+        return self._train_scheduler.config.num_train_timesteps
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        # float32 arithmetic: alphas_cumprod near 1 is not representable in bfloat16.
+        noisy = self._train_scheduler.add_noise(latents.float(), noise.float(), timesteps.to(latents.device))
+        return noisy.to(latents.dtype)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "epsilon":
+            return noise
+        velocity = self._train_scheduler.get_velocity(
+            latents.float(), noise.float(), timesteps.to(latents.device)
+        )
+        return velocity.to(latents.dtype)
+
+    def predict(
+        self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, embeds: Embeddings
+    ) -> torch.Tensor:
+        """The transformer call of the pipeline's loop (DDIM's scale_model_input is the identity)."""
+        return denoiser(
+            hidden_states=noisy,
+            encoder_hidden_states=embeds["prompt_embeds"].to(noisy.dtype),
+            timestep=timesteps,
+            image_rotary_emb=self._rotary_embeddings(noisy),
+            return_dict=False,
+        )[0]

@@ -1,0 +1,237 @@
+"""Stable Diffusion XL: two CLIP text encoders, micro-conditioning time ids, epsilon prediction.
+
+Everything goes through diffusers' :class:`~diffusers.StableDiffusionXLPipeline`, so a checkpoint that
+works there works here (local folder or hub id, ``revision`` / ``variant``), and sampling is the
+pipeline's own loop.
+
+Conventions that the generate and train stages rely on
+- Conditioning is ``{"prompt_embeds": [B, 77, 2048], "pooled_prompt_embeds": [B, 1280]}`` (the two
+  encoders' penultimate hidden states concatenated; the second encoder's projected pooled output).
+- The empty prompt encodes to zeros when the checkpoint sets ``force_zeros_for_empty_prompt`` (SDXL
+  base does): that is the unconditional branch the pipeline itself uses when no negative prompt is
+  given, so guidance against ``encode_prompts([""])`` reproduces the pipeline's default sampling.
+- ``add_time_ids`` (original size, crop top-left, target size) are rebuilt from the latent size times
+  the VAE downsampling factor, in ``sample`` and in ``predict`` alike: the training step sees exactly
+  the micro-conditioning the candidates were generated with, with nothing extra to cache.
+- Training uses the DDPM forward process of the checkpoint's scheduler config (``alphas_cumprod``);
+  sampling uses the checkpoint's Euler scheduler, whose inputs are the same latents up to the
+  ``scale_model_input`` factor that the pipeline applies.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
+from torch import nn
+
+from mpo.backbones.base import (
+    Backbone,
+    Embeddings,
+    PredictionType,
+    load_pipeline,
+    register_backbone,
+    repeat_rows,
+)
+
+if TYPE_CHECKING:
+    from mpo.config import GenerateConfig, ModelConfig
+
+# Schedulers whose step() is a deterministic function of (model output, t, sample). Anything else
+# (ancestral, SDE samplers) is replaced by Euler built from the same config: a candidate must be
+# fixed by its initial noise alone.
+_DETERMINISTIC_SCHEDULERS = {
+    "EulerDiscreteScheduler",
+    "DDIMScheduler",
+    "DPMSolverMultistepScheduler",
+    "PNDMScheduler",
+    "LMSDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "UniPCMultistepScheduler",
+}
+
+
+@register_backbone("sdxl")
+class SDXLBackbone(Backbone):
+    modality: ClassVar[Literal["image", "video"]] = "image"
+
+    def __init__(self, pipe: StableDiffusionXLPipeline, device: torch.device | str = "cpu") -> None:
+        """Wrap a loaded pipeline: move it to ``device``, freeze it, make sampling deterministic.
+
+        Every weight starts frozen and in eval mode; the trainer unfreezes (or adds LoRA to) what it
+        trains and switches the denoiser to train mode itself.
+        """
+        if pipe.scheduler.__class__.__name__ not in _DETERMINISTIC_SCHEDULERS:
+            pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        pipe.to(device)
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            if module is not None:
+                module.requires_grad_(False).eval()
+        pipe.vae.enable_slicing()  # decode one image at a time: bounded memory, batch-independent
+        pipe.set_progress_bar_config(disable=True)  # the stages draw their own progress bars
+        self._pipe = pipe
+        self._device = torch.device(device)
+        # A separate object: diffusers schedulers cache tensors on whatever device they last saw.
+        self._train_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    @classmethod
+    def load(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> SDXLBackbone:
+        from mpo.backbones.tiny import ensure_tiny
+
+        ensure_tiny(cfg)
+        return cls(load_pipeline(StableDiffusionXLPipeline, cfg), device)
+
+    # ---- model ---------------------------------------------------------------------------------
+    @property
+    def denoiser(self) -> nn.Module:
+        return self._pipe.unet
+
+    def set_denoiser(self, module: nn.Module) -> None:
+        # The pipeline reads unet.config and submodules, which DDP / compile wrappers hide.
+        self._pipe.unet = extract_model_from_parallel(module)
+
+    @property
+    def prediction_type(self) -> PredictionType:
+        kind = self._pipe.scheduler.config.prediction_type
+        if kind not in ("epsilon", "v_prediction"):
+            raise ValueError(f"scheduler prediction_type={kind!r} is not supported (epsilon, v_prediction)")
+        return kind
+
+    @property
+    def lora_target_modules(self) -> list[str]:
+        # The UNet's attention projections (self- and cross-attention), as in diffusers' SDXL LoRA.
+        return ["to_q", "to_k", "to_v", "to_out.0"]
+
+    def pipeline(self) -> StableDiffusionXLPipeline:
+        return self._pipe
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self._pipe.vae_scale_factor
+
+    @classmethod
+    def check_generate_config(cls, gen: GenerateConfig) -> list[tuple[str, str]]:
+        problems = []
+        for key in ("height", "width"):
+            value = getattr(gen, key)
+            if value <= 0 or value % 8:
+                problems.append((f"generate.{key}", "must be a positive multiple of 8 (e.g. 1024)"))
+        return problems
+
+    # ---- conditioning ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Embeddings:
+        embeds, _, pooled, _ = self._pipe.encode_prompt(
+            prompt=list(prompts),
+            device=self._device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+        )
+        if self._pipe.config.force_zeros_for_empty_prompt:
+            empty = torch.tensor([p == "" for p in prompts], device=embeds.device)
+            embeds = torch.where(empty[:, None, None], torch.zeros_like(embeds), embeds)
+            pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    # ---- latents -----------------------------------------------------------------------------------
+    def latent_shape(self, gen: GenerateConfig) -> tuple[int, ...]:
+        factor = self.vae_scale_factor
+        for key in ("height", "width"):
+            if getattr(gen, key) % factor:
+                raise ValueError(
+                    f"generate.{key}={getattr(gen, key)} is not a multiple of this VAE's downsampling "
+                    f"factor {factor}"
+                )
+        return (self._pipe.unet.config.in_channels, gen.height // factor, gen.width // factor)
+
+    def _time_ids(self, latents: torch.Tensor) -> torch.Tensor:
+        """SDXL micro-conditioning for an uncropped image of the latents' pixel size, ``[B, 6]``."""
+        size = (latents.shape[-2] * self.vae_scale_factor, latents.shape[-1] * self.vae_scale_factor)
+        encoder_2 = self._pipe.text_encoder_2
+        time_ids = self._pipe._get_add_time_ids(
+            size,
+            (0, 0),
+            size,
+            dtype=latents.dtype,
+            text_encoder_projection_dim=encoder_2.config.projection_dim,
+        )
+        return time_ids.to(latents.device).expand(latents.shape[0], -1)
+
+    @torch.no_grad()
+    def sample(
+        self, embeds: Embeddings, negative: Embeddings, noise: torch.Tensor, gen: GenerateConfig
+    ) -> torch.Tensor:
+        batch = noise.shape[0]
+        negative = repeat_rows(negative, batch, "negative")
+        embeds = repeat_rows(embeds, batch, "embeds")
+        dtype = self._pipe.unet.dtype
+        return self._pipe(
+            prompt_embeds=embeds["prompt_embeds"].to(self._device, dtype),
+            pooled_prompt_embeds=embeds["pooled_prompt_embeds"].to(self._device, dtype),
+            negative_prompt_embeds=negative["prompt_embeds"].to(self._device, dtype),
+            negative_pooled_prompt_embeds=negative["pooled_prompt_embeds"].to(self._device, dtype),
+            height=noise.shape[-2] * self.vae_scale_factor,
+            width=noise.shape[-1] * self.vae_scale_factor,
+            num_inference_steps=gen.num_inference_steps,
+            guidance_scale=gen.guidance_scale,
+            # Unit noise: prepare_latents multiplies by the scheduler's init_noise_sigma itself.
+            latents=noise.to(self._device, dtype),
+            # Only consulted by stochastic schedulers, which are never used here; a private generator
+            # keeps the global RNG (which training resumes) untouched whatever the scheduler does.
+            generator=torch.Generator(device="cpu").manual_seed(0),
+            output_type="latent",
+            return_dict=False,
+        )[0]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self._pipe.vae
+        if vae.dtype == torch.float16 and vae.config.force_upcast:
+            vae.to(torch.float32)  # the SDXL VAE overflows in float16; kept upcast from now on
+        latents = latents.to(self._device, vae.dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            shape = (1, -1, 1, 1)
+            mean = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(shape)
+            std = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(shape)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        images = vae.decode(latents, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    # ---- training ---------------------------------------------------------------------------------
+    @property
+    def num_train_timesteps(self) -> int:
+        return self._train_scheduler.config.num_train_timesteps
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        # float32 arithmetic: alphas_cumprod near 1 is not representable in bfloat16.
+        noisy = self._train_scheduler.add_noise(latents.float(), noise.float(), timesteps.to(latents.device))
+        return noisy.to(latents.dtype)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "epsilon":
+            return noise
+        velocity = self._train_scheduler.get_velocity(
+            latents.float(), noise.float(), timesteps.to(latents.device)
+        )
+        return velocity.to(latents.dtype)
+
+    def predict(
+        self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, embeds: Embeddings
+    ) -> torch.Tensor:
+        """The UNet call of the pipeline's loop, on DDPM-scaled inputs (what ``scale_model_input`` gives
+        the UNet during sampling)."""
+        return denoiser(
+            noisy,
+            timesteps,
+            encoder_hidden_states=embeds["prompt_embeds"].to(noisy.dtype),
+            added_cond_kwargs={
+                "text_embeds": embeds["pooled_prompt_embeds"].to(noisy.dtype),
+                "time_ids": self._time_ids(noisy),
+            },
+            return_dict=False,
+        )[0]
