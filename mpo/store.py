@@ -307,6 +307,18 @@ def _describe_difference(old: pd.DataFrame, new: pd.DataFrame) -> str:
     return ""
 
 
+def describe_changes(stored: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: stored -> now`` for every leaf where two (nested) settings dicts differ."""
+    changes = []
+    for key in sorted(set(stored) | set(now)):
+        a, b = stored.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += describe_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changes
+
+
 # ---- shards -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ShardInfo:

@@ -23,6 +23,7 @@ from mpo.store import (
     StoreError,
     atomic_write,
     build_manifest,
+    describe_changes,
     prepare_prompts,
     read_shard_info,
     remove_temp_files,
@@ -177,6 +178,13 @@ def test_shard_metadata_round_trips_and_manifest_is_sorted(tmp_path):
     )
     with pytest.raises(StoreError, match="more than one shard"):
         build_manifest([info, info])
+
+
+def test_describe_changes_names_each_changed_leaf():
+    stored = {"model": {"path": "/a", "dtype": "float32"}, "generate": {"seed": 0}}
+    now = {"model": {"path": "/b", "dtype": "float32"}, "generate": {"seed": 0, "extra": 1}}
+    assert describe_changes(stored, now) == ["generate.extra: None -> 1", "model.path: '/a' -> '/b'"]
+    assert describe_changes(stored, stored) == []
 
 
 def test_read_shard_info_rejects_a_truncated_file(tmp_path):

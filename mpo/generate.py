@@ -1,0 +1,293 @@
+"""The generate stage: N candidates per prompt, cached as latents + prompt embeddings.
+
+::
+
+    mpo generate recipes/tiny/sdxl.yaml                                           # 1 process
+    accelerate launch --num_processes 8 -m mpo.cli generate RECIPE                 # 8 GPUs
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m mpo.cli generate RECIPE
+
+Candidates are made for every prompt, train and val: the val prompts' candidate scores are the
+"before training" baseline of the eval curves.
+
+What makes the result independent of the number of processes:
+- candidate (p, i) starts from noise seeded by ``candidate_seed(generate.seed, p, i)``, drawn on the
+  CPU, and is denoised in a batch holding only prompt p's N candidates, with p's own embeddings
+  (encoded alone, so no padding or batch effects from other prompts);
+- shard g always holds prompts [g*P, (g+1)*P) (P = ``generate.prompts_per_shard``); processes take
+  shards g = rank, rank + world, ... The shard files are therefore the same set, with the same
+  content, for any world size, and are named by g alone.
+
+Bitwise equality across process counts also needs the same kernels in every process: on GPUs the
+same GPU model and library versions; on CPUs the same thread count and, with MKL, conditional
+numerical reproducibility (``MKL_CBWR=AUTO`` in the environment), since MKL otherwise picks kernels by
+memory alignment and results can differ in the last bit from process to process.
+
+Resume: a shard file with its final name is complete (written atomically) and is skipped after its
+metadata is checked against the recipe (a mismatch is an error, never a silent mix of two recipes).
+Temporary files of killed writers are deleted. candidates.parquet is rebuilt from the shards'
+metadata at the end, never appended to, so a killed and resumed run ends with exactly the manifest
+of an uninterrupted one.
+
+Departure from the paper: none in substance; the paper samples with the released pipelines' own
+schedulers, here each backbone's ``sample`` does, with classifier-free guidance against the empty
+prompt.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from mpo.backbones.base import Backbone, Embeddings, load_backbone, repeat_rows, torch_dtype
+from mpo.config import resolve_paths, save_resolved
+from mpo.distributed import is_main, make_accelerator, split_for_process, wait_for_everyone
+from mpo.seeds import candidate_noise, candidate_seed
+from mpo.store import (
+    RunDir,
+    ShardInfo,
+    StoreError,
+    atomic_write,
+    build_manifest,
+    describe_changes,
+    prepare_prompts,
+    read_shard_info,
+    remove_temp_files,
+    write_parquet,
+    write_shard,
+)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One shard's prompts, fixed by their position in prompts.parquet."""
+
+    index: int
+    prompt_ids: list[int]
+    prompts: list[str]
+    first_position: int  # position of the shard's first prompt in prompts.parquet
+
+
+def plan_shards(prompts: pd.DataFrame, prompts_per_shard: int) -> list[ShardPlan]:
+    """Split the prompt table (in prompt_id order) into shards of ``prompts_per_shard`` prompts."""
+    if prompts_per_shard < 1:
+        raise StoreError(f"generate.prompts_per_shard={prompts_per_shard}: must be >= 1")
+    ordered = prompts.sort_values("prompt_id", kind="stable")
+    ids, texts = ordered["prompt_id"].astype(int).tolist(), ordered["prompt"].astype(str).tolist()
+    return [
+        ShardPlan(g, ids[start : start + prompts_per_shard], texts[start : start + prompts_per_shard], start)
+        for g, start in enumerate(range(0, len(ids), prompts_per_shard))
+    ]
+
+
+def generation_fingerprint(recipe: Any) -> dict[str, Any]:
+    """The settings a shard's latents depend on; stored in every shard and checked on resume. Local
+    paths are made absolute, so the run resumes from its recipe.yaml or from another directory."""
+    m, g = resolve_paths(recipe).model, recipe.generate
+    return {
+        "model": {k: getattr(m, k) for k in ("family", "path", "revision", "variant", "dtype")},
+        "generate": {
+            k: getattr(g, k)
+            for k in (
+                "num_candidates",
+                "num_inference_steps",
+                "guidance_scale",
+                "height",
+                "width",
+                "num_frames",
+                "seed",
+                "prompts_per_shard",
+            )
+        },
+    }
+
+
+def expected_candidates(plan: ShardPlan, num_candidates: int, seed: int) -> list[tuple[int, int, int]]:
+    return [(p, i, candidate_seed(seed, p, i)) for p in plan.prompt_ids for i in range(num_candidates)]
+
+
+def existing_shard(
+    run: RunDir, plan: ShardPlan, recipe: Any, fingerprint: dict[str, Any]
+) -> ShardInfo | None:
+    """The metadata of shard ``plan.index`` if it is complete, None if it is not written yet; raises
+    if it exists but was made by other settings or for other prompts."""
+    path = run.shard(plan.index)
+    if not path.exists():
+        return None
+    info = read_shard_info(path)
+    want = expected_candidates(plan, recipe.generate.num_candidates, recipe.generate.seed)
+    if info.fingerprint != fingerprint or info.candidates != want:
+        changes = describe_changes(info.fingerprint, fingerprint) or ["the shard's prompts or seeds"]
+        raise StoreError(
+            f"{path} was generated by other settings than this recipe's ({'; '.join(changes)}); use a "
+            f"new output_dir, or delete {run.candidates_dir} to generate again"
+        )
+    return info
+
+
+def preview_path(run: RunDir, prompt_id: int, sample_idx: int, modality: str):
+    return run.previews_dir / f"{prompt_id:06d}-{sample_idx:03d}.{'mp4' if modality == 'video' else 'png'}"
+
+
+def write_preview(path, pixels: torch.Tensor, modality: str, fps: float) -> None:
+    from reward.media import save_image, save_video
+
+    with atomic_write(path) as tmp:
+        if modality == "video":
+            save_video(tmp, pixels, fps=fps)
+        else:
+            save_image(tmp, pixels)
+
+
+@torch.no_grad()
+def generate_shard(
+    backbone: Backbone,
+    plan: ShardPlan,
+    negative: Embeddings,
+    recipe: Any,
+    run: RunDir,
+    fingerprint: dict[str, Any],
+    device: torch.device,
+    progress: tqdm | None = None,
+) -> None:
+    """Denoise every candidate of one shard (one prompt per batch) and write the shard atomically.
+
+    Previews are written before the shard: the shard file is what marks this work as done.
+    """
+    gen = recipe.generate
+    n = gen.num_candidates
+    dtype = torch_dtype(recipe.model.dtype)
+    shape = tuple(backbone.latent_shape(gen))
+    batch_negative = repeat_rows(negative, n, "negative")
+    latents, embed_rows, candidates = [], [], []
+    for k, (pid, prompt) in enumerate(zip(plan.prompt_ids, plan.prompts)):
+        embeds = backbone.encode_prompts([prompt])
+        seeds = [candidate_seed(gen.seed, pid, i) for i in range(n)]
+        noise = torch.stack([candidate_noise(shape, s, device, dtype) for s in seeds])
+        clean = backbone.sample(repeat_rows(embeds, n, "embeds"), batch_negative, noise, gen)
+        first = (plan.first_position + k) * n  # global rank of this prompt's first candidate
+        wanted = [i for i in range(n) if first + i < gen.previews]
+        if wanted:
+            pixels = backbone.decode(clean[wanted]).float().cpu()
+            for row, i in enumerate(wanted):
+                write_preview(
+                    preview_path(run, pid, i, backbone.modality), pixels[row], backbone.modality, gen.fps
+                )
+        latents.append(clean.cpu())
+        embed_rows.append({key: v.cpu() for key, v in embeds.items()})
+        candidates.extend((pid, i, s) for i, s in enumerate(seeds))
+        if progress is not None:
+            progress.update(n)
+    stacked = {key: torch.cat([row[key] for row in embed_rows]) for key in embed_rows[0]}
+    write_shard(run.shard(plan.index), torch.cat(latents), stacked, plan.prompt_ids, candidates, fingerprint)
+
+
+def save_recipe(recipe: Any, run: RunDir) -> None:
+    """Write the resolved recipe once; a resumed run keeps the original (shards check the settings)."""
+    if not run.recipe_yaml.exists():
+        save_resolved(recipe, run.recipe_yaml)
+
+
+def print_summary(title: str, summary: dict[str, Any]) -> None:
+    """The end-of-stage table (main process only)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    for key, value in summary.items():
+        if isinstance(value, float):
+            text = "n/a" if value != value else f"{value:.4g}"  # NaN: nothing the reward could judge
+        else:
+            text = str(value)
+        table.add_row(key, text)
+    Console().print(table)
+
+
+def generate_stage(recipe: Any, accelerator: Accelerator | None = None) -> dict[str, Any]:
+    """Generate (or finish generating) every shard of the run, then rebuild candidates.parquet."""
+    acc = accelerator if accelerator is not None else make_accelerator(recipe)
+    run = RunDir.from_recipe(recipe)
+    start = time.perf_counter()
+    prompts = prepare_prompts(recipe, write=is_main(acc))
+    plans = plan_shards(prompts, recipe.generate.prompts_per_shard)
+    fingerprint = generation_fingerprint(recipe)
+    if is_main(acc):
+        run.make_dirs()
+        save_recipe(recipe, run)
+        remove_temp_files(run.candidates_dir)  # nobody writes before the barrier below
+        remove_temp_files(run.previews_dir)
+    wait_for_everyone(acc)
+
+    # Every process sees the same files here (no shard is written before this point), so all agree
+    # on whether any model is needed and take the same collective steps below.
+    pending = [p for p in plans if existing_shard(run, p, recipe, fingerprint) is None]
+    mine = split_for_process(pending, acc)
+    n = recipe.generate.num_candidates
+    if pending:
+        with acc.main_process_first():  # the first load may build and save a tiny model
+            backbone = load_backbone(recipe.model, acc.device)
+        with torch.no_grad():
+            negative = {k: v.cpu() for k, v in backbone.encode_prompts([""]).items()}
+        if is_main(acc) and not run.negative.exists():
+            with atomic_write(run.negative) as tmp:
+                save_file({k: v.contiguous() for k, v in negative.items()}, str(tmp))
+        negative = {k: v.to(acc.device) for k, v in negative.items()}
+        progress = tqdm(
+            total=sum(len(p.prompt_ids) for p in mine) * n,
+            desc=f"generate (rank {acc.process_index} of {acc.num_processes})",
+            unit="candidate",
+            disable=not is_main(acc),
+        )
+        for plan in mine:
+            generate_shard(backbone, plan, negative, recipe, run, fingerprint, acc.device, progress)
+        progress.close()
+        del backbone
+    generated = sum(gather_object([sum(len(p.prompt_ids) for p in mine) * n]))
+    wait_for_everyone(acc)
+
+    # The same on every process (run_all reads it wherever it runs); the main one prints it.
+    summary = {
+        "output_dir": str(run.root),
+        "prompts": len(prompts),
+        "val prompts": int((prompts["split"] == "val").sum()),
+        "candidates": len(prompts) * n,
+        "shards": len(plans),
+        "shards generated now": len(pending),
+        "candidates generated now": generated,
+        "processes": acc.num_processes,
+    }
+    if is_main(acc):
+        manifest = rebuild_manifest(run, plans, recipe, fingerprint)
+        if len(manifest) != summary["candidates"]:
+            raise StoreError(
+                f"{run.candidates_parquet}: {len(manifest)} rows for {summary['candidates']} candidates"
+            )
+        seconds = time.perf_counter() - start
+        summary["seconds"] = round(seconds, 2)
+        summary["candidates / s"] = generated / seconds if seconds > 0 else 0.0
+        print_summary("generate", summary)
+    wait_for_everyone(acc)
+    return summary
+
+
+def rebuild_manifest(
+    run: RunDir, plans: Sequence[ShardPlan], recipe: Any, fingerprint: dict[str, Any]
+) -> pd.DataFrame:
+    """candidates.parquet from the shards' metadata (every planned shard must be complete)."""
+    infos = [existing_shard(run, p, recipe, fingerprint) for p in plans]
+    missing = [str(run.shard(p.index)) for p, info in zip(plans, infos) if info is None]
+    if missing:
+        raise StoreError(
+            f"shards missing after generation: {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+        )
+    manifest = build_manifest(infos)
+    write_parquet(manifest, run.candidates_parquet)
+    return manifest

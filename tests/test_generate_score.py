@@ -1,0 +1,260 @@
+"""Generate and score stages on the tiny recipes: determinism, 1 vs 2 processes, kill and resume."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from mpo.backbones.tiny import tiny_cogvideox_pipeline, tiny_sdxl_pipeline
+from mpo.config import load_recipe
+from mpo.generate import generate_stage
+from mpo.score import score_stage
+from mpo.store import CandidateStore, RunDir, StoreError, read_shard_info, temp_files
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "scripts" / "run_stage.py"
+SDXL = ROOT / "recipes" / "tiny" / "sdxl.yaml"
+COGVIDEOX = ROOT / "recipes" / "tiny" / "cogvideox.yaml"
+SMALL = [
+    "prompts.limit=4",
+    "generate.num_candidates=3",
+    "generate.num_inference_steps=3",
+    "generate.prompts_per_shard=1",
+    "generate.previews=2",
+]
+# Bitwise equality between processes on a CPU needs a fixed thread count and MKL's conditional
+# numerical reproducibility: without MKL_CBWR, MKL picks kernels by memory alignment, which differs
+# from process to process, and results differ in the last bit. Every run compared bitwise below is
+# therefore a subprocess started with this environment.
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "MKL_CBWR": "AUTO",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The in-process runs use one thread too (the machine's cores are shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    """The tiny pipelines, saved with save_pretrained and loaded back by every run through the recipe's
+    loader. Their brief denoiser pretraining is skipped: these tests check plumbing, not samples."""
+    root = tmp_path_factory.mktemp("models")
+    tiny_sdxl_pipeline().save_pretrained(root / "sdxl")
+    tiny_cogvideox_pipeline().save_pretrained(root / "cogvideox")
+    return root
+
+
+def _overrides(out: Path, models: Path, family: str = "sdxl", extra: tuple[str, ...] = ()) -> list[str]:
+    prompts = ROOT / "recipes" / "tiny" / "prompts.txt"
+    return [*SMALL, f"output_dir={out}", f"model.path={models / family}", f"prompts.file={prompts}", *extra]
+
+
+def _recipe(out: Path, models: Path, path: Path = SDXL, family: str = "sdxl", extra: tuple[str, ...] = ()):
+    return load_recipe(str(path), _overrides(out, models, family, extra))
+
+
+def _command(stages: str, out: Path, models: Path, *options: str) -> list[str]:
+    return [sys.executable, str(SCRIPT), stages, str(SDXL), *_overrides(out, models), *options]
+
+
+def _run(command: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, env=env or ENV, cwd=ROOT, capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, models) -> RunDir:
+    """One uninterrupted single-process generate + score run that the other tests compare against."""
+    run = RunDir(tmp_path_factory.mktemp("reference") / "run")
+    _run(_command("generate,score", run.root, models))
+    return run
+
+
+def _all_latents(run: RunDir) -> dict[tuple[int, int], torch.Tensor]:
+    store = CandidateStore(run)
+    keys = list(zip(store.manifest["prompt_id"], store.manifest["sample_idx"]))
+    latents = store.latents([k[0] for k in keys], [k[1] for k in keys])
+    return {(int(p), int(s)): latents[i] for i, (p, s) in enumerate(keys)}
+
+
+def _assert_same_candidates(a: RunDir, b: RunDir) -> None:
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(a.candidates_parquet), pd.read_parquet(b.candidates_parquet)
+    )
+    la, lb = _all_latents(a), _all_latents(b)
+    assert la.keys() == lb.keys()
+    assert all(torch.equal(la[k], lb[k]) for k in la)
+    sa, sb = CandidateStore(a), CandidateStore(b)
+    ids = sorted({k[0] for k in la})
+    ea, eb = sa.embeddings(ids), sb.embeddings(ids)
+    assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
+    na, nb = sa.negative_embeddings(), sb.negative_embeddings()
+    assert all(torch.equal(na[k], nb[k]) for k in na)
+    assert sorted(p.name for p in a.candidates_dir.glob("shard-*")) == sorted(
+        p.name for p in b.candidates_dir.glob("shard-*")
+    )
+
+
+def test_generate_writes_the_run_directory(reference):
+    run = reference
+    manifest = pd.read_parquet(run.candidates_parquet)
+    assert list(manifest.columns) == ["prompt_id", "sample_idx", "seed", "shard", "offset"]
+    assert len(manifest) == 4 * 3
+    prompts = pd.read_parquet(run.prompts_parquet)
+    assert set(manifest["prompt_id"]) == set(prompts["prompt_id"])  # val prompts too
+    assert (prompts["split"] == "val").sum() >= 1
+    assert sorted(p.name for p in run.candidates_dir.glob("shard-*")) == [
+        f"shard-0000{g}.safetensors" for g in range(4)
+    ]
+    assert len(list(run.previews_dir.glob("*.png"))) == 2
+    assert run.recipe_yaml.exists() and run.negative.exists()
+    latents = _all_latents(run)
+    # Different seeds give different candidates (the determinism checks below are not vacuous).
+    assert not torch.equal(latents[(0, 0)], latents[(0, 1)])
+    assert all(torch.isfinite(x).all() for x in latents.values())
+
+
+def test_same_recipe_gives_identical_candidates(reference, tmp_path, models):
+    again = RunDir(tmp_path / "run")
+    _run(_command("generate", again.root, models))
+    _assert_same_candidates(reference, again)
+
+
+def test_scores_have_one_row_per_candidate_and_resume_skips_done_shards(reference, tmp_path, models):
+    run = reference
+    scores = pd.read_parquet(run.scores_parquet)
+    manifest = pd.read_parquet(run.candidates_parquet)
+    assert list(zip(scores.prompt_id, scores.sample_idx)) == list(
+        zip(manifest.prompt_id, manifest.sample_idx)
+    )
+    assert list(scores.columns[:4]) == ["prompt_id", "sample_idx", "split", "total"]
+    assert scores.columns[-1] == "source"
+    for prefix in ("dim.", "sub.", "q."):
+        assert any(c.startswith(prefix) for c in scores.columns), prefix
+    splits = pd.read_parquet(run.prompts_parquet).set_index("prompt_id")["split"]
+    assert (scores["split"] == scores["prompt_id"].map(splits)).all()
+    assert scores["total"].notna().all()
+
+    copy = RunDir(tmp_path / "run")
+    shutil.copytree(run.root, copy.root)
+    recipe = _recipe(copy.root, models)
+    shard_times = {p: p.stat().st_mtime_ns for p in copy.candidates_dir.glob("shard-*")}
+    score_times = {p: p.stat().st_mtime_ns for p in copy.candidates_dir.glob("score-*")}
+    assert generate_stage(recipe)["shards generated now"] == 0
+    summary = score_stage(recipe)
+    assert summary["shards scored now"] == 0 and summary["samples"] == len(manifest)
+    assert {p: p.stat().st_mtime_ns for p in shard_times} == shard_times
+    assert {p: p.stat().st_mtime_ns for p in score_times} == score_times
+
+    copy.score_shard(2).unlink()
+    assert score_stage(recipe)["shards scored now"] == 1
+    assert all(p.stat().st_mtime_ns == t for p, t in score_times.items() if p != copy.score_shard(2))
+    # Rescored in this process (not started with MKL_CBWR): equal up to float rounding.
+    pd.testing.assert_frame_equal(pd.read_parquet(copy.scores_parquet), scores, check_exact=False, rtol=1e-5)
+
+
+def test_a_changed_recipe_is_refused_in_an_existing_run(reference, tmp_path, models):
+    shutil.copytree(reference.root, tmp_path / "run")
+    with pytest.raises(StoreError, match=r"shard-00000.*generate\.seed: 0 -> 1"):
+        generate_stage(_recipe(tmp_path / "run", models, extra=("generate.seed=1",)))
+    with pytest.raises(StoreError, match=r"prompts\.parquet"):
+        generate_stage(_recipe(tmp_path / "run", models, extra=("prompts.limit=3",)))
+
+
+def test_killed_generate_resumes_to_the_uninterrupted_result(reference, tmp_path, models):
+    resumed = RunDir(tmp_path / "run")
+    command = _command("generate", resumed.root, models)
+    proc = subprocess.Popen(
+        [*command, "--sleep-after-shard", "120"], env=ENV, cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not resumed.shard(0).exists():
+            assert proc.poll() is None, f"generate exited early: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "no shard written in time"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not resumed.shard(1).exists() and not resumed.candidates_parquet.exists()
+    first_shard_time = resumed.shard(0).stat().st_mtime_ns
+    # What a writer killed in the middle of shard 1 leaves behind: a partial temporary file.
+    partial = resumed.candidates_dir / ".shard-00001.safetensors.tmp-999-dead.safetensors"
+    partial.write_bytes(resumed.shard(0).read_bytes()[:100])
+
+    _run(command)
+    assert not partial.exists() and not temp_files(resumed.candidates_dir)
+    assert resumed.shard(0).stat().st_mtime_ns == first_shard_time  # kept, not generated again
+    _assert_same_candidates(reference, resumed)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_two_processes_match_one(reference, tmp_path, models):
+    two = RunDir(tmp_path / "run")
+    launch = [
+        *(sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"),
+        *("--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"),
+        *("--main_process_port", str(_free_port())),
+    ]
+    done = _run(
+        [*launch, *_command("generate,score", two.root, models)[1:]], {**ENV, "ACCELERATE_USE_CPU": "true"}
+    )
+    assert "rank 0 of 2" in done.stderr
+    _assert_same_candidates(reference, two)
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(reference.scores_parquet), pd.read_parquet(two.scores_parquet), check_exact=True
+    )
+
+
+def test_cogvideox_generates_and_scores_videos(tmp_path, models):
+    run = RunDir(tmp_path / "run")
+    recipe = _recipe(
+        run.root,
+        models,
+        COGVIDEOX,
+        "cogvideox",
+        (
+            "prompts.limit=2",
+            "generate.num_candidates=2",
+            "generate.num_inference_steps=2",
+            "generate.previews=1",
+        ),
+    )
+    generate_stage(recipe)
+    summary = score_stage(recipe)
+    info = read_shard_info(run.shard(0))
+    latents = CandidateStore(run).latents([0], [1])
+    assert latents.ndim == 5  # [B, F, C, h, w]
+    assert info.candidates[1][:2] == (0, 1)
+    assert len(list(run.previews_dir.glob("*.mp4"))) == 1
+    scores = pd.read_parquet(run.scores_parquet)
+    assert len(scores) == 4 == summary["samples"]
+    assert scores["total"].notna().all()
+    assert any(c.startswith("dim.") for c in scores.columns)
