@@ -116,10 +116,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
-    except RecipeError as err:
+    except _input_errors() as err:
+        # Bad input (recipe, files, checklists, run directory): the message names what to fix; no traceback.
         print(f"mpo {args.command}: {err}", file=sys.stderr)
         return 2
+    except _run_errors() as err:
+        # A run that cannot go on (e.g. a non-finite loss): say where; the last good checkpoint is kept.
+        print(f"mpo {args.command}: {err}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _input_errors() -> tuple[type[Exception], ...]:
+    from mpo.select import SelectionError
+    from mpo.store import StoreError
+    from mpo.train_state import CheckpointError
+    from mpo.weights import WeightsError
+    from reward.checklist import ChecklistError
+    from reward.media import MediaError
+
+    return (
+        RecipeError,
+        StoreError,
+        SelectionError,
+        CheckpointError,
+        WeightsError,
+        ChecklistError,
+        MediaError,
+    )
+
+
+def _run_errors() -> tuple[type[Exception], ...]:
+    from mpo.train import TrainingError
+
+    return (TrainingError,)
 
 
 if __name__ == "__main__":

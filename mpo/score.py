@@ -142,7 +142,7 @@ def score_stage(recipe: Any, accelerator: Accelerator | None = None) -> dict[str
 
         with acc.main_process_first():
             backbone = load_backbone(recipe.model, acc.device)
-        reward = VisionReward.from_config(recipe.reward)
+        reward = VisionReward.from_config(recipe.reward, device=acc.device)
         store = CandidateStore(run)
         groups = {name: rows.sort_values("offset") for name, rows in manifest.groupby("shard")}
         progress = tqdm(

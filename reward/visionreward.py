@@ -23,14 +23,20 @@ class VisionReward:
         self.scorer = ChecklistScorer(checklist)
 
     @classmethod
-    def from_config(cls, cfg) -> VisionReward:
-        """From a recipe's ``reward`` section (mpo.config.RewardConfig) or anything with its fields."""
+    def from_config(cls, cfg, device: str | torch.device | None = None) -> VisionReward:
+        """From a recipe's ``reward`` section (mpo.config.RewardConfig) or anything with its fields;
+        ``device`` places a VLM (default: CUDA when available)."""
         from reward.backends import build_backend
 
         checklist = load_checklist(cfg.checklist, weights=cfg.weights)
         kwargs = {}
         if cfg.backend == "vlm":
-            kwargs = {"dtype": cfg.dtype, "batch_size": cfg.batch_size, "max_frames": cfg.max_frames}
+            kwargs = {
+                "dtype": cfg.dtype,
+                "batch_size": cfg.batch_size,
+                "max_frames": cfg.max_frames,
+                "device": device,
+            }
             if getattr(cfg, "alignment_model_path", None):
                 kwargs["alignment_model_path"] = cfg.alignment_model_path
         backend = build_backend(cfg.backend, model_path=cfg.model_path, **kwargs)
