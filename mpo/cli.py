@@ -29,7 +29,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mpo.config import RecipeError, load_recipe, load_select_config, to_yaml
+from mpo.config import load_recipe, load_select_config, to_yaml
 
 # command -> (module, function); each function takes the loaded recipe.
 STAGES: dict[str, tuple[str, str]] = {
@@ -116,40 +116,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
-    except _input_errors() as err:
-        # Bad input (recipe, files, checklists, run directory): the message names what to fix; no traceback.
+    except Exception as err:
+        status = _exit_status(err)
+        if status is None:
+            raise
         print(f"mpo {args.command}: {err}", file=sys.stderr)
-        return 2
-    except _run_errors() as err:
-        # A run that cannot go on (e.g. a non-finite loss): say where; the last good checkpoint is kept.
-        print(f"mpo {args.command}: {err}", file=sys.stderr)
-        return 1
+        return status
     return 0
 
 
-def _input_errors() -> tuple[type[Exception], ...]:
-    from mpo.select import SelectionError
-    from mpo.store import StoreError
-    from mpo.train_state import CheckpointError
-    from mpo.weights import WeightsError
-    from reward.checklist import ChecklistError
-    from reward.media import MediaError
-
-    return (
-        RecipeError,
-        StoreError,
-        SelectionError,
-        CheckpointError,
-        WeightsError,
-        ChecklistError,
-        MediaError,
-    )
-
-
-def _run_errors() -> tuple[type[Exception], ...]:
-    from mpo.train import TrainingError
-
-    return (TrainingError,)
+def _exit_status(err: Exception) -> int | None:
+    """The project's own errors end the command with their message instead of a traceback: bad input
+    (recipe, files, checklists, run directory; the ValueError subclasses) exits 2, a run that cannot go
+    on (e.g. a non-finite loss; the last good checkpoint is kept) exits 1. Anything else propagates."""
+    if type(err).__module__.split(".")[0] not in ("mpo", "reward"):
+        return None
+    if isinstance(err, ValueError):
+        return 2
+    if isinstance(err, RuntimeError):
+        return 1
+    return None
 
 
 if __name__ == "__main__":
