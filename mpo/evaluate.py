@@ -1,0 +1,241 @@
+"""Held-out reward per dimension: the curves that show what training does, and the best-checkpoint pick.
+
+::
+
+    mpo eval recipes/tiny/sdxl.yaml                          # the best (or last) checkpoint, standalone
+    accelerate launch --num_processes 8 -m mpo.cli eval RECIPE
+
+``evaluate`` samples ``eval.samples_per_prompt`` images (or videos) for each held-out prompt from fixed
+noise (``candidate_seed(eval.seed, prompt_id, i)``: the same noise before training, at every eval and
+after), decodes them, scores them with the reward and returns the mean of every dimension and of the
+total. The trainer calls it at step 0 (the untrained model), every ``eval.every`` steps and at the
+end; each call is one row of eval.parquet (step, total, dim.*, samples) and one point of the
+``eval/total`` and ``eval/dim.<name>`` tracker curves, with a small grid of the first validation
+samples (first frames for videos).
+
+The samples are split across processes (each scores its own share with its own reward) and every
+process samples the same number of batches, padding with repeats that are not scored: under
+DeepSpeed ZeRO-3 each forward is a collective, and an uneven split would hang.
+
+Departure from the paper: the paper reports the reward of the final model on its benchmark prompts;
+here the held-out prompts are the run's own val split, scored with the run's reward.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from mpo.backbones.base import Backbone, Embeddings, load_backbone, torch_dtype
+from mpo.distributed import is_main, make_accelerator, process_rank_and_count, wait_for_everyone
+from mpo.seeds import candidate_noise, candidate_seed
+from mpo.store import CandidateStore, RunDir, StoreError, read_parquet, write_parquet
+
+Item = tuple[int, str, int]  # (prompt_id, prompt, sample index)
+
+
+def eval_prompts(run: RunDir, recipe: Any) -> pd.DataFrame:
+    """The held-out prompts used for eval: the val split, by prompt_id, at most ``eval.num_prompts``."""
+    if not run.prompts_parquet.exists():
+        raise StoreError(f"{run.prompts_parquet}: missing; run the generate stage first")
+    prompts = read_parquet(run.prompts_parquet)
+    val = prompts[prompts["split"] == "val"].sort_values("prompt_id", kind="stable")
+    if recipe.eval.num_prompts is not None:
+        val = val.head(int(recipe.eval.num_prompts))
+    if val.empty:
+        raise StoreError(
+            f"{run.prompts_parquet}: no val prompts to evaluate on; set prompts.val_fraction or prompts.val_count"
+        )
+    return val.reset_index(drop=True)
+
+
+def cached_embeddings(run: RunDir, prompts: pd.DataFrame) -> tuple[dict[int, Embeddings], Embeddings] | None:
+    """The val prompts' embeddings from the candidate cache (the generate stage encodes every prompt),
+    so eval needs no text encoder; None when the cache does not hold them all."""
+    if not run.candidates_parquet.exists():
+        return None
+    store = CandidateStore(run)
+    try:
+        rows = {int(p): store.embeddings([int(p)]) for p in prompts["prompt_id"]}
+        return rows, store.negative_embeddings()
+    except StoreError:
+        return None
+
+
+def _my_items(items: list[Item], accelerator: Accelerator | None) -> list[tuple[Item, bool]]:
+    """This process's items, padded with repeats (flag False) to the same count on every process."""
+    rank, world = process_rank_and_count(accelerator)
+    per_process = math.ceil(len(items) / world)
+    mine = [(item, True) for item in items[rank::world]]
+    while len(mine) < per_process:
+        mine.append((mine[-1][0] if mine else items[0], False))
+    return mine
+
+
+@torch.no_grad()
+def evaluate(
+    backbone: Backbone,
+    reward: Any,
+    prompts: pd.DataFrame,
+    recipe: Any,
+    *,
+    accelerator: Accelerator | None = None,
+    embeddings: dict[int, Embeddings] | None = None,
+    negative: Embeddings | None = None,
+) -> dict[str, Any]:
+    """Mean reward of fresh samples on ``prompts`` (columns prompt_id, prompt); every process calls it.
+
+    Samples with the backbone's current denoiser as it is (the caller puts it in eval mode).
+    ``embeddings`` (prompt_id -> one-row embeddings) and ``negative`` skip the text encoders.
+    Returns {"total", "dim.<name>" ...: float, "samples": int, "grid": uint8 [H, W, 3] array of the
+    first ``eval.grid_size`` samples (None on other processes than the main one)}.
+    """
+    device = next(backbone.denoiser.parameters()).device
+    dtype = torch_dtype(recipe.model.dtype)
+    shape = tuple(backbone.latent_shape(recipe.generate))
+    n = int(recipe.eval.samples_per_prompt)
+    items = [
+        (int(p), str(text), i) for p, text in zip(prompts["prompt_id"], prompts["prompt"]) for i in range(n)
+    ]
+    grid_keys = {(p, i) for p, _, i in items[: int(recipe.eval.grid_size)]}
+    if negative is None:
+        negative = backbone.encode_prompts([""])
+    cache: dict[int, Embeddings] = dict(embeddings or {})
+
+    rows: list[dict[str, Any]] = []
+    previews: list[tuple[tuple[int, int], np.ndarray]] = []
+    mine = _my_items(items, accelerator)
+    batch = max(1, int(recipe.reward.batch_size))
+    for start in range(0, len(mine), batch):
+        chunk = mine[start : start + batch]
+        for p, text, _ in (item for item, _ in chunk):
+            if p not in cache:
+                cache[p] = backbone.encode_prompts([text])
+        embeds = {k: torch.cat([cache[p][k] for (p, _, _), _ in chunk]).to(device) for k in negative}
+        noise = torch.stack(
+            [
+                candidate_noise(shape, candidate_seed(recipe.eval.seed, p, i), device, dtype)
+                for (p, _, i), _ in chunk
+            ]
+        )
+        pixels = backbone.decode(backbone.sample(embeds, negative, noise, recipe.generate)).float().cpu()
+        keep = [k for k, (_, real) in enumerate(chunk) if real]
+        if not keep:
+            continue
+        scores = reward.score([_sample(pixels[k], chunk[k][0], recipe) for k in keep])
+        for k, values in zip(keep, scores.to_rows()):
+            (p, _, i), _ = chunk[k]
+            rows.append({"prompt_id": p, "sample_idx": i, **values})
+            if (p, i) in grid_keys:
+                previews.append(((p, i), _first_frame(pixels[k])))
+    all_rows = [r for part in gather_object([rows]) for r in part]
+    all_previews = [x for part in gather_object([previews]) for x in part]
+    return _summarise(all_rows, all_previews, accelerator)
+
+
+def _sample(pixels: torch.Tensor, item: Item, recipe: Any):
+    from reward.types import Sample
+
+    p, text, i = item
+    return Sample(pixels=pixels, prompt=text, fps=float(recipe.generate.fps), id=f"eval {p}:{i}")
+
+
+def _first_frame(pixels: torch.Tensor) -> np.ndarray:
+    frame = pixels[0] if pixels.ndim == 4 else pixels
+    return (frame.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def _summarise(rows: list[dict[str, Any]], previews: list, accelerator: Accelerator | None) -> dict[str, Any]:
+    frame = pd.DataFrame(rows)
+    columns = ["total", *[c for c in frame.columns if c.startswith("dim.")]]
+    with warnings.catch_warnings():  # a dimension the backend cannot judge is all NaN: its mean is NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result: dict[str, Any] = {c: float(np.nanmean(frame[c].to_numpy(dtype=float))) for c in columns}
+    result["samples"] = len(frame)
+    ordered = [image for _, image in sorted(previews, key=lambda x: x[0])]
+    result["grid"] = np.concatenate(ordered, axis=1) if ordered and is_main(accelerator) else None
+    return result
+
+
+def metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The scalar part of an :func:`evaluate` result, named for the trackers (``eval/total``...)."""
+    return {f"eval/{k}": v for k, v in result.items() if k not in ("grid", "samples")}
+
+
+def record(run: RunDir, step: int, result: dict[str, Any]) -> pd.DataFrame:
+    """Put ``result`` into eval.parquet as the row of ``step`` (replacing an older row of the same
+    step, so a resumed run never duplicates one) and return the table. Main process only."""
+    row = {"step": int(step), **{k: v for k, v in result.items() if k != "grid"}}
+    table = read_parquet(run.eval_parquet) if run.eval_parquet.exists() else pd.DataFrame()
+    if not table.empty:
+        table = table[table["step"] != step]
+    table = pd.concat([table, pd.DataFrame([row])], ignore_index=True).sort_values("step", kind="stable")
+    table = table.reset_index(drop=True)
+    write_parquet(table, run.eval_parquet)
+    return table
+
+
+def log(accelerator: Accelerator, step: int, result: dict[str, Any]) -> None:
+    """Send the curves and the sample grid to the trackers (each tracker in its own image format)."""
+    accelerator.log(metrics(result), step=step)
+    grid = result.get("grid")
+    if grid is None or not accelerator.is_main_process:
+        return
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            tracker.log_images({"eval/samples": [grid]}, step=step)
+        elif tracker.name == "tensorboard":
+            tracker.log_images({"eval/samples": grid[None]}, step=step, dataformats="NHWC")
+
+
+def eval_stage(recipe: Any, accelerator: Accelerator | None = None) -> dict[str, Any]:
+    """Evaluate the checkpoint ``export.which`` names (best, else last) and record its row."""
+    from mpo.train_state import chosen_checkpoint
+    from mpo.weights import load_trained
+    from reward.visionreward import VisionReward
+
+    acc = accelerator if accelerator is not None else make_accelerator(recipe)
+    run = RunDir.from_recipe(recipe)
+    start = time.perf_counter()
+    step, path = chosen_checkpoint(run, recipe.export.which)
+    prompts = eval_prompts(run, recipe)
+    with acc.main_process_first():
+        backbone = load_backbone(recipe.model, acc.device)
+    load_trained(backbone, recipe.model.finetune, path / "weights", torch_dtype(recipe.model.dtype))
+    backbone.denoiser.eval()
+    cached = cached_embeddings(run, prompts)
+    embeddings, negative = cached if cached is not None else (None, None)
+    reward = VisionReward.from_config(recipe.reward)
+    result = evaluate(
+        backbone, reward, prompts, recipe, accelerator=acc, embeddings=embeddings, negative=negative
+    )
+    summary: dict[str, Any] = {}
+    if is_main(acc):
+        record(run, step, result)
+        if result["grid"] is not None:
+            save_grid(run, step, result["grid"])
+        summary = {"checkpoint": str(path), "step": step, **{k: v for k, v in result.items() if k != "grid"}}
+        summary["seconds"] = round(time.perf_counter() - start, 2)
+        from mpo.generate import print_summary
+
+        print_summary("eval", summary)
+    wait_for_everyone(acc)
+    return summary
+
+
+def save_grid(run: RunDir, step: int, grid: np.ndarray) -> None:
+    """A PNG of the sample grid next to eval.parquet, for runs without a tracker."""
+    from PIL import Image
+
+    from mpo.store import atomic_write
+
+    with atomic_write(run.root / "eval" / f"samples-step-{step}.png") as tmp:
+        Image.fromarray(grid).save(tmp)

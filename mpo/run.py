@@ -1,0 +1,126 @@
+"""``mpo run``: every stage in order on one run directory, each skipped when its work is done.
+
+::
+
+    mpo run recipes/tiny/sdxl.yaml                                                   # 1 process
+    accelerate launch --config_file launch/multi_gpu.yaml -m mpo.cli run RECIPE        # 8 GPUs
+
+generate -> score -> select -> train (with eval) -> export. Each stage decides for itself what is
+already done (complete shards, score files, an up-to-date pairs file, a checkpoint at
+``train.max_steps``, an export of the chosen checkpoint), so a rerun after a kill picks up where the
+job stopped and a rerun of a finished run does nothing. One Accelerator serves every stage: accelerate
+cannot change mixed precision once set, and training needs the recipe's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from accelerate import Accelerator
+
+from mpo.distributed import is_main
+from mpo.store import RunDir
+
+
+@dataclass
+class StageReport:
+    name: str
+    did_work: bool  # as the main process saw it
+    seconds: float
+    summary: Any
+
+
+def _generate(recipe: Any, acc: Accelerator) -> tuple[bool, Any]:
+    from mpo.generate import generate_stage
+
+    summary = generate_stage(recipe, acc)
+    return summary.get("shards generated now", 0) > 0, summary
+
+
+def _score(recipe: Any, acc: Accelerator) -> tuple[bool, Any]:
+    from mpo.score import score_stage
+
+    summary = score_stage(recipe, acc)
+    return summary.get("shards scored now", 0) > 0, summary
+
+
+def _select(recipe: Any, acc: Accelerator) -> tuple[bool, Any]:
+    from mpo.select import select_stage
+
+    pairs = RunDir.from_recipe(recipe).pairs_parquet
+    before = pairs.stat().st_mtime_ns if pairs.exists() else None
+    stats = select_stage(recipe, acc)
+    return pairs.stat().st_mtime_ns != before, stats
+
+
+def _train(recipe: Any, acc: Accelerator) -> tuple[bool, Any]:
+    from mpo.train import train_stage
+
+    summary = train_stage(recipe, acc)
+    return summary.get("steps trained now", 0) > 0, summary
+
+
+def _export(recipe: Any, acc: Accelerator) -> tuple[bool, Any]:
+    from mpo.export import export_stage
+
+    summary = export_stage(recipe, acc)
+    return bool(summary.get("exported")), summary
+
+
+STAGES: list[tuple[str, Callable[[Any, Accelerator], tuple[bool, Any]]]] = [
+    ("generate", _generate),
+    ("score", _score),
+    ("select", _select),
+    ("train", _train),
+    ("export", _export),
+]
+
+
+def run_all(recipe: Any, accelerator: Accelerator | None = None) -> list[StageReport]:
+    """Run (or finish) every stage; returns what each did and how long it took."""
+    from mpo.train import setup_accelerator
+
+    acc = accelerator if accelerator is not None else setup_accelerator(recipe)
+    reports = []
+    for name, stage in STAGES:
+        started = time.perf_counter()
+        did_work, summary = stage(recipe, acc)
+        reports.append(StageReport(name, did_work, round(time.perf_counter() - started, 2), summary))
+    if is_main(acc):
+        print_run_summary(RunDir.from_recipe(recipe), reports)
+    return reports
+
+
+def print_run_summary(run: RunDir, reports: list[StageReport]) -> None:
+    """The closing tables: what each stage did, and the held-out reward before and after training."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mpo.export import before_after, fmt
+
+    stages = Table(title=f"mpo run -> {run.root}")
+    for column in ("stage", "work", "seconds"):
+        stages.add_column(column)
+    for r in reports:
+        stages.add_row(r.name, "done now" if r.did_work else "skipped (up to date)", f"{r.seconds:.1f}")
+    console = Console()
+    console.print(stages)
+    scores = before_after(run, _exported_step(reports))
+    if scores.empty:
+        return
+    table = Table(title=f"held-out reward: step 0 -> step {scores.attrs['step']}")
+    for column in ("metric", "before", "after", "change"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for r in scores.itertuples():
+        table.add_row(r.metric, fmt(r.before), fmt(r.after), fmt(r.change, "+"))
+    console.print(table)
+
+
+def _exported_step(reports: list[StageReport]) -> int | None:
+    for r in reports:
+        if r.name == "export" and isinstance(r.summary, dict):
+            return r.summary.get("step")
+    return None
