@@ -122,6 +122,47 @@ class Backbone(ABC):
             self.denoiser.enable_xformers_memory_efficient_attention()
 
 
+class DiffusersBackbone(Backbone):
+    """What every diffusers-pipeline backbone shares: loading through ``from_pretrained`` (building the
+    tiny model first when the recipe asks for it), the denoiser as a pipeline attribute, the
+    prediction type from the scheduler config. A family sets ``pipeline_class`` and ``denoiser_attr``
+    and implements the conditioning, sampling and schedule methods."""
+
+    pipeline_class: ClassVar[type]
+    denoiser_attr: ClassVar[str]  # "unet" or "transformer"
+
+    def __init__(self, pipe, device: torch.device | str = "cpu") -> None:
+        self._pipe = pipe
+        self._device = torch.device(device)
+
+    @classmethod
+    def load(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> DiffusersBackbone:
+        from mpo.backbones.tiny import ensure_tiny
+
+        ensure_tiny(cfg)
+        return cls(load_pipeline(cls.pipeline_class, cfg), device)
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return getattr(self._pipe, self.denoiser_attr)
+
+    def set_denoiser(self, module: nn.Module) -> None:
+        # The pipeline reads the denoiser's config and submodules, which DDP / compile wrappers hide.
+        from accelerate.utils import extract_model_from_parallel
+
+        setattr(self._pipe, self.denoiser_attr, extract_model_from_parallel(module))
+
+    @property
+    def prediction_type(self) -> PredictionType:
+        kind = self._pipe.scheduler.config.prediction_type
+        if kind not in ("epsilon", "v_prediction"):
+            raise ValueError(f"scheduler prediction_type={kind!r} is not supported (epsilon, v_prediction)")
+        return kind
+
+    def pipeline(self):
+        return self._pipe
+
+
 _REGISTRY: dict[str, type[Backbone]] = {}
 
 

@@ -26,21 +26,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
-from accelerate.utils import extract_model_from_parallel
 from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline
 from torch import nn
 
 from mpo.backbones.base import (
-    Backbone,
+    DiffusersBackbone,
     Embeddings,
-    PredictionType,
-    load_pipeline,
     register_backbone,
     repeat_rows,
 )
 
 if TYPE_CHECKING:
-    from mpo.config import GenerateConfig, ModelConfig
+    from mpo.config import GenerateConfig
 
 # Every released CogVideoX VAE compresses time by 4, space by 8, and the transformers use 2 x 2
 # patches: the recipe check runs before any model is loaded, so it uses these; latent_shape()
@@ -50,7 +47,9 @@ SPATIAL_MULTIPLE = 8 * 2
 
 
 @register_backbone("cogvideox")
-class CogVideoXBackbone(Backbone):
+class CogVideoXBackbone(DiffusersBackbone):
+    pipeline_class = CogVideoXPipeline
+    denoiser_attr = "transformer"
     modality: ClassVar[Literal["image", "video"]] = "video"
 
     def __init__(self, pipe: CogVideoXPipeline, device: torch.device | str = "cpu") -> None:
@@ -69,42 +68,10 @@ class CogVideoXBackbone(Backbone):
         pipe.vae.enable_slicing()
         pipe.vae.enable_tiling()
         pipe.set_progress_bar_config(disable=True)  # the stages draw their own progress bars
-        self._pipe = pipe
-        self._device = torch.device(device)
+        super().__init__(pipe, device)
         # A separate object: diffusers schedulers cache tensors on whatever device they last saw.
         self._train_scheduler = CogVideoXDDIMScheduler.from_config(pipe.scheduler.config)
         self._rotary: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    @classmethod
-    def load(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> CogVideoXBackbone:
-        from mpo.backbones.tiny import ensure_tiny
-
-        ensure_tiny(cfg)
-        return cls(load_pipeline(CogVideoXPipeline, cfg), device)
-
-    # ---- model ---------------------------------------------------------------------------------
-    @property
-    def denoiser(self) -> nn.Module:
-        return self._pipe.transformer
-
-    def set_denoiser(self, module: nn.Module) -> None:
-        # The pipeline reads transformer.config, which DDP / compile wrappers hide.
-        self._pipe.transformer = extract_model_from_parallel(module)
-
-    @property
-    def prediction_type(self) -> PredictionType:
-        kind = self._pipe.scheduler.config.prediction_type
-        if kind not in ("epsilon", "v_prediction"):
-            raise ValueError(f"scheduler prediction_type={kind!r} is not supported (epsilon, v_prediction)")
-        return kind
-
-    @property
-    def lora_target_modules(self) -> list[str]:
-        # The joint text-video attention projections, as in diffusers' CogVideoX LoRA training.
-        return ["to_q", "to_k", "to_v", "to_out.0"]
-
-    def pipeline(self) -> CogVideoXPipeline:
-        return self._pipe
 
     @classmethod
     def check_generate_config(cls, gen: GenerateConfig) -> list[tuple[str, str]]:

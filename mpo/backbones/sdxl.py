@@ -23,21 +23,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
-from accelerate.utils import extract_model_from_parallel
 from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
 from torch import nn
 
 from mpo.backbones.base import (
-    Backbone,
+    DiffusersBackbone,
     Embeddings,
-    PredictionType,
-    load_pipeline,
     register_backbone,
     repeat_rows,
 )
 
 if TYPE_CHECKING:
-    from mpo.config import GenerateConfig, ModelConfig
+    from mpo.config import GenerateConfig
 
 # Schedulers whose step() is a deterministic function of (model output, t, sample). Anything else
 # (ancestral, SDE samplers) is replaced by Euler built from the same config: a candidate must be
@@ -54,7 +51,9 @@ _DETERMINISTIC_SCHEDULERS = {
 
 
 @register_backbone("sdxl")
-class SDXLBackbone(Backbone):
+class SDXLBackbone(DiffusersBackbone):
+    pipeline_class = StableDiffusionXLPipeline
+    denoiser_attr = "unet"
     modality: ClassVar[Literal["image", "video"]] = "image"
 
     def __init__(self, pipe: StableDiffusionXLPipeline, device: torch.device | str = "cpu") -> None:
@@ -71,41 +70,9 @@ class SDXLBackbone(Backbone):
                 module.requires_grad_(False).eval()
         pipe.vae.enable_slicing()  # decode one image at a time: bounded memory, batch-independent
         pipe.set_progress_bar_config(disable=True)  # the stages draw their own progress bars
-        self._pipe = pipe
-        self._device = torch.device(device)
+        super().__init__(pipe, device)
         # A separate object: diffusers schedulers cache tensors on whatever device they last saw.
         self._train_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-
-    @classmethod
-    def load(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> SDXLBackbone:
-        from mpo.backbones.tiny import ensure_tiny
-
-        ensure_tiny(cfg)
-        return cls(load_pipeline(StableDiffusionXLPipeline, cfg), device)
-
-    # ---- model ---------------------------------------------------------------------------------
-    @property
-    def denoiser(self) -> nn.Module:
-        return self._pipe.unet
-
-    def set_denoiser(self, module: nn.Module) -> None:
-        # The pipeline reads unet.config and submodules, which DDP / compile wrappers hide.
-        self._pipe.unet = extract_model_from_parallel(module)
-
-    @property
-    def prediction_type(self) -> PredictionType:
-        kind = self._pipe.scheduler.config.prediction_type
-        if kind not in ("epsilon", "v_prediction"):
-            raise ValueError(f"scheduler prediction_type={kind!r} is not supported (epsilon, v_prediction)")
-        return kind
-
-    @property
-    def lora_target_modules(self) -> list[str]:
-        # The UNet's attention projections (self- and cross-attention), as in diffusers' SDXL LoRA.
-        return ["to_q", "to_k", "to_v", "to_out.0"]
-
-    def pipeline(self) -> StableDiffusionXLPipeline:
-        return self._pipe
 
     @property
     def vae_scale_factor(self) -> int:
