@@ -165,7 +165,12 @@ def score_stage(recipe: Any, accelerator: Accelerator | None = None) -> dict[str
         "processes": acc.num_processes,
     }
     if is_main(acc):
-        scores = concatenate_scores(run, shards, manifest)
+        # Rewritten only when something was scored: an untouched scores.parquet keeps its mtime, which
+        # is how the select stage knows that its pairs are still up to date.
+        if pending or not run.scores_parquet.exists():
+            scores = concatenate_scores(run, shards, manifest)
+        else:
+            scores = read_parquet(run.scores_parquet)
         summary["seconds"] = round(time.perf_counter() - start, 2)
         summary["source"] = ", ".join(sorted(scores["source"].astype(str).unique()))
         summary["total (mean)"] = float(scores["total"].mean())

@@ -430,7 +430,7 @@ def default_stats_path(out_path: str | os.PathLike) -> Path:
 def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     """Identifies the scores file a selection was computed from (a rescored run has a new one)."""
     info = Path(path).stat()
-    return {"path": str(path), "size": info.st_size, "mtime_ns": info.st_mtime_ns}
+    return {"path": str(Path(path).resolve()), "size": info.st_size, "mtime_ns": info.st_mtime_ns}
 
 
 def select_from_file(
