@@ -13,8 +13,9 @@ On a machine without CUDA the process group must be gloo, and accelerate only pi
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -105,3 +106,29 @@ def wait_for_everyone(accelerator: Accelerator | None = None) -> None:
 def is_main(accelerator: Accelerator | None = None) -> bool:
     """True on the one process that writes run-level files (manifests, recipe.yaml, summaries)."""
     return (accelerator if accelerator is not None else PartialState()).is_main_process
+
+
+@contextlib.contextmanager
+def whole_model_loading() -> Iterator[None]:
+    """Load models whole, even under a DeepSpeed ZeRO-3 launch.
+
+    With a ZeRO-3 config, accelerate registers it with transformers (whatever ``zero3_init_flag`` says,
+    in accelerate 1.15), and ``from_pretrained`` then partitions every parameter as it is created
+    (``deepspeed.zero.Init``): a collective, so a load on one process only (or one after another,
+    under ``main_process_first``) waits forever, and frozen parts (text encoders, VAE) end up sharded.
+    Inside this context transformers does not see the config; the trained denoiser is partitioned
+    later, by ``accelerator.prepare``.
+    """
+    from accelerate.state import AcceleratorState, is_initialized
+
+    plugin = AcceleratorState().deepspeed_plugin if is_initialized() else None
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()

@@ -35,7 +35,13 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from mpo.backbones.base import Backbone, Embeddings, load_backbone, torch_dtype
-from mpo.distributed import is_main, make_accelerator, process_rank_and_count, wait_for_everyone
+from mpo.distributed import (
+    is_main,
+    make_accelerator,
+    process_rank_and_count,
+    wait_for_everyone,
+    whole_model_loading,
+)
 from mpo.seeds import candidate_noise, candidate_seed
 from mpo.store import CandidateStore, RunDir, StoreError, read_parquet, write_parquet
 
@@ -207,13 +213,13 @@ def eval_stage(recipe: Any, accelerator: Accelerator | None = None) -> dict[str,
     start = time.perf_counter()
     step, path = chosen_checkpoint(run, recipe.export.which)
     prompts = eval_prompts(run, recipe)
-    with acc.main_process_first():
+    with acc.main_process_first(), whole_model_loading():
         backbone = load_backbone(recipe.model, acc.device)
     load_trained(backbone, recipe.model.finetune, path / "weights", torch_dtype(recipe.model.dtype))
     backbone.denoiser.eval()
     cached = cached_embeddings(run, prompts)
     embeddings, negative = cached if cached is not None else (None, None)
-    reward = VisionReward.from_config(recipe.reward)
+    reward = VisionReward.from_config(recipe.reward, device=acc.device)
     result = evaluate(
         backbone, reward, prompts, recipe, accelerator=acc, embeddings=embeddings, negative=negative
     )

@@ -34,7 +34,7 @@ from accelerate import Accelerator
 from omegaconf import OmegaConf
 
 from mpo.backbones.base import Backbone, load_backbone, torch_dtype
-from mpo.distributed import is_main, wait_for_everyone
+from mpo.distributed import is_main, wait_for_everyone, whole_model_loading
 from mpo.store import RunDir, read_parquet
 from mpo.train_state import chosen_checkpoint
 from mpo.weights import LORA_DIR, denoiser_component, load_trained
@@ -82,7 +82,8 @@ def write_export(recipe: Any, run: RunDir, checkpoint: Path, record: dict[str, A
     """Assemble the export in a temporary folder beside ``export/``, then swap it in."""
     tmp = run.root / f".export.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        backbone = load_backbone(recipe.model, "cpu")
+        with whole_model_loading():  # main process only: no ZeRO-3 collectives
+            backbone = load_backbone(recipe.model, "cpu")
         weights = checkpoint / "weights"
         if recipe.model.finetune == "lora":
             shutil.copytree(weights / LORA_DIR, tmp / LORA_DIR)

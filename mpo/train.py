@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from mpo import evaluate as ev
 from mpo.backbones.base import Backbone, load_backbone
-from mpo.distributed import make_accelerator
+from mpo.distributed import make_accelerator, whole_model_loading
 from mpo.loss import DPOOutput, diffusion_dpo_loss, split_pairs
 from mpo.store import RunDir, read_parquet
 from mpo.train_data import PairDataset, load_train_pairs, make_dataloader, timestep_bounds
@@ -142,7 +142,8 @@ def flat_config(recipe: Any, tracker: str) -> dict[str, Any]:
 
 def setup_model(recipe: Any, acc: Accelerator) -> tuple[Backbone, nn.Module, nn.Module | None]:
     """Load the backbone; make its denoiser trainable (LoRA or full); build the reference."""
-    with acc.main_process_first():  # the first load may build and save a tiny model
+    # The first load may build and save a tiny model; ZeRO-3 partitions the denoiser at prepare().
+    with acc.main_process_first(), whole_model_loading():
         backbone = load_backbone(recipe.model, acc.device)
     backbone.set_attention(recipe.train.attention)
     denoiser = backbone.denoiser
@@ -267,7 +268,7 @@ def setup(recipe: Any, acc: Accelerator, run: RunDir) -> Trainer:
         loader=iter(loader),
         progress=progress,
         pairs=len(pairs),
-        eval_inputs=setup_eval(recipe, run),
+        eval_inputs=setup_eval(recipe, run, acc.device),
         resumed_from=resumed,
         saved_step=resumed if resumed is not None else -1,
     )
@@ -290,7 +291,7 @@ def resume(acc: Accelerator, run: RunDir, settings: dict[str, Any]) -> TrainProg
     return progress
 
 
-def setup_eval(recipe: Any, run: RunDir) -> dict[str, Any] | None:
+def setup_eval(recipe: Any, run: RunDir, device: torch.device) -> dict[str, Any] | None:
     """The held-out prompts, their cached embeddings and the reward (None when nothing is held out)."""
     from reward.visionreward import VisionReward
 
@@ -300,7 +301,7 @@ def setup_eval(recipe: Any, run: RunDir) -> dict[str, Any] | None:
     prompts = ev.eval_prompts(run, recipe)
     cached = ev.cached_embeddings(run, prompts)
     embeddings, negative = cached if cached is not None else (None, None)
-    reward = VisionReward.from_config(recipe.reward)
+    reward = VisionReward.from_config(recipe.reward, device=device)
     return {"prompts": prompts, "embeddings": embeddings, "negative": negative, "reward": reward}
 
 

@@ -297,6 +297,36 @@ def test_two_process_deepspeed_zero2_matches_one_process(prepared, models, tmp_p
     assert e1["total"].tolist() == pytest.approx(e2["total"].tolist(), abs=1e-5)
 
 
+@pytest.mark.slow
+def test_two_process_deepspeed_zero3_trains_gathers_weights_and_resumes(prepared, models, tmp_path):
+    """ZeRO-3 shards the denoiser: the models must load whole (no zero.Init collectives), eval sampling
+    must run the same number of forwards on every rank, and weights/ must be gathered."""
+    config = tmp_path / "zero3.yaml"
+    text = (ROOT / "launch" / "cpu_deepspeed_zero2.yaml").read_text()
+    config.write_text(
+        text.replace("launch/deepspeed/zero2.json", str(ROOT / "launch" / "deepspeed" / "zero3.json"))
+    )
+    run = copy_run(prepared, tmp_path / "run")
+    extra = [*FINETUNE["full"], "train.batch_size=1", "train.checkpoint_every=1", "eval.num_prompts=2"]
+    overrides = [*SDXL_SMALL, f"output_dir={run}", f"model.path={models / 'sdxl'}", *extra]
+    env = {k: v for k, v in ENV.items() if k != "ACCELERATE_USE_CPU"}
+    for steps in (1, 2):
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+            "--main_process_port", str(_free_port()), str(ROOT / "tests" / "scripts" / "train_run.py"), str(SDXL),
+            *overrides, f"train.max_steps={steps}",
+        ]  # fmt: skip
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((run / "ranks" / f"rank-{i}.json").read_text()) for i in range(2)]
+    assert [r["positions"] for r in ranks] == [[2], [3]]  # the second launch resumed at step 1
+    weights = checkpoint_tensors(run / "checkpoints" / "step-2")
+    base = load_file(str(next((models / "sdxl" / "unet").glob("*.safetensors"))))
+    assert weights.keys() == {f"denoiser/{k}" for k in base}
+    assert all(weights[f"denoiser/{k}"].shape == v.shape for k, v in base.items())  # whole, not shards
+    assert read_parquet(run / "eval.parquet")["samples"].tolist() == [2, 2, 2]
+
+
 def _free_port() -> int:
     import socket
 
