@@ -11,7 +11,7 @@ after), decodes them, scores them with the reward and returns the mean of every 
 total. The trainer calls it at step 0 (the untrained model), every ``eval.every`` steps and at the
 end; each call is one row of eval.parquet (step, total, dim.*, samples) and one point of the
 ``eval/total`` and ``eval/dim.<name>`` tracker curves, with a small grid of the first validation
-samples (first frames for videos).
+samples (first frames for videos), also written to ``eval/samples-step-<n>.png`` in the run directory.
 
 The samples are split across processes (each scores its own share with its own reward) and every
 process samples the same number of batches, padding with repeats that are not scored: under
