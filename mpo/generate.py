@@ -49,7 +49,13 @@ from tqdm.auto import tqdm
 
 from mpo.backbones.base import Backbone, Embeddings, load_backbone, repeat_rows, torch_dtype
 from mpo.config import resolve_paths, save_resolved
-from mpo.distributed import is_main, make_accelerator, split_for_process, wait_for_everyone
+from mpo.distributed import (
+    is_main,
+    make_accelerator,
+    split_for_process,
+    wait_for_everyone,
+    whole_model_loading,
+)
 from mpo.seeds import candidate_noise, candidate_seed
 from mpo.store import (
     RunDir,
@@ -232,7 +238,7 @@ def generate_stage(recipe: Any, accelerator: Accelerator | None = None) -> dict[
     mine = split_for_process(pending, acc)
     n = recipe.generate.num_candidates
     if pending:
-        with acc.main_process_first():  # the first load may build and save a tiny model
+        with acc.main_process_first(), whole_model_loading():  # the first load may build a tiny model
             backbone = load_backbone(recipe.model, acc.device)
         with torch.no_grad():
             negative = {k: v.cpu() for k, v in backbone.encode_prompts([""]).items()}

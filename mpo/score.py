@@ -30,7 +30,13 @@ from tqdm.auto import tqdm
 
 from mpo.backbones.base import Backbone, load_backbone
 from mpo.config import resolve_paths
-from mpo.distributed import is_main, make_accelerator, split_for_process, wait_for_everyone
+from mpo.distributed import (
+    is_main,
+    make_accelerator,
+    split_for_process,
+    wait_for_everyone,
+    whole_model_loading,
+)
 from mpo.generate import print_summary
 from mpo.store import (
     CandidateStore,
@@ -140,7 +146,7 @@ def score_stage(recipe: Any, accelerator: Accelerator | None = None) -> dict[str
     if pending:
         from reward.visionreward import VisionReward
 
-        with acc.main_process_first():
+        with acc.main_process_first(), whole_model_loading():
             backbone = load_backbone(recipe.model, acc.device)
         reward = VisionReward.from_config(recipe.reward, device=acc.device)
         store = CandidateStore(run)
