@@ -378,3 +378,21 @@ def test_curves_reach_the_trackers(prepared, models, tmp_path):
         if "eval/total" in values:
             assert "eval/dim.quality" in values
     assert tracker.config["train"]["beta"] == recipe.train.beta
+
+
+def test_tensorboard_gets_the_dimension_curves(prepared, models, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = copy_run(prepared, tmp_path / "run")
+    recipe = recipe_for(
+        run, models, extra=["train.max_steps=2", "tracking.tracker=tensorboard", "eval.every=2"]
+    )
+    train_stage(recipe)
+    events = sorted(run.rglob("events.out.tfevents.*"))
+    assert events, f"no tensorboard event file under {run}"
+    tags: set[str] = set()
+    for path in events:
+        acc = EventAccumulator(str(path.parent))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"train/loss", "eval/total", "eval/dim.quality"} <= tags
