@@ -162,6 +162,25 @@ class DiffusersBackbone(Backbone):
     def pipeline(self):
         return self._pipe
 
+    # Training schedule: a family sets ``self._train_scheduler`` (a diffusers scheduler with
+    # ``add_noise`` and ``get_velocity`` over the checkpoint's training alphas) in its __init__.
+    @property
+    def num_train_timesteps(self) -> int:
+        return self._train_scheduler.config.num_train_timesteps
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        # float32 arithmetic: alphas_cumprod near 1 is not representable in bfloat16.
+        noisy = self._train_scheduler.add_noise(latents.float(), noise.float(), timesteps.to(latents.device))
+        return noisy.to(latents.dtype)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "epsilon":
+            return noise
+        velocity = self._train_scheduler.get_velocity(
+            latents.float(), noise.float(), timesteps.to(latents.device)
+        )
+        return velocity.to(latents.dtype)
+
 
 _REGISTRY: dict[str, type[Backbone]] = {}
 

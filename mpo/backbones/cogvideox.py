@@ -179,23 +179,6 @@ class CogVideoXBackbone(DiffusersBackbone):
         return (video.float().permute(0, 2, 1, 3, 4) / 2 + 0.5).clamp(0, 1)
 
     # ---- training ---------------------------------------------------------------------------------
-    @property
-    def num_train_timesteps(self) -> int:
-        return self._train_scheduler.config.num_train_timesteps
-
-    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        # float32 arithmetic: alphas_cumprod near 1 is not representable in bfloat16.
-        noisy = self._train_scheduler.add_noise(latents.float(), noise.float(), timesteps.to(latents.device))
-        return noisy.to(latents.dtype)
-
-    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        if self.prediction_type == "epsilon":
-            return noise
-        velocity = self._train_scheduler.get_velocity(
-            latents.float(), noise.float(), timesteps.to(latents.device)
-        )
-        return velocity.to(latents.dtype)
-
     def predict(
         self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, embeds: Embeddings
     ) -> torch.Tensor:
