@@ -15,9 +15,10 @@ Many GPUs, one or several nodes (the recipe's header names its launch config)::
 
     accelerate launch --config_file launch/deepspeed_zero2.yaml -m mpo.cli run recipes/cogvideox-2b/mpo.yaml
 
-Exit status: 0 when the stage finished; 2 for a bad command line or recipe, with a message naming the
-key, value and file and no traceback; any other error propagates with its traceback (non-zero), so
-that a scheduler sees the job fail. Stages are imported only when asked for, so that ``mpo recipe``
+Exit status: 0 when the stage finished; 2 for bad input (command line, recipe, files, checklist, run
+directory), with a message naming the key, value and file and no traceback; 1 when a run cannot go
+on (e.g. a non-finite loss; the last good checkpoint is kept); any other error propagates with its
+traceback (non-zero), so that a scheduler sees the job fail. Stages are imported only when asked for, so that ``mpo recipe``
 and argument errors answer at once.
 """
 
@@ -58,8 +59,20 @@ def _stage(command: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), function)
 
 
+def _quiet_libraries() -> None:
+    """The stages draw their own progress bars and summaries; the libraries' per-load bars
+    ("Loading pipeline components", "Loading weights") would bury them."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def _run_stage(args: argparse.Namespace) -> None:
-    _stage(args.command)(load_recipe(args.recipe, args.overrides))
+    recipe = load_recipe(args.recipe, args.overrides)
+    _quiet_libraries()
+    _stage(args.command)(recipe)
 
 
 def _print_recipe(args: argparse.Namespace) -> None:
