@@ -91,6 +91,7 @@ class RewardConfig:
     batch_size: int = 8  # samples scored per forward
     dtype: str = "bfloat16"
     max_frames: int = 24  # video: one frame per second, at most this many
+    question_chunk: int | None = None  # vlm: questions per suffix batch (bounds the KV-cache copies)
 
 
 @dataclass

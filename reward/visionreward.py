@@ -35,6 +35,7 @@ class VisionReward:
                 "dtype": cfg.dtype,
                 "batch_size": cfg.batch_size,
                 "max_frames": cfg.max_frames,
+                "question_chunk": getattr(cfg, "question_chunk", None),
                 "device": device,
             }
             if getattr(cfg, "alignment_model_path", None):

@@ -115,6 +115,15 @@ def test_batching_samples_changes_nothing(backend, fast_and_naive, questions):
     torch.testing.assert_close(torch.cat([a.alignment for a in alone]), together.alignment, atol=1e-5, rtol=0)
 
 
+def test_question_chunks_bound_the_cache_and_change_nothing(tiny_vlm_path, fast_and_naive, questions):
+    samples, together, _ = fast_and_naive
+    qs, align = questions
+    chunked = VLMBackend.from_pretrained(tiny_vlm_path, dtype="float32", device="cpu", question_chunk=7)
+    answers = chunked.answer(samples, [qs] * len(samples), [align] * len(samples))
+    torch.testing.assert_close(answers.p_yes, together.p_yes, atol=1e-5, rtol=0)
+    torch.testing.assert_close(answers.alignment, together.alignment, atol=1e-5, rtol=0)
+
+
 def test_alignment_row_present_or_absent(backend, fast_and_naive, questions, tiny_vlm_path, tmp_path):
     samples, with_alignment, _ = fast_and_naive
     qs, align = questions

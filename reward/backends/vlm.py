@@ -47,6 +47,7 @@ to ~1e-6; in bfloat16 they differ by up to ~0.01 (different kernels, same answer
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import re
@@ -223,6 +224,7 @@ class VLMBackend:
         max_frames: int = 24,
         alignment_model: VLMBackend | None = None,
         answer_reduce: AnswerReduce = "max",
+        question_chunk: int | None = None,
     ) -> None:
         self.model = model.eval()
         self.processor = processor
@@ -235,6 +237,10 @@ class VLMBackend:
         self.max_frames = int(max_frames)
         self.alignment_model = alignment_model
         self.answer_reduce = answer_reduce
+        # Questions per suffix batch: the prefix cache is copied once per question row, so at 1024 px,
+        # 8 images and the 59-question full checklist the copies alone take ~19 GB for a 2B model;
+        # a chunk bounds that at the cost of one extra cache copy per chunk. None: all at once.
+        self.question_chunk = int(question_chunk) if question_chunk else None
         self.yes_ids = answer_token_ids(self.tokenizer, YES_SPELLINGS)
         self.no_ids = answer_token_ids(self.tokenizer, NO_SPELLINGS)
         if not self.yes_ids or not self.no_ids:
@@ -259,6 +265,7 @@ class VLMBackend:
         alignment_model: VLMBackend | None = None,
         answer_reduce: AnswerReduce = "max",
         attn_implementation: str = "sdpa",
+        question_chunk: int | None = None,
     ) -> VLMBackend:
         """Load a checkpoint (local folder or hub id) and its processor."""
         from transformers import AutoModelForImageTextToText
@@ -278,6 +285,7 @@ class VLMBackend:
             max_frames=max_frames,
             alignment_model=alignment_model,
             answer_reduce=answer_reduce,
+            question_chunk=question_chunk,
         )
 
     @property
@@ -528,8 +536,23 @@ class VLMBackend:
         )
         cache = prefix.past_key_values
         per_sample = len(rows[0])
-        cache.batch_repeat_interleave(per_sample)
+        chunk = self.question_chunk or per_sample
+        parts = []
+        for first in range(0, per_sample, chunk):
+            last = min(per_sample, first + chunk)
+            # The last chunk may consume the prefix cache itself; earlier ones work on copies.
+            rows_cache = cache if last == per_sample else copy.deepcopy(cache)
+            rows_cache.batch_repeat_interleave(last - first)
+            chunk_suffixes = [sample_suffixes[first:last] for sample_suffixes in suffixes]
+            parts.append(self._score_suffixes(rows_cache, mask, start, chunk_suffixes))
+        return torch.cat(parts, dim=1)
 
+    def _score_suffixes(
+        self, cache: Any, mask: torch.Tensor, start: torch.Tensor, suffixes: list[list[Sequence[int]]]
+    ) -> torch.Tensor:
+        """All question suffixes of every sample as one right-padded batch over the repeated prefix
+        cache; p(yes) read at each row's last real token. -> ``[samples, questions]``."""
+        per_sample = len(suffixes[0])
         flat = [s for sample_suffixes in suffixes for s in sample_suffixes]
         width = max(len(s) for s in flat)
         suffix_ids = torch.tensor([list(s) + [self._pad_id] * (width - len(s)) for s in flat])
@@ -553,7 +576,7 @@ class VLMBackend:
         candidates = self.yes_ids + self.no_ids
         bias = head.bias[candidates] if getattr(head, "bias", None) is not None else None
         logits = torch.nn.functional.linear(last, head.weight[candidates], bias)
-        return self._p_from_candidates(logits).view(len(samples), per_sample)
+        return self._p_from_candidates(logits).view(len(suffixes), per_sample)
 
 
 def _to(batch: dict, device: torch.device) -> dict:
