@@ -132,6 +132,17 @@ class DiffusersBackbone(Backbone):
     denoiser_attr: ClassVar[str]  # "unet" or "transformer"
 
     def __init__(self, pipe, device: torch.device | str = "cpu") -> None:
+        """Wrap a loaded pipeline: move it to ``device`` and freeze it.
+
+        Every weight starts frozen and in eval mode; the trainer unfreezes (or adds LoRA to) what it
+        trains and switches the denoiser to train mode itself. A family makes its sampler
+        deterministic before calling this, and sets up its VAE and training schedule after.
+        """
+        pipe.to(device)
+        for module in pipe.components.values():
+            if isinstance(module, nn.Module):
+                module.requires_grad_(False).eval()
+        pipe.set_progress_bar_config(disable=True)  # the stages draw their own progress bars
         self._pipe = pipe
         self._device = torch.device(device)
 

@@ -53,22 +53,14 @@ class CogVideoXBackbone(DiffusersBackbone):
     modality: ClassVar[Literal["image", "video"]] = "video"
 
     def __init__(self, pipe: CogVideoXPipeline, device: torch.device | str = "cpu") -> None:
-        """Wrap a loaded pipeline: move it to ``device``, freeze it, make sampling deterministic.
-
-        Every weight starts frozen and in eval mode; the trainer unfreezes (or adds LoRA to) what it
-        trains and switches the denoiser to train mode itself.
-        """
+        """Sampling with DDIM (deterministic); the VAE decodes in slices and tiles."""
         if not isinstance(pipe.scheduler, CogVideoXDDIMScheduler):
             pipe.scheduler = CogVideoXDDIMScheduler.from_config(pipe.scheduler.config)
-        pipe.to(device)
-        for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
-            module.requires_grad_(False).eval()
+        super().__init__(pipe, device)
         # Decode one video at a time, in spatial tiles when larger than the VAE's tile size, as the
         # official inference does: the 3D VAE is what runs out of memory at 49 x 480 x 720.
         pipe.vae.enable_slicing()
         pipe.vae.enable_tiling()
-        pipe.set_progress_bar_config(disable=True)  # the stages draw their own progress bars
-        super().__init__(pipe, device)
         # A separate object: diffusers schedulers cache tensors on whatever device they last saw.
         self._train_scheduler = CogVideoXDDIMScheduler.from_config(pipe.scheduler.config)
         self._rotary: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -57,20 +57,11 @@ class SDXLBackbone(DiffusersBackbone):
     modality: ClassVar[Literal["image", "video"]] = "image"
 
     def __init__(self, pipe: StableDiffusionXLPipeline, device: torch.device | str = "cpu") -> None:
-        """Wrap a loaded pipeline: move it to ``device``, freeze it, make sampling deterministic.
-
-        Every weight starts frozen and in eval mode; the trainer unfreezes (or adds LoRA to) what it
-        trains and switches the denoiser to train mode itself.
-        """
+        """A stochastic sampler is replaced by Euler from the same config; the VAE decodes per image."""
         if pipe.scheduler.__class__.__name__ not in _DETERMINISTIC_SCHEDULERS:
             pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        pipe.to(device)
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-            if module is not None:
-                module.requires_grad_(False).eval()
-        pipe.vae.enable_slicing()  # decode one image at a time: bounded memory, batch-independent
-        pipe.set_progress_bar_config(disable=True)  # the stages draw their own progress bars
         super().__init__(pipe, device)
+        pipe.vae.enable_slicing()  # decode one image at a time: bounded memory, batch-independent
         # A separate object: diffusers schedulers cache tensors on whatever device they last saw.
         self._train_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
