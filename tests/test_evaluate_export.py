@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
@@ -21,19 +20,7 @@ from mpo.store import RunDir, read_parquet
 from mpo.train import train_stage
 from mpo.train_state import list_checkpoints, read_best
 from reward.visionreward import VisionReward
-from tests.scripts.tiny_runs import checkpoint_tensors, copy_run, prepare, recipe_for, shared_models
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    return shared_models(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, models) -> Path:
-    torch.set_num_threads(1)
-    return prepare(tmp_path_factory.mktemp("prepared") / "run", models)
-
+from tests.scripts.tiny_runs import checkpoint_tensors, copy_run, recipe_for
 
 EVAL = ["eval.num_prompts=2", "eval.samples_per_prompt=2", "eval.grid_size=3"]
 

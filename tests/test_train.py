@@ -27,23 +27,10 @@ from tests.scripts.tiny_runs import (
     SDXL_SMALL,
     checkpoint_tensors,
     copy_run,
-    prepare,
     recipe_for,
-    shared_models,
 )
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    return shared_models(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, models) -> Path:
-    torch.set_num_threads(1)
-    return prepare(tmp_path_factory.mktemp("prepared") / "run", models)
 
 
 class Killed(Exception):
