@@ -75,39 +75,22 @@ def test_missing_and_unknown_questions_name_row_and_question(tmp_path, capsys):
     rows = [_answers_row(checklist, rng, "ok"), _answers_row(checklist, rng, "broken")]
     del rows[1]["answers"]["very_clear"]
     src = _write_jsonl(tmp_path / "a.jsonl", rows)
-    assert (
-        main(
-            [
-                "score",
-                "--checklist",
-                "image-official",
-                "--answers",
-                str(src),
-                "--out",
-                str(tmp_path / "o.parquet"),
-            ]
-        )
-        == 2
-    )
+    score_answers = [
+        "score",
+        "--checklist",
+        "image-official",
+        "--answers",
+        str(src),
+        "--out",
+        str(tmp_path / "o.parquet"),
+    ]
+    assert main(score_answers) == 2
     err = capsys.readouterr().err
     assert "row 1 (id broken)" in err and "very_clear" in err
     rows[1]["answers"]["very_clear"] = True
     rows[1]["answers"]["Is the image pretty?"] = True
     _write_jsonl(src, rows)
-    assert (
-        main(
-            [
-                "score",
-                "--checklist",
-                "image-official",
-                "--answers",
-                str(src),
-                "--out",
-                str(tmp_path / "o.parquet"),
-            ]
-        )
-        == 2
-    )
+    assert main(score_answers) == 2
     assert "unknown question 'Is the image pretty?'" in capsys.readouterr().err
     assert not (tmp_path / "o.parquet").exists()
 
