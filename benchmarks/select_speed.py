@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from mpo.config import SelectConfig
+from mpo.schema import SelectConfig
 from mpo.select import LEVEL_PREFIX, select_pairs
 
 

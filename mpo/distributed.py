@@ -39,7 +39,7 @@ def make_accelerator(
 ) -> Accelerator:
     """The Accelerator used by every stage.
 
-    recipe: a loaded recipe (mpo.config.Recipe) or None.
+    recipe: a loaded recipe (mpo.schema.Recipe) or None.
     training: take ``mixed_precision`` and ``gradient_accumulation_steps`` from ``recipe.train``.
         Off for generate / score, which never autocast through accelerate (sampling runs in
         ``model.dtype``), so that e.g. an fp16 training recipe can still generate on a CPU.

@@ -48,7 +48,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mpo.config import CAP_STRATEGIES, SELECT_LEVELS, SELECT_RULES, RecipeError, SelectConfig
+from mpo.config import RecipeError
+from mpo.schema import CAP_STRATEGIES, SELECT_LEVELS, SELECT_RULES, SelectConfig
 from mpo.store import RunDir, StoreError, read_parquet, write_parquet, write_text
 
 LEVEL_PREFIX = {"dimension": "dim.", "sub_dimension": "sub.", "question": "q."}

@@ -24,7 +24,7 @@ class VisionReward:
 
     @classmethod
     def from_config(cls, cfg, device: str | torch.device | None = None) -> VisionReward:
-        """From a recipe's ``reward`` section (mpo.config.RewardConfig) or anything with its fields;
+        """From a recipe's ``reward`` section (mpo.schema.RewardConfig) or anything with its fields;
         ``device`` places a VLM (default: CUDA when available)."""
         from reward.backends import build_backend
 

@@ -18,7 +18,7 @@ from mpo.backbones.tiny import (
     tiny_cogvideox_pipeline,
     tiny_sdxl_pipeline,
 )
-from mpo.config import GenerateConfig, ModelConfig
+from mpo.schema import GenerateConfig, ModelConfig
 
 FAMILIES = ("sdxl", "cogvideox")
 GEN = {

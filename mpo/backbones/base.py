@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from mpo.config import GenerateConfig, ModelConfig
+    from mpo.schema import GenerateConfig, ModelConfig
 
 PredictionType = Literal["epsilon", "v_prediction", "flow"]
 Embeddings = dict[str, torch.Tensor]

@@ -37,7 +37,7 @@ from mpo.backbones.base import (
 )
 
 if TYPE_CHECKING:
-    from mpo.config import GenerateConfig
+    from mpo.schema import GenerateConfig
 
 # Every released CogVideoX VAE compresses time by 4, space by 8, and the transformers use 2 x 2
 # patches: the recipe check runs before any model is loaded, so it uses these; latent_shape()

@@ -34,7 +34,7 @@ from mpo.backbones.base import (
 )
 
 if TYPE_CHECKING:
-    from mpo.config import GenerateConfig
+    from mpo.schema import GenerateConfig
 
 # Schedulers whose step() is a deterministic function of (model output, t, sample). Anything else
 # (ancestral, SDE samplers) is replaced by Euler built from the same config: a candidate must be

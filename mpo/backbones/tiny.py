@@ -32,7 +32,7 @@ import torch
 
 if TYPE_CHECKING:
     from mpo.backbones.base import Backbone
-    from mpo.config import ModelConfig
+    from mpo.schema import ModelConfig
 
 SDXL_SIZE = {"height": 16, "width": 16}
 COGVIDEOX_SIZE = {"height": 32, "width": 32, "num_frames": 9}
@@ -263,7 +263,7 @@ def pretrain_tiny_denoiser(
     inputs it will get at sampling time. Deterministic given ``seed``: all draws come from a private
     generator, and the caller's global RNG is left as it was. Returns the loss per step.
     """
-    from mpo.config import GenerateConfig
+    from mpo.schema import GenerateConfig
 
     if latent_shape is None:
         latent_shape = backbone.latent_shape(GenerateConfig(**_default_size(backbone.family)))
