@@ -165,6 +165,12 @@ def test_layouts_that_do_not_match_name_the_first_odd_weight(tmp_path, remote, b
     (broken / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CogVLM2Error, match=rf"weight '{dropped}' is missing"):
         load_model(broken, dtype=torch.float32)
+    weights[dropped] = torch.zeros(load_file(str(sorted(remote["video"].glob("model-*.safetensors"))[0]))[dropped].shape)
+    save_file(weights, str(shard), metadata={"format": "pt"})
+    index["weight_map"][dropped] = shard.name
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CogVLM2Error, match=r"unexpected weight 'model\.vision\.extra\.weight'"):
+        load_model(broken, dtype=torch.float32)
     # an image checkpoint's config over video weights: the first vision-expert weight is missing
     config = json.loads((remote["video"] / "config.json").read_text())
     config["architectures"] = ["CogVLMForCausalLM"]
