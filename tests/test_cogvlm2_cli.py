@@ -29,6 +29,7 @@ from reward.backends.cogvlm2.backend import CogVLM2Backend
 from reward.backends.cogvlm2.tiny import build_tiny_cogvlm2
 from reward.cli import main
 from reward.media import save_video
+from reward.types import Sample
 from reward.visionreward import VisionReward
 from tests.scripts.tiny_runs import COGVIDEOX, shared_models
 
@@ -201,3 +202,25 @@ def test_reward_verify_against_a_remote_code_process(tmp_path, video_model, clip
     assert "token layout: identical on all 4 prompts" in printed
     largest = float(printed.split("largest |logit difference|: ")[1].split()[0])
     assert (largest < 1e-4) if shift == 0 else abs(largest - shift) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "recipe,variant",
+    [
+        ("recipes/sdxl/mpo.yaml", "image"),
+        ("recipes/cogvideox-2b/mpo.yaml", "video"),
+        ("recipes/cogvideox-5b/base.yaml", "video"),
+    ],
+)
+def test_paper_recipes_score_with_their_reward_as_written(tmp_path, monkeypatch, recipe, variant):
+    """The recipes name the hub releases; once converted (here: tiny stand-ins written where `reward
+    convert <hub id>` writes), their reward sections build the cogvlm2 backend and score."""
+    monkeypatch.setenv("MPO_REWARD_CACHE", str(tmp_path / "cache"))
+    cfg = load_recipe(recipe, ["reward.dtype=float32"]).reward
+    assert cfg.backend == "vlm" and cfg.model_path.startswith("THUDM/VisionReward-")
+    build_tiny_cogvlm2(tmp_path / "cache" / cfg.model_path.replace("/", "--"), variant=variant, seed=6)
+    reward = VisionReward.from_config(cfg, device="cpu")
+    assert isinstance(reward.backend, CogVLM2Backend) and reward.backend.config.variant == variant
+    pixels = torch.rand(3, 24, 24) if variant == "image" else torch.rand(8, 3, 24, 24)
+    scores = reward.score([Sample(pixels, prompt=PROMPT, fps=4.0, id="s")])
+    assert torch.isfinite(scores.total).all() and scores.source.startswith("cogvlm2:")

@@ -88,7 +88,7 @@ def detect_layout(path: str | Path) -> tuple[str, Path | str] | None:
     copy's folder)."""
     path = str(path)
     if _looks_like_hub_id(path) and (converted_dir(path) / "config.json").exists():
-        return "native", converted_dir(path)
+        return detect_layout(converted_dir(path))
     if path in SAT_RELEASES:
         return "sat-hub", path
     local = Path(path)

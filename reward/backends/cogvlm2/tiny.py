@@ -333,3 +333,27 @@ def build_tiny_cogvlm2(path: str | Path, variant: str = "video", seed: int = 0) 
         tiny_config(variant, tokenizer), seed=seed, answer_ids=answer_token_ids(tokenizer)
     )
     return save_remote_layout(model, tokenizer, path)
+
+
+def main() -> None:
+    """``python -m reward.backends.cogvlm2.tiny PATH [--variant video|image] [--layout remote|sat]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="write a tiny random CogVLM2 in a release layout")
+    parser.add_argument("path")
+    parser.add_argument("--variant", default="video", choices=["video", "image"])
+    parser.add_argument("--layout", default="remote", choices=["remote", "sat"])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.layout == "remote":
+        print(build_tiny_cogvlm2(args.path, variant=args.variant, seed=args.seed))
+        return
+    tokenizer = tiny_tokenizer()
+    config = tiny_config("image", tokenizer, adapter_width=32)
+    model = build_tiny_model(config, seed=args.seed, answer_ids=answer_token_ids(tokenizer))
+    print(save_sat_layout(model, args.path))
+    tokenizer.save_pretrained(Path(args.path) / "tokenizer")
+
+
+if __name__ == "__main__":
+    main()
