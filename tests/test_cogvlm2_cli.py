@@ -224,3 +224,66 @@ def test_paper_recipes_score_with_their_reward_as_written(tmp_path, monkeypatch,
     pixels = torch.rand(3, 24, 24) if variant == "image" else torch.rand(8, 3, 24, 24)
     scores = reward.score([Sample(pixels, prompt=PROMPT, fps=4.0, id="s")])
     assert torch.isfinite(scores.total).all() and scores.source.startswith("cogvlm2:")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_score_with_cogvlm2_like_one(tmp_path_factory, tmp_path, video_model):
+    """generate + score under `accelerate launch` with 2 CPU processes, the reward a tiny CogVLM2:
+    every rank loads it, scores its shards, and the scores equal a one-process run's."""
+    import os
+    import socket
+    import subprocess
+
+    models = shared_models(tmp_path_factory)
+    script = Path(__file__).resolve().parent / "scripts" / "run_stage.py"
+
+    def overrides(out: Path) -> list[str]:
+        return [
+            f"output_dir={out}",
+            f"model.path={models / 'cogvideox'}",
+            "prompts.limit=4",
+            "generate.num_candidates=2",
+            "generate.num_inference_steps=2",
+            "generate.prompts_per_shard=1",
+            *(f"generate.{k}={v}" for k, v in COGVIDEOX_SIZE.items()),
+            "reward.backend=vlm",
+            f"reward.model_path={video_model}",
+            "reward.checklist=video-official",
+            "reward.dtype=float32",
+            "tracking.tracker=none",
+        ]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(
+        [sys.executable, str(script), "generate,score", str(COGVIDEOX), *overrides(one)],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+    ]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    done = subprocess.run(
+        [*launch, str(script), "generate,score", str(COGVIDEOX), *overrides(two)],
+        env={**env, "ACCELERATE_USE_CPU": "true"},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0 of 2" in done.stderr
+    a, b = read_parquet(one / "scores.parquet"), read_parquet(two / "scores.parquet")
+    assert a["source"].str.startswith("cogvlm2:").all() and len(a) == 8
+    pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-6)
