@@ -208,8 +208,6 @@ class CogVLM2Backend:
         return torch.sigmoid(candidates[:, :n_yes].max(-1).values - candidates[:, n_yes:].max(-1).values)
 
     def _answer(self, samples, questions, alignment_questions, score, naive: bool) -> Answers:
-        from reward.backends.vlm import _check_inputs
-
         q_count = _check_inputs(samples, questions, alignment_questions)
         if not samples:
             return Answers(p_yes=torch.empty(0, 0), source=f"cogvlm2:{self.source}")
@@ -367,3 +365,20 @@ class CogVLM2Backend:
         else:  # only the yes / no spellings' rows of the output projection
             p = self._p_yes_no(torch.nn.functional.linear(answer, head.weight[self.yes_ids + self.no_ids]))
         return p.view(batch, questions)
+
+
+def _check_inputs(samples: list[Sample], questions: list[list[str]], alignment: list[str] | None) -> int:
+    """Number of questions per sample, after checking that the lists line up."""
+    if len(questions) != len(samples) or (alignment is not None and len(alignment) != len(samples)):
+        raise CogVLM2Error(
+            f"{len(samples)} samples but {len(questions)} question lists / alignment questions"
+        )
+    counts = {len(q) for q in questions}
+    if len(counts) > 1:
+        bad = next(
+            s.id or str(i) for i, (s, q) in enumerate(zip(samples, questions)) if len(q) != len(questions[0])
+        )
+        raise CogVLM2Error(
+            f"sample {bad}: every sample must get the same number of questions, got {sorted(counts)}"
+        )
+    return counts.pop() if counts else 0

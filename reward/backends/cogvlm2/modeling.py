@@ -199,6 +199,8 @@ class VisionExpertAttention(nn.Module):
         cos, sin = self.rotary_emb.cos_sin(positions, x.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         new = LayerCache(k, v)
+        if past is not None and mask is None:
+            raise ValueError("cogvlm2: attention over a cached prefix needs an explicit mask")
         if past is not None:
             k, v = torch.cat([past.key, k], dim=2), torch.cat([past.value, v], dim=2)
         gqa = self.heads != self.kv_heads
@@ -348,3 +350,15 @@ def batch_position_ids(token_types: torch.Tensor, attention_mask: torch.Tensor |
     for i, n in enumerate(attention_mask.sum(-1).tolist()):
         out[i, :n] = position_ids(token_types[i, :n])
     return out
+
+
+def register_auto_classes() -> None:
+    """Let ``AutoConfig`` / ``AutoModelForCausalLM`` open folders this project wrote (``model_type:
+    cogvlm2``), e.g. the output of ``reward convert``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoConfig.register(CogVLM2Config.model_type, CogVLM2Config, exist_ok=True)
+    AutoModelForCausalLM.register(CogVLM2Config, CogVLM2ForCausalLM, exist_ok=True)
+
+
+register_auto_classes()
