@@ -20,7 +20,8 @@ Models (random weights, built in memory, nothing downloaded; the tiny tokenizer 
 Llama-3's, whose ids all fit the full vocabulary):
 
 - ``tiny``: the test model (width 64, 2 layers; 16-px frames, 6 tokens each);
-- ``mid``: width 256, 4 layers, 224-px frames through a 2-layer 128-wide tower (66 tokens per frame);
+- ``mid``: width 256, 4 layers, through a 2-layer 128-wide tower: 448-px images (258 tokens) or
+  224-px frames (66 tokens each);
 - ``--full-size``: CogVLM2's own dimensions: Llama-3-8B decoder (4096 x 32 layers, 8 key/value
   heads, vocabulary 128256) with the visual expert for ``--variant image`` (19 B parameters, 1344 px,
   2306 vision tokens) or without it for ``video`` (12 B, 24 frames of 224 px, 67 tokens each), over
@@ -61,7 +62,7 @@ def _mid_config(variant: str, tokenizer) -> CogVLM2Config:
             "num_heads": 4,
             "intermediate_size": 256,
             "patch_size": 14,
-            "image_size": 224,
+            "image_size": 448 if variant == "image" else 224,  # 258 / 66 vision tokens
         },
     )
 
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> None:
     )
     for size in sizes:
         backend = build(size, args.variant, args.device, dtype)
-        side = {"tiny": 32, "mid": 256, "full": 1344 if args.variant == "image" else 360}[size]
+        side = {"tiny": 32, "mid": 448, "full": 1344 if args.variant == "image" else 360}[size]
         frames = args.frames or (24 if size == "full" else 4)
         print(
             f"{'samples':>7} {'release way ms/sample':>22} {'packed prefix ms/sample':>24} {'ratio':>7} "

@@ -263,6 +263,7 @@ class CogVLM2Backend:
             input_ids=torch.tensor([ids], device=device),
             token_type_ids=torch.tensor([types], device=device),
             images=pixels.to(device),
+            last_only=True,
         )
         return logits[0, -1]
 

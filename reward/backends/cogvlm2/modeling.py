@@ -322,8 +322,10 @@ class CogVLM2ForCausalLM(CogVLM2PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         images: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """The release's full forward: logits ``[B, L, vocab]`` (float32).
+        """The release's full forward: logits ``[B, L, vocab]`` (float32), or ``[B, 1, vocab]`` at the
+        last position with ``last_only`` (what a first generated token is read from).
 
         ``images``: every image / frame of the batch stacked ``[N, 3, S, S]``, in the order of the
         VISION positions. ``attention_mask`` ``[B, L]`` (1 = real token) allows right padding;
@@ -339,7 +341,7 @@ class CogVLM2ForCausalLM(CogVLM2PreTrainedModel):
             mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
         embeds = self.model.embed(input_ids, types, images)
         hidden, _ = self.model(embeds, position_ids, types, mask)
-        return self.lm_head(hidden).float()
+        return self.lm_head(hidden[:, -1:] if last_only else hidden).float()
 
 
 def batch_position_ids(token_types: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
