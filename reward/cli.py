@@ -6,6 +6,11 @@
                  --images imgs/*.png --prompts prompts.txt --out scores.parquet
     reward fit   --checklist image-full --pairs pairs.jsonl --out weights.json
     reward eval  --pairs pairs.jsonl --weights weights.json
+    reward convert THUDM/VisionReward-Image          # SAT release -> transformers folder (reward cache)
+    reward verify --model THUDM/VisionReward-Video --remote-python OLD_ENV/bin/python --videos v.mp4
+
+With --model and no --backend, the backend follows the model: ``vlm``, which answers a CogVLM2
+checkpoint (the official VisionReward releases) with the native ``cogvlm2`` backend.
 
 Outputs are parquet, JSONL or CSV by suffix, one row per sample: id, total, dim.<name>,
 sub.<name>, q.<question id> (p(yes)), and the backend that answered.
@@ -21,6 +26,7 @@ from typing import Any
 
 import torch
 
+from reward.backends.vlm import VLMError
 from reward.checklist import ChecklistError, available_checklists, load_checklist
 
 
@@ -89,13 +95,19 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise ChecklistError("give --answers FILE, or --images / --videos with --backend")
     from tqdm import tqdm
 
-    from reward.backends import build_backend
+    from reward.backends import MODEL_BACKENDS, build_backend
     from reward.media import MediaError, load_media
     from reward.visionreward import VisionReward
 
     prompts = _read_prompts(args.prompts, media)
+    backend = args.backend or ("vlm" if args.model else "pixel-stats")
+    if backend == "pixel-stats" and args.model:
+        raise ChecklistError(
+            f"--model {args.model} with --backend pixel-stats: pixel statistics use no model; drop "
+            "--backend (the backend then follows the model) or drop --model"
+        )
     kwargs: dict[str, Any] = {}
-    if args.backend == "vlm":
+    if backend in MODEL_BACKENDS:
         kwargs = {
             "dtype": args.dtype,
             "batch_size": args.batch_size,
@@ -105,12 +117,12 @@ def cmd_score(args: argparse.Namespace) -> int:
         if args.alignment_model:
             kwargs["alignment_model_path"] = args.alignment_model
     reward = VisionReward(
-        checklist, build_backend(args.backend, model_path=args.model, **kwargs), args.batch_size
+        checklist, build_backend(backend, model_path=args.model, **kwargs), args.batch_size
     )
     rows: list[dict[str, Any]] = []
     failed: list[str] = []
     batch = []
-    bar = tqdm(total=len(media), unit="sample", desc=f"reward score ({args.backend})")
+    bar = tqdm(total=len(media), unit="sample", desc=f"reward score ({backend})")
 
     def flush() -> None:
         if batch:
@@ -235,8 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("--weights", help="weights file (e.g. from `reward fit`) replacing the checklist's")
     score.add_argument("--answers", help="JSONL/parquet rows {id, prompt, answers: {...}, alignment}")
-    score.add_argument("--backend", default="pixel-stats", choices=["vlm", "pixel-stats"])
-    score.add_argument("--model", help="VLM folder or hub id (backend vlm)")
+    score.add_argument(
+        "--backend",
+        choices=["vlm", "cogvlm2", "pixel-stats"],
+        help="default: vlm when --model is given (a CogVLM2 checkpoint picks cogvlm2), else pixel-stats",
+    )
+    score.add_argument("--model", help="VLM folder or hub id (backends vlm, cogvlm2)")
     score.add_argument("--alignment-model", help="separate VLM for the alignment term")
     score.add_argument("--images", nargs="*")
     score.add_argument("--videos", nargs="*")
@@ -266,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     sub.add_parser("checklists", help="list the bundled checklists").set_defaults(func=cmd_checklists)
+    from reward.backends.cogvlm2.verify import add_parser as add_verify
+    from reward.convert import add_parser as add_convert
+
+    add_convert(sub)
+    add_verify(sub)
     return parser
 
 
@@ -273,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ChecklistError as err:
+    except (ChecklistError, VLMError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

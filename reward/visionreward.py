@@ -30,7 +30,7 @@ class VisionReward:
 
         checklist = load_checklist(cfg.checklist, weights=cfg.weights)
         kwargs = {}
-        if cfg.backend == "vlm":
+        if cfg.backend in ("vlm", "cogvlm2"):
             kwargs = {
                 "dtype": cfg.dtype,
                 "batch_size": cfg.batch_size,
