@@ -21,7 +21,11 @@ from typing import Any
 
 import torch
 
-from reward.checklist import ChecklistError, available_checklists, load_checklist
+from reward.backends import BackendError
+from reward.checklist import ChecklistError, available_checklists, load_checklist, weights_path
+from reward.media import MediaError
+
+OUT_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
 
 
 def _write_rows(rows: list[dict[str, Any]], out: str | Path) -> None:
@@ -39,7 +43,7 @@ def _write_rows(rows: list[dict[str, Any]], out: str | Path) -> None:
     elif out.suffix in (".jsonl", ".json"):
         frame.to_json(tmp, orient="records", lines=True)
     else:
-        raise ChecklistError(f"{out}: output must end in .parquet, .jsonl or .csv")
+        raise ChecklistError(f"{out}: output must end in {', '.join(OUT_SUFFIXES)}")
     tmp.replace(out)
 
 
@@ -47,6 +51,8 @@ def _read_prompts(path: str | None, media: list[str]) -> list[str]:
     if not path:
         return [""] * len(media)
     p = Path(path)
+    if not p.is_file():
+        raise ChecklistError(f"{p}: no such prompts file (--prompts)")
     if p.suffix in (".json", ".jsonl"):
         from reward.answers import read_rows
 
@@ -71,7 +77,14 @@ def _read_prompts(path: str | None, media: list[str]) -> list[str]:
     return lines
 
 
+def _check_out(out: str | Path) -> None:
+    """Fail on an output name before any work is done, not after."""
+    if Path(out).suffix not in OUT_SUFFIXES:
+        raise ChecklistError(f"{out}: output must end in {', '.join(OUT_SUFFIXES)}")
+
+
 def cmd_score(args: argparse.Namespace) -> int:
+    _check_out(args.out)
     checklist = load_checklist(args.checklist, weights=args.weights)
     if args.answers:
         from reward.answers import answers_to_tensors, read_rows
@@ -90,7 +103,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from reward.backends import build_backend
-    from reward.media import MediaError, load_media
+    from reward.media import load_media
     from reward.visionreward import VisionReward
 
     prompts = _read_prompts(args.prompts, media)
@@ -173,6 +186,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     result = replace(checklist, weights=chosen.weights, intercept=0.0).weights_dict(
         method="masked-logistic (Algorithm 1)" if args.method == "masked" else "logistic"
     )
+    if Path(args.checklist).suffix in (".yaml", ".yml"):  # so that `reward eval` finds it again
+        result["checklist_path"] = str(Path(args.checklist).resolve())
     out.write_text(json.dumps(result, indent=2))
     for name, fit in fitted.items():
         score_a, score_b = fa.numpy() @ fit.weights, fb.numpy() @ fit.weights
@@ -195,13 +210,22 @@ def _first(value: Any) -> Any:
 def cmd_eval(args: argparse.Namespace) -> int:
     from reward.metrics import preference_accuracy, tau_with_ties
 
+    weights = weights_path(args.weights)
+    if not weights.is_file():
+        raise ChecklistError(f"{weights}: no such weights file (--weights)")
     name = args.checklist
     if name is None:
-        data = json.loads(Path(args.weights).read_text())
-        name = data.get("checklist")
+        try:
+            data = json.loads(weights.read_text())
+        except (OSError, ValueError) as err:
+            raise ChecklistError(f"{weights}: cannot read weights file ({err})") from err
+        name = data.get("checklist_path") if Path(str(data.get("checklist_path"))).is_file() else None
+        name = name or data.get("checklist")
         if not name:
-            raise ChecklistError(f"{args.weights}: names no checklist; pass --checklist")
-    checklist = load_checklist(name, weights=args.weights)
+            raise ChecklistError(
+                f"{weights}: names no checklist; pass --checklist (a bundled name or a YAML path)"
+            )
+    checklist = load_checklist(name, weights=weights)
     scorer, (p_a, al_a, p_b, al_b), _, _, labels = _pair_features(checklist, args.pairs)
     sa = scorer(p_a, al_a).total.nan_to_num(0.0).numpy()
     sb = scorer(p_b, al_b).total.nan_to_num(0.0).numpy()
@@ -262,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="preference accuracy (with/without ties) and tau with ties")
     ev.add_argument("--pairs", required=True)
     ev.add_argument("--weights", required=True)
-    ev.add_argument("--checklist", help="default: the checklist named in the weights file")
+    ev.add_argument(
+        "--checklist", help="bundled name or a YAML path (default: the checklist named in the weights file)"
+    )
     ev.set_defaults(func=cmd_eval)
 
     sub.add_parser("checklists", help="list the bundled checklists").set_defaults(func=cmd_checklists)
@@ -273,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ChecklistError as err:
+    except (ChecklistError, MediaError, BackendError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

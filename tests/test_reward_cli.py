@@ -177,3 +177,71 @@ def test_fit_then_eval_round_trip(tmp_path, capsys):
     assert report["pairs"] == 600
     assert 0.6 < report["accuracy_without_ties"] <= 1.0
     assert -1.0 <= report["tau_with_ties"] <= 1.0
+
+
+def test_answers_named_by_the_releases_wording_are_read_as_aliases(tmp_path):
+    """The release's full video list words three questions differently from the paper's tables."""
+    checklist = load_checklist("video-full")
+    rng = np.random.default_rng(5)
+    row = _answers_row(checklist, rng, "v", by="text")
+    renamed = {
+        "Are the details refined?": "Are the details relatively refined?",
+        "Is the smoothness of the object's movement good?": "Is the smoothness of the object's movement very good?",
+        "Is the camera stable?": "Is the camera very stable?",
+    }
+    release_row = {**row, "answers": {renamed.get(k, k): v for k, v in row["answers"].items()}}
+    out = {}
+    for name, r in (("paper", row), ("release", release_row)):
+        src = _write_jsonl(tmp_path / f"{name}.jsonl", [r])
+        out[name] = tmp_path / f"{name}.parquet"
+        assert (
+            main(["score", "--checklist", "video-full", "--answers", str(src), "--out", str(out[name])]) == 0
+        )
+    frames = {k: pd.read_parquet(v).drop(columns="source") for k, v in out.items()}
+    pd.testing.assert_frame_equal(frames["paper"], frames["release"])
+
+
+def _one_line_error(capsys, argv: list[str], *needles: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def test_cli_errors_are_one_line_naming_the_file(tmp_path, capsys):
+    image = str(EXAMPLES / "dark_cave.png")
+    out = str(tmp_path / "o.parquet")
+    missing = str(tmp_path / "missing.txt")
+    _one_line_error(
+        capsys,
+        ["score", "--checklist", "image-full", "--images", image, "--prompts", missing, "--out", out],
+        missing, "--prompts",
+    )  # fmt: skip
+    _one_line_error(
+        capsys,
+        ["score", "--checklist", "image-full", "--images", image, "--out", str(tmp_path / "o.txt")],
+        "o.txt",
+    )
+    _one_line_error(capsys, ["score", "--checklist", "image-full", "--backend", "vlm", "--images", image,
+                             "--out", out], "--model")  # fmt: skip
+    pairs = _write_jsonl(tmp_path / "pairs.jsonl", _pairs_from_weights(load_checklist("image-official"),
+                                                                     np.ones(28), 4, seed=0))  # fmt: skip
+    _one_line_error(capsys, ["eval", "--pairs", str(pairs), "--weights", missing], missing, "--weights")
+    _one_line_error(capsys, ["eval", "--pairs", str(tmp_path / "nope.jsonl"), "--weights",
+                             "image-full.release-weights"], "nope.jsonl")  # fmt: skip
+    assert not Path(out).exists()
+
+
+def test_fit_and_eval_with_a_checklist_given_as_a_yaml_path(tmp_path, capsys):
+    source = load_checklist("image-official").source
+    custom = tmp_path / "my-list.yaml"
+    custom.write_text(Path(source).read_text().replace("name: image-official", "name: my-list"))
+    checklist = load_checklist(custom)
+    pairs = _write_jsonl(tmp_path / "pairs.jsonl", _pairs_from_weights(checklist, np.ones(28), 80, seed=1))
+    weights = tmp_path / "w.json"
+    assert main(["fit", "--checklist", str(custom), "--pairs", str(pairs), "--out", str(weights)]) == 0
+    capsys.readouterr()
+    for extra in ([], ["--checklist", str(custom)]):
+        assert main(["eval", "--pairs", str(pairs), "--weights", str(weights), *extra]) == 0
+        assert json.loads(capsys.readouterr().out)["pairs"] == 80

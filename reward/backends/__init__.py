@@ -13,6 +13,10 @@ from reward.types import AnswerBackend
 BACKENDS = ("vlm", "pixel-stats")
 
 
+class BackendError(ValueError):
+    """A backend that cannot be built or used as asked; the message names the model, key or sample."""
+
+
 def build_backend(name: str, model_path: str | None = None, **kwargs: Any) -> AnswerBackend:
     """Build a backend by name. ``model_path`` (local folder or hub id) is required for ``vlm``."""
     if name == "pixel-stats":
@@ -21,7 +25,7 @@ def build_backend(name: str, model_path: str | None = None, **kwargs: Any) -> An
         return PixelStatsBackend()
     if name == "vlm":
         if not model_path:
-            raise ValueError(
+            raise BackendError(
                 "reward backend 'vlm' needs a model path or hub id (reward.model_path / --model)"
             )
         from reward.backends.vlm import VLMBackend
@@ -29,4 +33,4 @@ def build_backend(name: str, model_path: str | None = None, **kwargs: Any) -> An
         alignment_path = kwargs.pop("alignment_model_path", None)
         alignment_model = VLMBackend.from_pretrained(alignment_path, **kwargs) if alignment_path else None
         return VLMBackend.from_pretrained(model_path, alignment_model=alignment_model, **kwargs)
-    raise ValueError(f"unknown reward backend {name!r}; known: {list(BACKENDS)}")
+    raise BackendError(f"unknown reward backend {name!r}; known: {list(BACKENDS)}")

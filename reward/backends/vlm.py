@@ -57,6 +57,7 @@ from typing import Any, Literal
 
 import torch
 
+from reward.backends import BackendError
 from reward.media import frames_per_second
 from reward.types import Answers, Sample
 
@@ -77,7 +78,7 @@ _DTYPES = {
 _TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
-class VLMError(ValueError):
+class VLMError(BackendError):
     """A model, processor or input the VLM backend cannot use; the message names the path or sample."""
 
 
