@@ -1,0 +1,175 @@
+"""The VLM families the ``vlm`` backend supports, what differs between them, and loading their processors.
+
+Everything family-specific the backend needs is one row of :data:`FAMILIES`; the backend itself never
+branches on a family name. A row says:
+
+- ``video``: the torchvision-free video processor for the family's frame layout
+  (:mod:`reward.backends.video_frames`), or None for a family that takes no video (Idefics3, Gemma 3):
+  a video for such a model is refused, never scored from its text alone;
+- ``equal_frames``: the model takes videos as one ``[videos, frames, ...]`` tensor, so the videos of one
+  forward pass must have the same number of frames (the backend groups them).
+
+Loading. With torchvision, ``AutoProcessor`` builds the library's processor. Without it (CPU installs:
+the registry's torchvision wheel does not load beside a CPU torch), only the video processors are
+missing: :func:`load_processor` builds the same processor class from the checkpoint's tokenizer, its
+image processor (transformers picks the PIL backend when torchvision is absent) and the family's video
+processor from :mod:`reward.backends.video_frames`, with the processor settings of
+``processor_config.json``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reward.backends import BackendError
+from reward.backends.video_frames import (
+    FixedSizeFramesProcessor,
+    FramesProcessor,
+    Glm4vFramesProcessor,
+    Qwen3FramesProcessor,
+    QwenFramesProcessor,
+    SmolVLMFramesProcessor,
+)
+
+
+class VLMError(BackendError):
+    """A model, processor or input the VLM backend cannot use; the message names the path or sample."""
+
+
+@dataclass(frozen=True)
+class VLMFamily:
+    name: str
+    model_types: tuple[str, ...]
+    video: type[FramesProcessor] | None
+    equal_frames: bool = False
+
+
+FAMILIES = (
+    VLMFamily("Qwen2-VL", ("qwen2_vl",), QwenFramesProcessor),
+    VLMFamily("Qwen2.5-VL", ("qwen2_5_vl",), QwenFramesProcessor),
+    VLMFamily("Qwen3-VL", ("qwen3_vl",), Qwen3FramesProcessor),
+    VLMFamily("GLM-4.1V", ("glm4v",), Glm4vFramesProcessor),
+    VLMFamily("LLaVA-OneVision", ("llava_onevision",), FixedSizeFramesProcessor, equal_frames=True),
+    VLMFamily("InternVL", ("internvl",), FixedSizeFramesProcessor, equal_frames=True),
+    VLMFamily("SmolVLM", ("smolvlm",), SmolVLMFramesProcessor, equal_frames=True),
+    VLMFamily("Idefics3", ("idefics3",), None),
+    VLMFamily("Gemma 3", ("gemma3",), None),
+)
+SUPPORTED_MODEL_TYPES = tuple(t for f in FAMILIES for t in f.model_types)
+
+
+def family_of(model_type: str, source: str = "") -> VLMFamily:
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    where = f"{source}: " if source else ""
+    raise VLMError(
+        f"{where}model type {model_type!r} is not supported by the vlm backend; supported: "
+        f"{', '.join(f'{f.name} ({t})' for f in FAMILIES for t in f.model_types)}"
+    )
+
+
+def model_type_of(path: str) -> str:
+    """The checkpoint's ``model_type`` (local folder or hub id), without importing its model code."""
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(path)
+    except OSError as err:
+        raise VLMError(f"{path}: cannot read the model config ({err})") from err
+    return str(config.get("model_type", ""))
+
+
+def torchvision_available() -> bool:
+    from transformers.utils import is_torchvision_available
+
+    return bool(is_torchvision_available())
+
+
+def load_processor(path: str) -> Any:
+    """The checkpoint's processor: ``AutoProcessor`` with torchvision, the same class built with a
+    torchvision-free video processor without it (module doc). Errors name the path and what is missing."""
+    family = family_of(model_type_of(path), path)
+    try:
+        if torchvision_available():
+            from transformers import AutoProcessor
+
+            return AutoProcessor.from_pretrained(path)
+        return _processor_without_torchvision(path, family)
+    except ImportError as err:
+        missing = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise VLMError(
+            f"{path}: the {family.name} processor cannot be built here: {missing} (install what is named; "
+            "torchvision, if named, must be the build that matches your torch)"
+        ) from err
+
+
+def _processor_without_torchvision(path: str, family: VLMFamily) -> Any:
+    import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    settings = _processor_settings(path)
+    class_name = settings.pop("processor_class", None) or PROCESSOR_MAPPING_NAMES.get(model_type_of(path))
+    cls = getattr(transformers, str(class_name), None)
+    if cls is None:
+        raise VLMError(f"{path}: unknown processor class {class_name!r}")
+    parts: dict[str, Any] = {}
+    for attribute in cls.get_attributes():
+        if attribute == "tokenizer":
+            parts[attribute] = AutoTokenizer.from_pretrained(path)
+        elif attribute == "image_processor":
+            parts[attribute] = AutoImageProcessor.from_pretrained(path)
+        elif attribute == "video_processor":
+            if family.video is None:
+                raise VLMError(
+                    f"{path}: {cls.__name__} expects a video processor, but {family.name} takes none"
+                )
+            parts[attribute] = family.video.from_checkpoint(path)
+        else:
+            raise VLMError(f"{path}: {cls.__name__} needs a {attribute!r}, which this backend cannot build")
+    template = _chat_template(path)
+    settings = {k: v for k, v in settings.items() if not isinstance(v, dict) or k not in parts}
+    return _with_frames(cls).from_args_and_dict(list(parts.values()), {**settings, "chat_template": template})
+
+
+@functools.cache
+def _with_frames(cls: type) -> type:
+    """The library's processor class, accepting a :class:`FramesProcessor` as its video processor.
+
+    The library checks each part against its base class by name, and without torchvision the video
+    processors' base is not importable by that name; nothing else about the class changes.
+    """
+
+    def check_argument_for_proper_class(self: Any, argument_name: str, argument: Any) -> Any:
+        if argument_name == "video_processor" and isinstance(argument, FramesProcessor):
+            return FramesProcessor
+        return cls.check_argument_for_proper_class(self, argument_name, argument)
+
+    return type(cls.__name__, (cls,), {"check_argument_for_proper_class": check_argument_for_proper_class})
+
+
+def _processor_settings(path: str) -> dict[str, Any]:
+    """``processor_config.json`` (local folder or hub id); {} when the checkpoint has none."""
+    file = Path(path) / "processor_config.json"
+    if not file.is_file():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            file = Path(hf_hub_download(path, "processor_config.json"))
+        except Exception:  # no such file in the repo, or no hub: the processor's defaults apply
+            return {}
+    return dict(json.loads(file.read_text()))
+
+
+def _chat_template(path: str) -> str | None:
+    for name in ("chat_template.jinja", "chat_template.json"):
+        file = Path(path) / name
+        if file.is_file():
+            text = file.read_text()
+            return json.loads(text)["chat_template"] if name.endswith(".json") else text
+    return None
