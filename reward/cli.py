@@ -115,8 +115,9 @@ def cmd_score(args: argparse.Namespace) -> int:
             "max_frames": args.max_frames,
             "device": args.device,
         }
-        if args.alignment_model:
-            kwargs["alignment_model_path"] = args.alignment_model
+    if args.alignment_model:  # VQAScore (CLIP-FlanT5) or a VLM's p(yes), for any backend
+        kwargs.update(alignment_model_path=args.alignment_model, dtype=args.dtype, device=args.device)
+        kwargs["batch_size"] = args.batch_size
     reward = VisionReward(
         checklist, build_backend(args.backend, model_path=args.model, **kwargs), args.batch_size
     )
@@ -261,7 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--answers", help="JSONL/parquet rows {id, prompt, answers: {...}, alignment}")
     score.add_argument("--backend", default="pixel-stats", choices=["vlm", "pixel-stats"])
     score.add_argument("--model", help="VLM folder or hub id (backend vlm)")
-    score.add_argument("--alignment-model", help="separate VLM for the alignment term")
+    score.add_argument(
+        "--alignment-model",
+        help="model for the alignment term: a CLIP-FlanT5 checkpoint (the release's VQAScore, e.g. "
+        "zhiqiulin/clip-flant5-xxl) or a VLM (its p(yes), an approximation)",
+    )
     score.add_argument("--images", nargs="*")
     score.add_argument("--videos", nargs="*")
     score.add_argument(

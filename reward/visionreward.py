@@ -38,8 +38,9 @@ class VisionReward:
                 "question_chunk": getattr(cfg, "question_chunk", None),
                 "device": device,
             }
-            if getattr(cfg, "alignment_model_path", None):
-                kwargs["alignment_model_path"] = cfg.alignment_model_path
+        if getattr(cfg, "alignment_model_path", None):  # VQAScore (CLIP-FlanT5) or a VLM's p(yes)
+            kwargs["alignment_model_path"] = cfg.alignment_model_path
+            kwargs.update({"dtype": cfg.dtype, "batch_size": cfg.batch_size, "device": device})
         backend = build_backend(cfg.backend, model_path=cfg.model_path, **kwargs)
         return cls(checklist, backend, batch_size=cfg.batch_size)
 

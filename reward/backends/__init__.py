@@ -2,6 +2,11 @@
 
 ``vlm``: a transformers vision-language model (the real reward). ``pixel-stats``: pixel heuristics
 for demos and tests, which answer only what pixel statistics can judge and say "unknown" otherwise.
+
+The alignment term (image checklists) can come from a separate model, ``alignment_model_path``: a
+CLIP-FlanT5 checkpoint (``model_type: clip_t5``, e.g. ``zhiqiulin/clip-flant5-xxl``) gives the release's
+VQAScore (:mod:`reward.backends.vqascore`); any supported VLM gives its p(yes) to the same question, an
+approximation of it. Without one, the checklist's backend answers the alignment question itself.
 """
 
 from __future__ import annotations
@@ -18,7 +23,18 @@ class BackendError(ValueError):
 
 
 def build_backend(name: str, model_path: str | None = None, **kwargs: Any) -> AnswerBackend:
-    """Build a backend by name. ``model_path`` (local folder or hub id) is required for ``vlm``."""
+    """Build a backend by name. ``model_path`` (local folder or hub id) is required for ``vlm``;
+    ``alignment_model_path`` adds a separate alignment model (module doc)."""
+    alignment_path = kwargs.pop("alignment_model_path", None)
+    backend = _answer_backend(name, model_path, kwargs)
+    if alignment_path:
+        from reward.backends.alignment import AlignedBackend, build_alignment
+
+        backend = AlignedBackend(backend, build_alignment(alignment_path, **kwargs))
+    return backend
+
+
+def _answer_backend(name: str, model_path: str | None, kwargs: dict[str, Any]) -> AnswerBackend:
     if name == "pixel-stats":
         from reward.backends.pixel_stats import PixelStatsBackend
 
@@ -30,7 +46,5 @@ def build_backend(name: str, model_path: str | None = None, **kwargs: Any) -> An
             )
         from reward.backends.vlm import VLMBackend
 
-        alignment_path = kwargs.pop("alignment_model_path", None)
-        alignment_model = VLMBackend.from_pretrained(alignment_path, **kwargs) if alignment_path else None
-        return VLMBackend.from_pretrained(model_path, alignment_model=alignment_model, **kwargs)
+        return VLMBackend.from_pretrained(model_path, **kwargs)
     raise BackendError(f"unknown reward backend {name!r}; known: {list(BACKENDS)}")
