@@ -151,24 +151,47 @@ def _pairs_from_weights(checklist, true_w: np.ndarray, n: int, seed: int) -> lis
         b = _answers_row(checklist, rng, "b")
         a["answers"] = {k: bool(rng.random() < 0.5) for k in a["answers"]}
         b["answers"] = {k: bool(rng.random() < 0.5) for k in b["answers"]}
-        fa = scorer.features(
-            torch.tensor([[float(v) for v in a["answers"].values()]]), torch.tensor([a["alignment"]])
-        )
-        fb = scorer.features(
-            torch.tensor([[float(v) for v in b["answers"].values()]]), torch.tensor([b["alignment"]])
+        fa, fb = (
+            scorer.features(
+                torch.tensor([[float(v) for v in r["answers"].values()]]),
+                torch.tensor([r["alignment"]]) if "alignment" in r else None,
+            )
+            for r in (a, b)
         )
         margin = float(((fa - fb).nan_to_num(0.0).numpy() @ true_w)[0])
         rows.append({"a": a, "b": b, "label": int(rng.random() < 1 / (1 + math.exp(-margin)))})
     return rows
 
 
-def test_fit_then_eval_round_trip(tmp_path, capsys):
-    checklist = load_checklist("image-official")
+SOFT_GATED = """\
+name: soft-gated
+modality: video
+scoring: {answers: soft, gates: soft}
+dimensions:
+  - {name: quality, sub_dimensions: [clarity, color]}
+  - {name: fidelity, sub_dimensions: [letters, motion]}
+questions:
+  - {id: clear, text: "Is it clear?", sub_dimension: clarity}
+  - {id: very_clear, text: "Is it very clear?", sub_dimension: clarity}
+  - {id: colorful, text: "Is it colorful?", sub_dimension: color}
+  - {id: letters_present, text: "Are there any letters present?", sub_dimension: letters, presence: true}
+  - {id: letters_correct, text: "Are all the letters correct?", sub_dimension: letters, gate: letters_present}
+  - {id: letters_ok, text: "Do the letters have no obvious errors?", sub_dimension: letters, gate: letters_present}
+  - {id: smooth, text: "Is the motion smooth?", sub_dimension: motion}
+"""
+
+
+@pytest.mark.parametrize("name", ["image-official", "soft-gated"])  # signed answers; soft with a gate
+def test_fit_then_eval_round_trip(tmp_path, capsys, name):
+    if name == "soft-gated":
+        (tmp_path / "soft-gated.yaml").write_text(SOFT_GATED)
+        name = str(tmp_path / "soft-gated.yaml")
+    checklist = load_checklist(name)
     true_w = np.where(np.arange(len(checklist.features)) % 3 == 0, 0.0, 1.5)
     pairs = _write_jsonl(tmp_path / "pairs.jsonl", _pairs_from_weights(checklist, true_w, 600, seed=4))
     weights = tmp_path / "weights.json"
-    assert main(["fit", "--checklist", "image-official", "--pairs", str(pairs), "--out", str(weights)]) == 0
-    fitted = load_checklist("image-official", weights=weights)
+    assert main(["fit", "--checklist", name, "--pairs", str(pairs), "--out", str(weights)]) == 0
+    fitted = load_checklist(name, weights=weights)
     assert (fitted.weights >= 0).all()
     assert np.corrcoef(fitted.weights, true_w)[0, 1] > 0.8
     capsys.readouterr()
