@@ -257,11 +257,11 @@ def test_cli_errors_are_one_line_naming_the_file(tmp_path, capsys):
 
 
 def test_fit_and_eval_with_a_checklist_given_as_a_yaml_path(tmp_path, capsys):
-    source = load_checklist("image-official").source
     custom = tmp_path / "my-list.yaml"
-    custom.write_text(Path(source).read_text().replace("name: image-official", "name: my-list"))
+    custom.write_text(SOFT_GATED.replace("name: soft-gated", "name: my-list"))
     checklist = load_checklist(custom)
-    pairs = _write_jsonl(tmp_path / "pairs.jsonl", _pairs_from_weights(checklist, np.ones(28), 80, seed=1))
+    weights_true = np.ones(len(checklist.features))
+    pairs = _write_jsonl(tmp_path / "pairs.jsonl", _pairs_from_weights(checklist, weights_true, 80, seed=1))
     weights = tmp_path / "w.json"
     assert main(["fit", "--checklist", str(custom), "--pairs", str(pairs), "--out", str(weights)]) == 0
     capsys.readouterr()

@@ -194,3 +194,26 @@ def test_images_are_padded_to_a_square_with_the_mean_colour(backend):
 def test_conversation_matches_the_release_format():
     before, after = conversation("Q?")
     assert before + "<image>" + after == f"{SYSTEM} USER: <image>\nQ? ASSISTANT: "
+
+
+def test_reward_score_takes_the_alignment_model_on_the_command_line(checkpoint, backend, tmp_path):
+    import pandas as pd
+
+    from reward.cli import main
+    from reward.media import load_image, save_image
+
+    paths = []
+    for k, sample in enumerate(_images()[:2]):
+        paths.append(tmp_path / f"img{k}.png")
+        save_image(paths[-1], sample.pixels)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:2]) + "\n")
+    out = tmp_path / "scores.parquet"
+    code = main(["score", "--checklist", "image-official", "--backend", "pixel-stats", "--alignment-model",
+                 str(checkpoint), "--images", *map(str, paths), "--prompts", str(prompts), "--out", str(out),
+                 "--dtype", "float32", "--device", "cpu"])  # fmt: skip
+    assert code == 0
+    frame = pd.read_parquet(out)
+    samples = [load_image(p, prompt) for p, prompt in zip(paths, PROMPTS[:2])]
+    expected = backend.scores(samples, [_question(p) for p in PROMPTS[:2]])
+    assert frame["alignment"].tolist() == pytest.approx(expected.tolist(), rel=1e-5)

@@ -67,6 +67,7 @@ from typing import Any, Literal
 import torch
 
 from reward.backends.vlm_families import (
+    FAMILIES,
     SUPPORTED_MODEL_TYPES,
     VLMError,
     family_of,
@@ -296,10 +297,10 @@ class VLMBackend:
         if self.family.video is None:
             for sample in samples:
                 if sample.modality == "video":
+                    takes_video = ", ".join(f.name for f in FAMILIES if f.video is not None)
                     raise VLMError(
                         f"sample {sample.id or '?'}: {self.source} is a {self.family.name} model, which takes no "
-                        "video input; score videos with a family that does (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, "
-                        "GLM-4.1V, LLaVA-OneVision, InternVL, SmolVLM)"
+                        f"video input; score videos with a family that does ({takes_video})"
                     )
 
     def _check_visuals(self, samples: list[Sample], enc: dict) -> None:

@@ -13,16 +13,14 @@ Loading. With torchvision, ``AutoProcessor`` builds the library's processor. Wit
 the registry's torchvision wheel does not load beside a CPU torch), only the video processors are
 missing: :func:`load_processor` builds the same processor class from the checkpoint's tokenizer, its
 image processor (transformers picks the PIL backend when torchvision is absent) and the family's video
-processor from :mod:`reward.backends.video_frames`, with the processor settings of
-``processor_config.json``.
+processor from :mod:`reward.backends.video_frames`, with the processor settings and chat template the
+library reads for it (``processor_config.json``, ``chat_template.jinja``).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from reward.backends import BackendError
@@ -112,29 +110,29 @@ def _processor_without_torchvision(path: str, family: VLMFamily) -> Any:
     import transformers
     from transformers import AutoImageProcessor, AutoTokenizer
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+    from transformers.processing_utils import ProcessorMixin
 
-    settings = _processor_settings(path)
-    class_name = settings.pop("processor_class", None) or PROCESSOR_MAPPING_NAMES.get(model_type_of(path))
+    # processor_config.json settings and the chat template, read the way the library reads them
+    settings, extra = ProcessorMixin.get_processor_dict(path)
+    class_name = settings.get("processor_class") or PROCESSOR_MAPPING_NAMES.get(model_type_of(path))
     cls = getattr(transformers, str(class_name), None)
     if cls is None:
         raise VLMError(f"{path}: unknown processor class {class_name!r}")
-    parts: dict[str, Any] = {}
+    parts: list[Any] = []
     for attribute in cls.get_attributes():
         if attribute == "tokenizer":
-            parts[attribute] = AutoTokenizer.from_pretrained(path)
+            parts.append(AutoTokenizer.from_pretrained(path))
         elif attribute == "image_processor":
-            parts[attribute] = AutoImageProcessor.from_pretrained(path)
+            parts.append(AutoImageProcessor.from_pretrained(path))
         elif attribute == "video_processor":
             if family.video is None:
                 raise VLMError(
                     f"{path}: {cls.__name__} expects a video processor, but {family.name} takes none"
                 )
-            parts[attribute] = family.video.from_checkpoint(path)
+            parts.append(family.video.from_checkpoint(path))
         else:
             raise VLMError(f"{path}: {cls.__name__} needs a {attribute!r}, which this backend cannot build")
-    template = _chat_template(path)
-    settings = {k: v for k, v in settings.items() if not isinstance(v, dict) or k not in parts}
-    return _with_frames(cls).from_args_and_dict(list(parts.values()), {**settings, "chat_template": template})
+    return _with_frames(cls).from_args_and_dict(parts, settings, **extra)
 
 
 @functools.cache
@@ -151,25 +149,3 @@ def _with_frames(cls: type) -> type:
         return cls.check_argument_for_proper_class(self, argument_name, argument)
 
     return type(cls.__name__, (cls,), {"check_argument_for_proper_class": check_argument_for_proper_class})
-
-
-def _processor_settings(path: str) -> dict[str, Any]:
-    """``processor_config.json`` (local folder or hub id); {} when the checkpoint has none."""
-    file = Path(path) / "processor_config.json"
-    if not file.is_file():
-        try:
-            from huggingface_hub import hf_hub_download
-
-            file = Path(hf_hub_download(path, "processor_config.json"))
-        except Exception:  # no such file in the repo, or no hub: the processor's defaults apply
-            return {}
-    return dict(json.loads(file.read_text()))
-
-
-def _chat_template(path: str) -> str | None:
-    for name in ("chat_template.jinja", "chat_template.json"):
-        file = Path(path) / name
-        if file.is_file():
-            text = file.read_text()
-            return json.loads(text)["chat_template"] if name.endswith(".json") else text
-    return None
