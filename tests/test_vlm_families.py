@@ -191,3 +191,15 @@ def test_a_missing_processor_dependency_is_named(checkpoints, monkeypatch, tmp_p
                  "--device", "cpu"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "num2words" in err[0] and str(checkpoints["smolvlm"]) in err[0]
+
+
+def test_a_torchvision_that_does_not_load_is_named(checkpoints, monkeypatch):
+    """Installed but broken (the registry's wheel beside a CPU torch): one clear error, not a traceback."""
+    import sys
+
+    import transformers.utils
+
+    monkeypatch.setattr(transformers.utils, "is_torchvision_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # importing it now fails
+    with pytest.raises(VLMError, match="torchvision is installed but does not load"):
+        VLMBackend.from_pretrained(checkpoints["qwen2_vl"], dtype="float32", device="cpu")

@@ -83,9 +83,22 @@ def model_type_of(path: str) -> str:
 
 
 def torchvision_available() -> bool:
-    from transformers.utils import is_torchvision_available
+    """Whether transformers will use torchvision; a torchvision that is installed but does not load
+    (the registry's wheel beside a CPU torch) is an error that says so, not a traceback later."""
+    import transformers.utils
 
-    return bool(is_torchvision_available())
+    if not transformers.utils.is_torchvision_available():
+        return False
+    try:
+        import torchvision  # noqa: F401
+    except Exception as err:  # a broken install raises RuntimeError / OSError / ImportError
+        import torch
+
+        raise VLMError(
+            f"torchvision is installed but does not load beside torch {torch.__version__} ({err}); uninstall "
+            "it (the vlm backend works without it) or install the torchvision build that matches your torch"
+        ) from err
+    return True
 
 
 def load_processor(path: str) -> Any:

@@ -406,7 +406,10 @@ def _read_prefixed(path: str, prefixes: tuple[str, ...]) -> dict[str, torch.Tens
                     if key.startswith(prefixes):
                         out[key] = handle.get_tensor(key)
         else:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            try:  # memory-mapped where the file format allows (zip archives), read whole otherwise
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:
+                state = torch.load(file, map_location="cpu", weights_only=True)
             out.update({k: v for k, v in state.items() if k.startswith(prefixes)})
     return out
 
