@@ -25,8 +25,11 @@ from mpo.run import run_all
 from mpo.schema import RewardConfig
 from mpo.store import read_parquet
 from reward.backends import build_backend
+from reward.backends.alignment import AlignedBackend
 from reward.backends.cogvlm2.backend import CogVLM2Backend
 from reward.backends.cogvlm2.tiny import build_tiny_cogvlm2
+from reward.backends.tiny_clip_flant5 import build_tiny_clip_flant5
+from reward.backends.vqascore import VQAScoreBackend
 from reward.cli import main
 from reward.media import save_video
 from reward.types import Sample
@@ -214,13 +217,21 @@ def test_reward_verify_against_a_remote_code_process(tmp_path, video_model, clip
 )
 def test_paper_recipes_score_with_their_reward_as_written(tmp_path, monkeypatch, recipe, variant):
     """The recipes name the hub releases; once converted (here: tiny stand-ins written where `reward
-    convert <hub id>` writes), their reward sections build the cogvlm2 backend and score."""
+    convert <hub id>` writes), their reward sections build the cogvlm2 backend and score. The image
+    recipe's VQAScore model (a hub id that cannot be fetched here) is replaced by a tiny CLIP-FlanT5."""
     monkeypatch.setenv("MPO_REWARD_CACHE", str(tmp_path / "cache"))
     cfg = load_recipe(recipe, ["reward.dtype=float32"]).reward
     assert cfg.backend == "vlm" and cfg.model_path.startswith("THUDM/VisionReward-")
     build_tiny_cogvlm2(tmp_path / "cache" / cfg.model_path.replace("/", "--"), variant=variant, seed=6)
+    if cfg.alignment_model_path is not None:
+        assert cfg.alignment_model_path == "zhiqiulin/clip-flant5-xxl"
+        cfg.alignment_model_path = str(build_tiny_clip_flant5(tmp_path / "clip-flant5"))
     reward = VisionReward.from_config(cfg, device="cpu")
-    assert isinstance(reward.backend, CogVLM2Backend) and reward.backend.config.variant == variant
+    backend = reward.backend
+    if cfg.alignment_model_path is not None:
+        assert isinstance(backend, AlignedBackend) and isinstance(backend.alignment, VQAScoreBackend)
+        backend = backend.backend
+    assert isinstance(backend, CogVLM2Backend) and backend.config.variant == variant
     pixels = torch.rand(3, 24, 24) if variant == "image" else torch.rand(8, 3, 24, 24)
     scores = reward.score([Sample(pixels, prompt=PROMPT, fps=4.0, id="s")])
     assert torch.isfinite(scores.total).all() and scores.source.startswith("cogvlm2:")
