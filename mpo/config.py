@@ -35,6 +35,7 @@ from mpo.schema import (  # noqa: F401  (re-exported: the schema is part of this
     CAP_STRATEGIES,
     EXPORT_WHICH,
     FINETUNE_MODES,
+    LORA_FORMATS,
     LR_SCHEDULES,
     MIXED_PRECISION,
     MODEL_DTYPES,
@@ -249,6 +250,12 @@ def _non_empty_list(key: str) -> _Rule:
     return _Rule(key, lambda v: v is None or len(v) > 0, "a non-empty list or null")
 
 
+def _repo_id(v: str) -> bool:
+    import re
+
+    return re.fullmatch(r"([\w.-]+/)?[\w.-]+", v) is not None and ".." not in v
+
+
 def _unit_interval(v: Any) -> bool:
     return len(v) == 2 and all(_number(x) for x in v) and 0 <= v[0] < v[1] <= 1
 
@@ -308,6 +315,14 @@ RULES: tuple[_Rule, ...] = (
     _one_of("tracking.mode", TRACKER_MODES),
     _at_least("tracking.log_every", 1),
     _one_of("export.which", EXPORT_WHICH),
+    _Rule("prompts.column", lambda v: bool(v.strip()), "a non-empty column name"),
+    _Rule("prompts.dataset_split", lambda v: bool(v.strip()), "a non-empty split name"),
+    _Rule(
+        "export.lora_formats",
+        lambda v: len(v) > 0 and len(set(v)) == len(v) and all(f in LORA_FORMATS for f in v),
+        f"a non-empty list of distinct formats from {list(LORA_FORMATS)}",
+    ),
+    _Rule("export.push_to_hub.repo_id", lambda v: v is None or _repo_id(v), "a hub repo id, owner/name, or null"),
 )
 
 
