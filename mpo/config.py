@@ -501,7 +501,10 @@ def resolve_paths(recipe: DictConfig) -> DictConfig:
     """A copy whose local paths are absolute (against the current directory), so that the copy means
     the same thing from anywhere: what a run directory's ``recipe.yaml`` records."""
     out = copy.deepcopy(recipe)
-    out.prompts.file = os.path.abspath(Path(out.prompts.file).expanduser())
+    from mpo.prompts import is_hub_dataset_id
+
+    if not is_hub_dataset_id(out.prompts.file):  # a hub dataset id stays as it is
+        out.prompts.file = os.path.abspath(Path(out.prompts.file).expanduser())
     if out.reward.weights is not None:
         out.reward.weights = os.path.abspath(Path(out.reward.weights).expanduser())
     if Path(out.reward.checklist).suffix:  # a file, not a bundled name
