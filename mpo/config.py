@@ -391,6 +391,7 @@ class _Checker:
             elif c.reward.backend in ("vlm", "cogvlm2") and not c.reward.model_path and self.wanted("reward.model_path"):
                 self.add("reward.model_path", f"required when reward.backend={c.reward.backend!r} (a local folder or hub id)")
         backbone = self.check_family()
+        self.check_lora_formats(backbone)
         modality = self.check_checklist()
         if backbone is not None and modality is not None and modality != backbone.modality:
             self.add(
@@ -398,6 +399,16 @@ class _Checker:
                 f"is {_article(modality)} checklist but model.family={c.model.family!r} makes "
                 f"{backbone.modality}s; use {_article(backbone.modality)} checklist",
             )
+
+    def check_lora_formats(self, backbone: Any) -> None:
+        """A ComfyUI LoRA file needs a LoRA run and a family with a ComfyUI key convention."""
+        key = "export.lora_formats"
+        if not self.wanted(key) or "comfyui" not in self.cfg.export.lora_formats:
+            return
+        if self.cfg.model.finetune != "lora":
+            self.add(key, f"comfyui is a LoRA file layout, but model.finetune={self.cfg.model.finetune!r}")
+        elif backbone is not None and backbone.comfyui_lora is None:
+            self.add(key, f"model.family={self.cfg.model.family!r} has no ComfyUI LoRA convention; use [diffusers]")
 
     def check_family(self) -> Any:
         """The backbone class, after its own checks of the generate section (None if unknown)."""

@@ -132,7 +132,7 @@ def test_export_loads_in_diffusers_and_matches_the_trained_model(prepared, model
 
     assert export_stage(recipe)["exported"] is True
     export = run / "export"
-    pipe = DiffusionPipeline.from_pretrained(export / "pipeline")
+    pipe = DiffusionPipeline.from_pretrained(export)
     assert isinstance(pipe, StableDiffusionXLPipeline)
     image = _generate(pipe)
     assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
@@ -149,7 +149,7 @@ def test_export_loads_in_diffusers_and_matches_the_trained_model(prepared, model
         assert not (export / "lora").exists()
     else:
         assert sorted(p.name for p in (export / "lora").iterdir()) == ["pytorch_lora_weights.safetensors"]
-        base.load_lora_weights(export / "lora")  # what a user of the adapter does
+        base.load_lora_weights(export, subfolder="lora")  # what a user of the adapter does
         with torch.no_grad():
             adapted = base.unet(x, t, **kwargs)[0]
         torch.testing.assert_close(exported, adapted, rtol=0, atol=1e-5)  # merged == base + adapter

@@ -42,7 +42,7 @@ def test_mpo_run_tiny_sdxl_end_to_end_then_rerun_skips_everything(tmp_path_facto
     for name in ("prompts.parquet", "candidates.parquet", "scores.parquet", "pairs.parquet", "eval.parquet"):
         assert (out / name).exists(), name
     assert read_parquet(out / "eval.parquet")["step"].tolist() == [0, 2, 4]
-    pipe = DiffusionPipeline.from_pretrained(out / "export" / "pipeline")
+    pipe = DiffusionPipeline.from_pretrained(out / "export")
     assert isinstance(pipe, StableDiffusionXLPipeline)
     image = pipe("a red car", num_inference_steps=2, height=16, width=16, output_type="pt").images
     assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
@@ -77,7 +77,7 @@ def test_mpo_run_tiny_cogvideox(tmp_path_factory, tmp_path):
     assert [r.did_work for r in reports] == [True] * 5
     export = out / "export"
     assert (export / "lora" / "pytorch_lora_weights.safetensors").exists()
-    pipe = DiffusionPipeline.from_pretrained(export / "pipeline")
+    pipe = DiffusionPipeline.from_pretrained(export)
     assert isinstance(pipe, CogVideoXPipeline)
     frames = pipe(
         "a red car",

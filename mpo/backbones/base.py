@@ -33,6 +33,9 @@ class Backbone(ABC):
 
     family: ClassVar[str]
     modality: ClassVar[Literal["image", "video"]]
+    # The kohya / ComfyUI LoRA convention of this family's denoiser (mpo.lora_formats): {"layout":
+    # a layout name, "architecture": the modelspec id}; None where there is none.
+    comfyui_lora: ClassVar[dict[str, str] | None] = None
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod

@@ -55,6 +55,10 @@ class SDXLBackbone(DiffusersBackbone):
     pipeline_class = StableDiffusionXLPipeline
     denoiser_attr = "unet"
     modality: ClassVar[Literal["image", "video"]] = "image"
+    comfyui_lora: ClassVar[dict[str, str] | None] = {
+        "layout": "sgm-unet",
+        "architecture": "stable-diffusion-xl-v1-base/lora",
+    }
 
     def __init__(self, pipe: StableDiffusionXLPipeline, device: torch.device | str = "cpu") -> None:
         """A stochastic sampler is replaced by Euler from the same config; the VAE decodes per image."""
