@@ -7,6 +7,8 @@
     mpo select --scores scores.parquet --out pairs.parquet [select.key=value ...]   no recipe needed
     mpo recipe   RECIPE [key=value ...]   print the resolved recipe (what a run would use)
     mpo recipe --help-keys                every recipe key with its type, default and help (--schema: JSON)
+    mpo export-dataset RECIPE [--candidates] [--out DIR] [--push-to-hub REPO]   the pairs as a datasets dataset
+    mpo report   RUN_DIR                  the run's pictures: curves, before/after, selected pairs
 
 ``-v/--verbose`` and ``-q/--quiet`` (before or after the command) set the log level; ``--version``.
 
@@ -89,6 +91,20 @@ def _print_recipe(args: argparse.Namespace) -> None:
     sys.stdout.write(to_yaml(load_recipe(args.recipe, args.overrides)))
 
 
+def _export_dataset(args: argparse.Namespace) -> None:
+    recipe = load_recipe(args.recipe, args.overrides)
+    _quiet_libraries()
+    from mpo.export_dataset import export_dataset
+
+    export_dataset(recipe, args.out, args.candidates, args.push_to_hub, private=not args.public)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from mpo.report import report_command
+
+    report_command(args.run_dir)
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -162,6 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--schema", action="store_true", help="the same list as JSON")
     sub.set_defaults(handler=_print_recipe, parser=sub)
+    text = "the selected pairs (and optionally every scored candidate) as a Hugging Face datasets dataset"
+    sub = commands.add_parser("export-dataset", help=text, description=text, parents=[common])
+    sub.add_argument("recipe", help="recipe YAML of the run")
+    sub.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    sub.add_argument("--candidates", action="store_true", help="also a 'candidates' split: every scored sample")
+    sub.add_argument("--out", help="folder to save_to_disk into (default: <output_dir>/dataset)")
+    sub.add_argument("--push-to-hub", metavar="REPO", help="also push it to this hub dataset repo")
+    sub.add_argument("--public", action="store_true", help="create the hub dataset repo public")
+    sub.set_defaults(handler=_export_dataset)
+    text = "write the run's pictures: held-out curves, before/after per eval prompt, selected pairs"
+    sub = commands.add_parser("report", help=text, description=text, parents=[common])
+    sub.add_argument("run_dir", help="a run directory (holds recipe.yaml)")
+    sub.set_defaults(handler=_report)
     return parser
 
 

@@ -39,6 +39,7 @@ from mpo.schema import (  # noqa: F401  (re-exported: the schema is part of this
     LR_SCHEDULES,
     MIXED_PRECISION,
     MODEL_DTYPES,
+    OPTIMIZERS,
     SELECT_LEVELS,
     SELECT_RULES,
     TRACKER_MODES,
@@ -323,6 +324,11 @@ RULES: tuple[_Rule, ...] = (
         f"a non-empty list of distinct formats from {list(LORA_FORMATS)}",
     ),
     _Rule("export.push_to_hub.repo_id", lambda v: v is None or _repo_id(v), "a hub repo id, owner/name, or null"),
+    _at_least("train.lr_num_cycles", 1),
+    _positive("train.lr_power"),
+    _one_of("train.optimizer", OPTIMIZERS),
+    _Rule("train.ema_decay", lambda v: _number(v) and 0 < v < 1, "in (0, 1)"),
+    _Rule("train.resume_from", lambda v: bool(v.strip()), "latest, none or a checkpoint folder"),
 )
 
 
@@ -392,6 +398,7 @@ class _Checker:
                 self.add("reward.model_path", f"required when reward.backend={c.reward.backend!r} (a local folder or hub id)")
         backbone = self.check_family()
         self.check_lora_formats(backbone)
+        self.check_training_knobs()
         modality = self.check_checklist()
         if backbone is not None and modality is not None and modality != backbone.modality:
             self.add(
@@ -399,6 +406,21 @@ class _Checker:
                 f"is {_article(modality)} checklist but model.family={c.model.family!r} makes "
                 f"{backbone.modality}s; use {_article(backbone.modality)} checklist",
             )
+
+    def check_training_knobs(self) -> None:
+        """Options that need an optional package or a file: refused at load, not after generation."""
+        t = self.cfg.train
+        if self.wanted("train.optimizer") and t.optimizer == "adamw_8bit":
+            import importlib.util
+
+            if importlib.util.find_spec("bitsandbytes") is None:
+                self.add("train.optimizer", "needs bitsandbytes: pip install 'mpo-trainer[bnb]' (or use adamw)")
+        if self.wanted("train.lr_schedule") and t.lr_schedule == "piecewise_constant" and not t.lr_step_rules:
+            self.add("train.lr_schedule", 'piecewise_constant needs train.lr_step_rules, e.g. "1:100,0.1"')
+        resume = t.resume_from
+        named = resume not in ("latest", "none")
+        if self.wanted("train.resume_from") and named and not (Path(resume) / "progress.json").is_file():
+            self.add("train.resume_from", "not latest, none, or a checkpoint folder (one holding progress.json)")
 
     def check_lora_formats(self, backbone: Any) -> None:
         """A ComfyUI LoRA file needs a LoRA run and a family with a ComfyUI key convention."""

@@ -55,6 +55,7 @@ def export_record(recipe: Any, step: int, checkpoint: Path) -> dict[str, Any]:
         "finetune": recipe.model.finetune,
         "merge_lora": bool(recipe.export.merge_lora),
         "lora_formats": list(recipe.export.lora_formats),
+        "ema": bool(recipe.train.ema and recipe.export.ema),
         "base": str(recipe.model.path),
     }
 
@@ -97,7 +98,9 @@ def write_export(recipe: Any, run: RunDir, checkpoint: Path, record: dict[str, A
     try:
         with whole_model_loading():  # main process only: no ZeRO-3 collectives
             backbone = load_backbone(recipe.model, "cpu")
-        weights = checkpoint / "weights"
+        from mpo.train_options import exported_weights
+
+        weights = exported_weights(recipe, checkpoint)  # weights_ema/ with train.ema and export.ema
         pipeline_here = recipe.model.finetune == "full" or bool(recipe.export.merge_lora)
         if recipe.model.finetune == "lora":
             tmp.mkdir(parents=True)

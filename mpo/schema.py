@@ -18,7 +18,19 @@ SELECT_RULES = ("mpo", "dpo")
 SELECT_LEVELS = ("dimension", "sub_dimension", "question")
 CAP_STRATEGIES = ("largest_margin", "random")
 FINETUNE_MODES = ("lora", "full")
-LR_SCHEDULES = ("constant", "linear")
+# diffusers.optimization.SchedulerType, every one of them (piecewise_constant reads train.lr_step_rules)
+LR_SCHEDULES = (
+    "constant",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant_with_warmup",
+    "piecewise_constant",
+)
+OPTIMIZERS = ("adamw", "adamw_8bit")
+RESUME_LATEST = "latest"
+RESUME_NONE = "none"
 MIXED_PRECISION = ("no", "fp16", "bf16")
 ATTENTION = ("sdpa", "xformers")
 TRACKERS = ("wandb", "tensorboard", "none")
@@ -58,6 +70,7 @@ class ModelConfig:
     lora_dropout: float = opt(0.0, "dropout on the LoRA branch, in [0, 1)")
     lora_target_modules: list[str] | None = opt(None, "module names given LoRA (null: the backbone's attention projections)")
     tiny: bool = opt(False, "build the tiny random-initialised variant at `path` if it does not exist")
+    vae_path: str | None = opt(None, "a VAE folder or hub id that replaces the pipeline's (e.g. an fp16-safe SDXL VAE)")
 
 
 @dataclass
@@ -142,6 +155,14 @@ class TrainConfig:
     seed: int = opt(0, "seed of LoRA init, pair order, noise and timesteps")
     num_workers: int = opt(0, "dataloader worker processes reading cached latents")
     timestep_range: list[float] = opt_list(lambda: [0.0, 1.0], "[low, high]: the fraction of the schedule timesteps are drawn from")
+    lr_num_cycles: int = opt(1, "cosine_with_restarts: number of hard restarts")
+    lr_power: float = opt(1.0, "polynomial: power of the decay")
+    lr_step_rules: str | None = opt(None, 'piecewise_constant: "multiplier:step,...,last multiplier", e.g. "1:100,0.1:200,0.01"')
+    allow_tf32: bool = opt(False, "TF32 matmuls and convolutions on Ampere+ GPUs (faster fp32, ~10-bit mantissa)")
+    optimizer: str = opt("adamw", "adamw (torch) or adamw_8bit (bitsandbytes: pip install 'mpo-trainer[bnb]')", OPTIMIZERS)
+    ema: bool = opt(False, "keep an exponential moving average of the trainable weights (diffusers' EMAModel)")
+    ema_decay: float = opt(0.9999, "EMA decay per optimizer step")
+    resume_from: str = opt("latest", "latest (the newest checkpoint of this run), none (start from the base model), or a checkpoint folder")
 
 
 @dataclass
@@ -184,6 +205,7 @@ class ExportConfig:
     which: str = opt("best", "which checkpoint is exported", EXPORT_WHICH)
     lora_formats: list[str] = opt_list(lambda: ["diffusers"], "LoRA files written: diffusers, and/or comfyui (kohya keys)", LORA_FORMATS)
     license: str | None = opt(None, "model card license when the base model's is unknown (e.g. openrail++)")
+    ema: bool = opt(True, "with train.ema: export the EMA weights (false: the raw trained weights)")
     push_to_hub: PushToHubConfig = field(default_factory=PushToHubConfig)
 
 

@@ -92,6 +92,7 @@ class Trainer:
     saved_step: int = -1
     resumed_from: int | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    ema: Any = None  # diffusers EMAModel of the trainable weights (train.ema)
 
 
 # ---- setup ----------------------------------------------------------------------------------------
@@ -117,6 +118,9 @@ def init_tracking(recipe: Any, acc: Accelerator, run: RunDir) -> None:
     wandb["mode"] = getattr(recipe.tracking, "mode", "online")
     if tracker == "wandb" and acc.is_main_process:
         (run.root / "wandb").mkdir(parents=True, exist_ok=True)
+        from mpo.tracking import wandb_run_id
+
+        wandb.update(id=wandb_run_id(run), resume="allow")  # a restart continues the same run
     acc.init_trackers(
         recipe.tracking.project, config=flat_config(recipe, tracker), init_kwargs={"wandb": wandb}
     )
@@ -168,17 +172,13 @@ def setup_model(recipe: Any, acc: Accelerator) -> tuple[Backbone, nn.Module, nn.
 
 def setup_optimizer(recipe: Any, denoiser: nn.Module, world_size: int) -> torch.optim.Optimizer:
     """AdamW on the trainable parameters (lr times pairs per step when ``train.scale_lr``)."""
+    from mpo.train_options import make_optimizer
+
     cfg = recipe.train
     lr = cfg.learning_rate
     if cfg.scale_lr:
         lr *= cfg.batch_size * cfg.gradient_accumulation_steps * world_size
-    return torch.optim.AdamW(
-        [p for p in denoiser.parameters() if p.requires_grad],
-        lr=lr,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_epsilon,
-        weight_decay=cfg.weight_decay,
-    )
+    return make_optimizer(recipe, [p for p in denoiser.parameters() if p.requires_grad], lr)
 
 
 def setup_scheduler(recipe: Any, optimizer: torch.optim.Optimizer) -> Any:
@@ -191,7 +191,15 @@ def setup_scheduler(recipe: Any, optimizer: torch.optim.Optimizer) -> Any:
     name = cfg.lr_schedule
     if name == "constant" and cfg.warmup_steps > 0:
         name = "constant_with_warmup"
-    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+    return get_scheduler(
+        name,
+        optimizer,
+        step_rules=cfg.lr_step_rules,
+        num_warmup_steps=cfg.warmup_steps,
+        num_training_steps=cfg.max_steps,
+        num_cycles=cfg.lr_num_cycles,
+        power=cfg.lr_power,
+    )
 
 
 def fill_deepspeed_config(recipe: Any, acc: Accelerator) -> None:
@@ -225,7 +233,10 @@ def run_settings(recipe: Any, acc: Accelerator) -> dict[str, Any]:
 
 def setup(recipe: Any, acc: Accelerator, run: RunDir) -> Trainer:
     """Build model, optimizer, data and eval inputs; resume from the latest checkpoint if any."""
+    from mpo import train_options
+
     pairs = load_train_pairs(run)
+    train_options.apply_tf32(recipe)
     set_seed(recipe.train.seed)  # LoRA's initial weights; a resume then restores every RNG state
     backbone, denoiser, reference = setup_model(recipe, acc)
     optimizer = setup_optimizer(recipe, denoiser, acc.num_processes)
@@ -242,10 +253,13 @@ def setup(recipe: Any, acc: Accelerator, run: RunDir) -> Trainer:
         ),
         load_weights=lambda folder: load_weights_into(backbone, acc.unwrap_model(model), finetune, folder),
     )
+    ema = train_options.make_ema(recipe, acc.unwrap_model(model), _zero_stage(acc))
+    if ema is not None:
+        register_ema(acc, ema, backbone, model, finetune)
     if acc.is_main_process:
         remove_incomplete(run)
     acc.wait_for_everyone()
-    progress = resume(acc, run, run_settings(recipe, acc))
+    progress = resume(acc, run, run_settings(recipe, acc), recipe.train.resume_from)
     bounds = timestep_bounds(recipe.train.timestep_range, backbone.num_train_timesteps)
     loader = make_dataloader(
         PairDataset(run, pairs, recipe.train.seed, bounds),
@@ -271,24 +285,47 @@ def setup(recipe: Any, acc: Accelerator, run: RunDir) -> Trainer:
         eval_inputs=setup_eval(recipe, run, acc.device),
         resumed_from=resumed,
         saved_step=resumed if resumed is not None else -1,
+        ema=ema,
     )
     trainer.best_total = best_so_far(run, progress.step)
     return trainer
 
 
-def resume(acc: Accelerator, run: RunDir, settings: dict[str, Any]) -> TrainProgress:
-    """Load the latest complete checkpoint (weights, optimizer, scheduler, RNG) if there is one, after
-    checking that it was made with the settings of this run; returns where training stands."""
+def resume(acc: Accelerator, run: RunDir, settings: dict[str, Any], resume_from: str = "latest") -> TrainProgress:
+    """Load the checkpoint ``train.resume_from`` names (default: the latest complete one; weights,
+    optimizer, scheduler, RNG) if there is one, after checking that it was made with the settings of
+    this run; returns where training stands."""
+    from mpo.train_options import resume_checkpoint
+
     progress = TrainProgress(settings=settings)
-    latest = latest_checkpoint(run)
-    if latest is None:
+    path = resume_checkpoint(run, resume_from)
+    if path is None:
         return progress
-    path = latest[1]
     stored = read_progress(path)
     check_settings(path, stored.settings, settings)
     acc.load_state(str(path))
     progress.step, progress.pairs_seen = stored.step, stored.pairs_seen
     return progress
+
+
+def _zero_stage(acc: Accelerator) -> int | None:
+    return acc.state.deepspeed_plugin.zero_stage if is_deepspeed(acc) else None
+
+
+def register_ema(acc: Accelerator, ema: Any, backbone: Backbone, model: nn.Module, finetune: str) -> None:
+    """Checkpoint the EMA state (resume restores it) and write the EMA weights as ``weights_ema/``
+    beside ``weights/`` in every checkpoint, in the same format, for the export."""
+    from mpo.train_options import EMA_WEIGHTS, ema_weights
+
+    acc.register_for_checkpointing(ema)
+
+    def save_ema(models: list, weights: list, output_dir: str) -> None:
+        with ema_weights(ema, acc.unwrap_model(model)):
+            state = acc.get_state_dict(model)
+            if acc.is_main_process:
+                save_weights(backbone, acc.unwrap_model(model), state, finetune, Path(output_dir) / EMA_WEIGHTS)
+
+    acc.register_save_state_pre_hook(save_ema)
 
 
 def setup_eval(recipe: Any, run: RunDir, device: torch.device) -> dict[str, Any] | None:
@@ -398,6 +435,8 @@ def train_loop(t: Trainer) -> dict[str, Any]:
                         )
                 t.optimizer.step()
                 t.optimizer.zero_grad(set_to_none=True)
+                if t.ema is not None and acc.sync_gradients:
+                    t.ema.step(t.acc.unwrap_model(t.model).parameters())
             window.append(out.scalars())
         if not acc.optimizer_step_was_skipped:
             t.scheduler.step()
@@ -407,6 +446,8 @@ def train_loop(t: Trainer) -> dict[str, Any]:
         if step % max(t.recipe.tracking.log_every, 1) == 0 or step == cfg.max_steps:
             log_train(t, window, grad_norm, step)
             window = []
+            logged = t.history[-1]
+            bar.set_postfix(loss=f"{logged['train/loss']:.4f}", acc=f"{logged['train/implicit_acc']:.2f}")
         if (t.recipe.eval.every > 0 and step % t.recipe.eval.every == 0) or step == cfg.max_steps:
             run_eval(t, step)
         if (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or step == cfg.max_steps:
@@ -461,6 +502,7 @@ def run_eval(t: Trainer, step: int) -> None:
         ev.record(t.run, step, result)
         if result["grid"] is not None:
             ev.save_grid(t.run, step, result["grid"])
+        ev.save_samples(t.run, step, result["previews"])
     ev.log(t.acc, step, result)
     if step > 0 and result["total"] > t.best_total:  # NaN never wins
         checkpoint(t)
@@ -495,17 +537,22 @@ def train_stage(recipe: Any, accelerator: Accelerator | None = None) -> dict[str
     run = RunDir.from_recipe(recipe)
     started = time.perf_counter()
     latest = latest_checkpoint(run)
-    if latest is not None and latest[0] >= recipe.train.max_steps:
+    fresh = recipe.train.resume_from != "latest"  # none / a folder: train even if this run has finished
+    if latest is not None and latest[0] >= recipe.train.max_steps and not fresh:
         summary = {"output_dir": str(run.root), "steps": latest[0], "steps trained now": 0, "trained": False}
         _print(accelerator, "train (up to date)", summary)
         return summary
     acc = accelerator if accelerator is not None else setup_accelerator(recipe)
-    init_tracking(recipe, acc, run)
     t = setup(recipe, acc, run)
+    init_tracking(recipe, acc, run)  # after setup: a stage that fails before training leaves no tracker run
     try:
         done = train_loop(t)
     finally:
         acc.end_training()
+    if acc.is_main_process:
+        from mpo.report import write_report
+
+        write_report(run, recipe, t.backbone)
     best = read_best(run)
     summary = {
         "output_dir": str(run.root),

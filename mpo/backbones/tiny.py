@@ -283,7 +283,9 @@ def pretrain_tiny_denoiser(
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0, foreach=True)
     losses = []
     try:
-        for _ in range(steps):
+        from tqdm.auto import tqdm
+
+        for _ in tqdm(range(steps), desc=f"building tiny {backbone.family}", unit="step", leave=False, mininterval=2):
             offset = torch.randn(batch_size, *offset_shape, generator=generator)
             x0 = (offset + torch.randn(batch_size, *latent_shape, generator=generator)).to(device)
             noise = torch.randn(batch_size, *latent_shape, generator=generator).to(device)
@@ -394,4 +396,9 @@ def ensure_tiny(cfg: ModelConfig) -> None:
         raise KeyError(
             f"model.family={cfg.family!r} has no tiny variant (model.tiny=true); known: {sorted(TINY_BUILDERS)}"
         )
+    from mpo.logs import get_logger
+
+    get_logger(__name__).info(
+        "model.tiny: building the tiny random-initialised %s at %s (once; later runs load it)", cfg.family, path
+    )
     TINY_BUILDERS[cfg.family](path)
