@@ -436,7 +436,9 @@ def train_loop(t: Trainer) -> dict[str, Any]:
                 t.optimizer.step()
                 t.optimizer.zero_grad(set_to_none=True)
                 if t.ema is not None and acc.sync_gradients:
-                    t.ema.step(t.acc.unwrap_model(t.model).parameters())
+                    from mpo.train_options import trainable
+
+                    t.ema.step(trainable(t.acc.unwrap_model(t.model)))
             window.append(out.scalars())
         if not acc.optimizer_step_was_skipped:
             t.scheduler.step()

@@ -355,3 +355,100 @@ def test_export_dataset_is_a_preference_dataset_with_decoded_images(lora_run, mo
     assert isinstance(row["win"], Image.Image)
     np.testing.assert_array_equal(np.asarray(row["win"]), expected.astype(np.uint8))
     assert not np.array_equal(np.asarray(row["win"]), np.asarray(row["lose"]))
+
+
+# ---- training options on a run -------------------------------------------------------------------------
+EMA = [
+    "model.finetune=lora",
+    "model.lora_rank=4",
+    "train.learning_rate=1e-2",
+    "train.max_steps=3",
+    "train.checkpoint_every=1",
+    "train.keep_checkpoints=3",
+    "train.ema=true",
+    "train.ema_decay=0.9",
+    "eval.every=0",
+    "eval.num_prompts=1",
+    "export.which=last",
+]
+
+
+def _lora_file(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "lora" / "pytorch_lora_weights.safetensors"))
+
+
+def test_ema_weights_differ_from_the_raw_ones_resume_exactly_and_are_exported(prepared, models, tmp_path):
+    run = copy_run(prepared, tmp_path / "run")
+    recipe = recipe_for(run, models, extra=EMA)
+    train_stage(recipe)
+    step3 = run / "checkpoints" / "step-3"
+    raw, ema = _lora_file(step3 / "weights"), _lora_file(step3 / "weights_ema")
+    assert raw.keys() == ema.keys()
+    ups = [k for k in raw if "lora.up" in k or "lora_B" in k]
+    assert ups and all((raw[k] - ema[k]).abs().max() > 1e-6 for k in ups)  # the average lags the weights
+    assert all(ema[k].abs().max() > 0 for k in ups)  # and moved off the zero init
+
+    # A resume from step 2 restores the EMA state: step 3's EMA weights are the uninterrupted ones.
+    resumed = copy_run(prepared, tmp_path / "resumed")
+    shutil.copytree(run / "checkpoints", resumed / "checkpoints")
+    shutil.rmtree(resumed / "checkpoints" / "step-3")
+    assert train_stage(recipe_for(resumed, models, extra=EMA))["resumed from step"] == 2
+    again = _lora_file(resumed / "checkpoints" / "step-3" / "weights_ema")
+    assert all(torch.allclose(again[k], ema[k], atol=1e-7) for k in ema)
+
+    export_stage(recipe)
+    exported = _lora_file(run / "export")
+    assert all(torch.equal(exported[k], ema[k]) for k in ema)
+    assert json.loads((run / "export" / "export.json").read_text())["ema"] is True
+    pipe = DiffusionPipeline.from_pretrained(run / "export")  # the EMA adapter merged in, as diffusers loads it
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+
+
+def test_resume_from_another_runs_checkpoint_and_from_none(lora_run, prepared, models, tmp_path):
+    source, _ = lora_run
+    run = copy_run(prepared, tmp_path / "run")
+    extra = [*LORA[:-3], "tracking.tracker=none", "eval.every=0", f"train.resume_from={source / 'checkpoints' / 'step-1'}"]
+    summary = train_stage(recipe_for(run, models, extra=extra))
+    assert summary["resumed from step"] == 1 and summary["steps trained now"] == 1
+    fresh = [*extra[:-1], "train.resume_from=none"]
+    summary = train_stage(recipe_for(run, models, extra=fresh))  # finished, but none starts over
+    assert summary["resumed from step"] == "-" and summary["steps trained now"] == 2
+
+
+def test_wandb_resumes_into_the_same_run_and_a_failed_setup_starts_none(lora_run, prepared, models, tmp_path):
+    from mpo.train_state import CheckpointError
+
+    source, _ = lora_run
+    run = copy_run(prepared, tmp_path / "run")
+    extra = [*LORA[:-3], "eval.every=0", "train.max_steps=1"]
+    train_stage(recipe_for(run, models, extra=extra))
+    train_stage(recipe_for(run, models, extra=[*extra[:-1], "train.max_steps=2"]))  # a restart
+    run_id = (run / "wandb" / "run_id").read_text().strip()
+    logs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(logs) == 2 and all(p.name.endswith(f"-{run_id}") for p in logs)
+
+    # A setup that fails (a checkpoint of a LoRA run given to a full fine-tuning) opens no run.
+    other = copy_run(prepared, tmp_path / "other")
+    bad = [*extra, "model.finetune=full", f"train.resume_from={source / 'checkpoints' / 'step-1'}"]
+    with pytest.raises(CheckpointError, match="other settings"):
+        train_stage(recipe_for(other, models, extra=bad))
+    assert not (other / "wandb").exists()
+
+
+def test_vae_override_replaces_the_pipelines_vae(models, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from mpo.backbones.base import load_backbone
+    from mpo.config import load_recipe
+    from tests.scripts.tiny_runs import SDXL
+
+    vae = AutoencoderKL.from_pretrained(models / "sdxl" / "vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.5)
+    vae.save_pretrained(tmp_path / "my-vae")
+    recipe = load_recipe(str(SDXL), [f"model.path={models / 'sdxl'}", f"model.vae_path={tmp_path / 'my-vae'}"])
+    backbone = load_backbone(recipe.model)
+    torch.testing.assert_close(backbone.pipeline().vae.decoder.conv_out.bias, vae.decoder.conv_out.bias)
+    recipe.model.vae_path = str(tmp_path / "nothing")
+    with pytest.raises(OSError, match=r"model\.vae_path=.*cannot load a VAE"):
+        load_backbone(recipe.model)
