@@ -221,15 +221,16 @@ def test_every_sdxl_attention_and_resnet_layer_round_trips_through_diffusers(tmp
     layers = {}
     for name, module in unet.named_modules():
         if isinstance(module, torch.nn.Linear | torch.nn.Conv2d) and ".norm" not in name and (
-            "attentions" in name or "resnets" in name
+            "attentions" in name or "resnets" in name or "samplers" in name
         ):
-            layers[f"unet.{name}.lora_A.weight"] = torch.zeros(1, 1)
-            layers[f"unet.{name}.lora_B.weight"] = torch.zeros(1, 1)
+            for which in ("lora_A", "lora_B"):  # a distinct value per tensor: a swapped name shows
+                layers[f"unet.{name}.{which}.weight"] = torch.full((1, 1), float(len(layers)))
     kohya = to_comfyui(layers, "unet", "sgm-unet", unet.config, alpha=4)
     state, _ = StableDiffusionXLPipeline.lora_state_dict(kohya, unet_config=unet.config)
     back = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
     assert len(layers) > 1500
     assert set(back) == {k.removeprefix("unet.") for k in layers}
+    assert all(torch.equal(back[k.removeprefix("unet.")], v) for k, v in layers.items())
 
 
 # ---- push to hub ---------------------------------------------------------------------------------------
