@@ -112,11 +112,11 @@ def setup_accelerator(recipe: Any) -> Accelerator:
 def init_tracking(recipe: Any, acc: Accelerator, run: RunDir) -> None:
     """Start the tracker run (wandb: under the run directory, ``tracking.mode`` online / offline)."""
     tracker = recipe.tracking.tracker
-    if tracker == "none":
-        return
+    if tracker == "none" or not acc.is_main_process:
+        return  # one tracker run, the main process's (accelerate's wandb tracker starts one per process)
     wandb = {"dir": str(run.root), "name": recipe.tracking.run_name or recipe.name}
     wandb["mode"] = getattr(recipe.tracking, "mode", "online")
-    if tracker == "wandb" and acc.is_main_process:
+    if tracker == "wandb":
         (run.root / "wandb").mkdir(parents=True, exist_ok=True)
         from mpo.tracking import wandb_run_id
 

@@ -453,3 +453,42 @@ def test_vae_override_replaces_the_pipelines_vae(models, tmp_path):
     recipe.model.vae_path = str(tmp_path / "nothing")
     with pytest.raises(OSError, match=r"model\.vae_path=.*cannot load a VAE"):
         load_backbone(recipe.model)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("launch", ["cpu_ddp.yaml", "cpu_deepspeed_zero2.yaml"])
+def test_two_processes_train_with_ema_wandb_and_pictures(prepared, models, tmp_path, launch):
+    """EMA, the wandb run, eval pictures and the report under accelerate launch with 2 processes:
+    every rank exits 0, and the EMA weights are the 1-process run's (same pairs and mean gradient)."""
+    import os
+    import socket
+    import sys
+
+    from tests.scripts.tiny_runs import ROOT, SDXL, SDXL_SMALL
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    extra = [*EMA[:-2], "train.max_steps=2", "eval.every=1", "eval.num_prompts=2", "tracking.tracker=wandb",
+             "tracking.mode=offline"]  # fmt: skip
+    two = copy_run(prepared, tmp_path / "two")
+    overrides = [*SDXL_SMALL, f"output_dir={two}", f"model.path={models / 'sdxl'}", *extra, "train.batch_size=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / launch),
+        "--main_process_port", str(port), str(ROOT / "tests" / "scripts" / "train_run.py"), str(SDXL), *overrides,
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert len(list((two / "wandb").glob("offline-run-*"))) == 1  # the main process's run only
+    assert (two / "report" / "curve-total.png").exists() and (two / "eval" / "step-0" / "samples.json").exists()
+    one = copy_run(prepared, tmp_path / "one")
+    train_stage(recipe_for(one, models, extra=[*extra[:-2], "tracking.tracker=none", "train.batch_size=2"]))
+    a = _lora_file(one / "checkpoints" / "step-2" / "weights_ema")
+    b = _lora_file(two / "checkpoints" / "step-2" / "weights_ema")
+    assert a.keys() == b.keys()
+    moved = max(a[k].abs().max().item() for k in a if "lora.up" in k or "lora_B" in k)
+    apart = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert moved > 1e-4 and apart < 0.05 * moved, f"1 vs 2 processes: EMA differs by {apart} (moved {moved})"
