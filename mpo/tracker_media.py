@@ -63,7 +63,7 @@ def gif_bytes(frames: np.ndarray, fps: float) -> bytes:
 def log_tensorboard(tracker: Any, previews: list[dict[str, Any]], step: int) -> None:
     from tensorboard.compat.proto.summary_pb2 import Summary
 
-    writer = tracker.writer
+    writer = tracker.tracker  # the SummaryWriter
     for x in previews:
         tag = f"eval/{x['prompt_id']}-{x['sample_idx']}"
         writer.add_text(f"{tag}/prompt", caption(x, step), global_step=step)
