@@ -521,7 +521,12 @@ class VLMBackend:
         )
         return positions[..., :-1], positions[..., -1]
 
-    def _score_shared_prefix(self, samples: list[Sample], rows: list[list[str]]) -> torch.Tensor:
+    def prefix_cache(self, samples: list[Sample], rows: list[list[str]]):
+        """The shared-prefix pass: ``(cache, prefix mask, first suffix position, suffix ids per sample)``.
+
+        One forward over every sample's right-padded prefix (visuals included) fills the cache, one row
+        per sample. Gradients flow through it when grad mode is on (the reward's trainer uses it so).
+        """
         ids, mask, types, visual, suffixes = self._prefix_inputs(samples, rows)
         prefix_pos, start = self._positions(ids, mask, types, visual)
         extra = {"mm_token_type_ids": types} if types is not None else {}
@@ -534,7 +539,10 @@ class VLMBackend:
             **visual,
             **extra,
         )
-        cache = prefix.past_key_values
+        return prefix.past_key_values, mask, start, suffixes
+
+    def _score_shared_prefix(self, samples: list[Sample], rows: list[list[str]]) -> torch.Tensor:
+        cache, mask, start, suffixes = self.prefix_cache(samples, rows)
         per_sample = len(rows[0])
         chunk = self.question_chunk or per_sample
         parts = []
@@ -553,6 +561,23 @@ class VLMBackend:
         """All question suffixes of every sample as one right-padded batch over the repeated prefix
         cache; p(yes) read at each row's last real token. -> ``[samples, questions]``."""
         per_sample = len(suffixes[0])
+        last = self.suffix_states(cache, mask, start, suffixes)
+        head = self.model.get_output_embeddings()
+        candidates = self.yes_ids + self.no_ids
+        bias = head.bias[candidates] if getattr(head, "bias", None) is not None else None
+        logits = torch.nn.functional.linear(last, head.weight[candidates], bias)
+        return self._p_from_candidates(logits).view(len(suffixes), per_sample)
+
+    def suffix_states(
+        self, cache: Any, mask: torch.Tensor, start: torch.Tensor, suffixes: list[list[Sequence[int]]]
+    ) -> torch.Tensor:
+        """Final hidden states at the answer position of every question row -> ``[rows, hidden]``.
+
+        ``cache`` holds one row per question row (sample i's prefix repeated ``len(suffixes[i])``
+        times, in order); samples may have different numbers of questions. The suffixes run as one
+        right-padded batch over it; each row's answer position is its last real token.
+        """
+        counts = torch.tensor([len(s) for s in suffixes], device=self.device)
         flat = [s for sample_suffixes in suffixes for s in sample_suffixes]
         width = max(len(s) for s in flat)
         suffix_ids = torch.tensor([list(s) + [self._pad_id] * (width - len(s)) for s in flat])
@@ -560,8 +585,8 @@ class VLMBackend:
         lengths = torch.tensor([len(s) for s in flat], device=self.device)
         steps = torch.arange(width, device=self.device)
         suffix_mask = (steps[None, :] < lengths[:, None]).long()
-        full_mask = torch.cat([mask.repeat_interleave(per_sample, 0), suffix_mask], 1)
-        start = start.repeat_interleave(per_sample, dim=-1)
+        full_mask = torch.cat([mask.repeat_interleave(counts, 0), suffix_mask], 1)
+        start = start.repeat_interleave(counts, dim=-1)
         positions = start[..., None] + steps  # [3, rows, width] or [rows, width]
 
         hidden = self.model.get_decoder()(
@@ -571,12 +596,7 @@ class VLMBackend:
             past_key_values=cache,
             use_cache=True,
         ).last_hidden_state
-        last = hidden[torch.arange(len(flat), device=self.device), lengths - 1]
-        head = self.model.get_output_embeddings()
-        candidates = self.yes_ids + self.no_ids
-        bias = head.bias[candidates] if getattr(head, "bias", None) is not None else None
-        logits = torch.nn.functional.linear(last, head.weight[candidates], bias)
-        return self._p_from_candidates(logits).view(len(suffixes), per_sample)
+        return hidden[torch.arange(len(flat), device=self.device), lengths - 1]
 
 
 def _to(batch: dict, device: torch.device) -> dict:
