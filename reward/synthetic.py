@@ -66,7 +66,7 @@ def draw(index: int, seed: int = 0, size: int = 56) -> tuple[torch.Tensor, dict[
     low = 0.6 if bright else 0.1
     level = low + 0.3 * torch.rand((), generator=gen)
     image = level + 0.04 * torch.randn(3, size, size, generator=gen)
-    side = int(torch.randint(size * 2 // 7, size * 3 // 7 + 1, (), generator=gen))
+    side = int(torch.randint(size * 3 // 8, size // 2 + 1, (), generator=gen))
     y, x = (int(v) for v in torch.randint(0, size - side + 1, (2,), generator=gen))
     colour = _RED if red else _BLUE
     image[:, y : y + side, x : x + side] = colour[:, None, None] + 0.03 * torch.randn(
