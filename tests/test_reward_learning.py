@@ -30,6 +30,7 @@ def _curve(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # ~20-40 s on 2 cores
 def test_held_out_accuracy_goes_from_chance_to_above_90_percent(shapes, tmp_path):
     run = tmp_path / "qa"
     recipe = load_train_recipe(
@@ -93,6 +94,7 @@ def _resized_tiny(path: Path, hidden: int, layers: int) -> Path:
     return path
 
 
+@pytest.mark.slow  # ~30-50 s on 2 cores
 def test_a_distilled_student_answers_like_its_teacher(shapes, tmp_path):
     # The teacher: the pixel-statistics backend on the full image checklist (it answers 17 of its
     # questions, with soft p(yes); the rest are unknown and left out), through `reward score`.
