@@ -187,6 +187,7 @@ def setup_model(recipe: Any, acc: Accelerator) -> tuple[AnswerModel, Any, tuple[
     with acc.main_process_first(), whole_model_loading():
         vlm, processor = load_vlm(recipe.model, acc.device)
     mode = finetune_mode(recipe.model)
+    set_seed(recipe.train.seed)  # LoRA's initial weights, whether or not the tiny model was just built
     vlm = mode.prepare(vlm)
     if acc.mixed_precision != "no":  # fp32 master copies of what trains
         for p in vlm.parameters():
@@ -278,8 +279,7 @@ def setup(recipe: Any, kind: str, acc: Accelerator, run: RunDir) -> RewardTraine
 
         save_resolved(recipe, run.root)
         write_parquet(_split_table(data, split), run.root / SPLIT_FILE)
-    set_seed(recipe.train.seed)  # LoRA's initial weights; a resume then restores every RNG state
-    answers, mode, taught = setup_model(recipe, acc)
+    answers, mode, taught = setup_model(recipe, acc)  # seeds the RNG; a resume restores every RNG state
     optimizer = setup_optimizer(recipe, answers)
     fill_deepspeed_config(recipe, acc)
     model, optimizer = acc.prepare(answers, optimizer)

@@ -17,8 +17,9 @@ Two sources, one result (a :class:`QAData`: samples, and question rows that poin
   ``prompt``, ``q.<question id>`` = the teacher's p(yes)); every known p(yes) becomes a soft target,
   NaN (the teacher could not judge) is left out.
 
-Media paths are relative to ``data.media_root`` or, without it, to the folder of the file that names
-them. A *sample* is one media file with one prompt; everything about samples is decided per sample,
+Relative media paths start at ``data.media_root`` or, without it, at the folder of the annotation
+file that names them (a dataset moves as a whole); in a teacher's scores table, which ``reward score``
+writes with the paths as given on its command line, at the current directory. A *sample* is one media file with one prompt; everything about samples is decided per sample,
 never per row: the held-out split (a seeded hash order, so all questions of an image land on the same
 side), and the training order (each stream position is one sample with all its questions, asked over
 one shared prefix).
@@ -289,7 +290,8 @@ def read_teacher_scores(
     table = read_table(path)
     if not table:
         raise DataError(f"{path}: no rows")
-    base = Path(media_root) if media_root else Path(path).parent
+    # `reward score` records media paths as given on its command line: relative to where it ran.
+    base = Path(media_root) if media_root else Path.cwd()
     ids = {q.id: i for i, q in enumerate(checklist.questions)}
     out = _Collector(checklist)
     columns = [c for c in table[0][1] if str(c).startswith("q.")]

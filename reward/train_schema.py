@@ -40,7 +40,8 @@ class DataConfig:
     checklist: str = "image-full"  # bundled checklist name or YAML path: the questions that may be asked
     annotations: list[str] | None = None  # JSONL / parquet annotation files (`reward train`)
     teacher_scores: str | None = None  # a teacher's scores file, q.<id> = p(yes) (`reward distill`)
-    media_root: str | None = None  # where relative media paths start (default: each file's own folder)
+    media_root: str | None = None  # where relative media paths start (default: an annotation file's
+    # own folder; for teacher_scores, the current directory, as `reward score` wrote them)
     val_fraction: float = 0.1  # held-out samples (a sample: one image/video with its prompt)
     val_count: int | None = None  # overrides val_fraction when set
     split_seed: int = 0

@@ -226,13 +226,11 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(straight, tiny_vlm, sha
 
 def _initial_adapter(tiny_vlm: Path, shapes, tmp_path: Path) -> dict[str, torch.Tensor]:
     """The adapter as set up before the first step (same seed), in the checkpoint's key layout."""
-    from accelerate.utils import set_seed
     from peft.utils import get_peft_model_state_dict
 
     from reward.train import setup_accelerator, setup_model
 
     r = recipe(tmp_path / "initial", tiny_vlm, shapes, *LORA_WITH_DROPOUT)
-    set_seed(r.train.seed)
     _, mode, _ = setup_model(r, setup_accelerator(r))
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(mode.peft_model).items()}
 
