@@ -57,6 +57,8 @@ def recipe(run: Path, model: Path, shapes: dict[str, Path], *extra: str):
             f"data.checklist={shapes['checklist']}",
             f"data.annotations=[{shapes['annotations']}]",
             "data.val_fraction=0.25",
+            "train.lr_schedule=constant",
+            "train.warmup_steps=0",
             "train.batch_size=4",
             "train.max_steps=4",
             "eval.batch_size=8",
@@ -254,6 +256,20 @@ def test_export_loads_as_the_vlm_reward_and_answers_like_the_trained_model(
     torch.testing.assert_close(
         backend.answer(samples, rows).p_yes, reference.answer(samples, rows).p_yes, atol=1e-5, rtol=0
     )
+    # the trainer's own held-out numbers are what the export gives through the scorer
+    import pandas as pd
+
+    from reward.answer_eval import compare, score_samples
+
+    split = pd.read_parquet(run / "split.parquet")
+    val = set(split.loc[split["split"] == "val", "sample"])
+    held_out = td.QAData(data.checklist, data.samples, [r for r in data.rows if r.sample in val])
+    table = score_samples(data.checklist, backend, [data.samples[i] for i in sorted(val)], 24, 8)
+    last = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])
+    result = compare(table, held_out, "export")
+    assert result["rows"] == last["rows"] and result["accuracy"] == pytest.approx(last["accuracy"])
+    assert result["mean_abs_dp"] == pytest.approx(last["mean_abs_dp"], abs=1e-5)
+
     # a recipe's reward section names it like any other VLM
     from omegaconf import OmegaConf
 
@@ -280,7 +296,8 @@ def test_adapter_export_and_full_fine_tuning(tiny_vlm, shapes, tmp_path):
     assert lora and any(float(p.abs().max()) > 0 for p in lora.values())  # the trained adapter, attached
 
     full = tmp_path / "full"
-    extra = ["model.finetune=full", "train.learning_rate=1e-3", "train.max_steps=2", "eval.limit=1"]
+    extra = ["model.finetune=full", "model.train_vision=false", "train.learning_rate=1e-3", "train.max_steps=2",
+             "eval.limit=1"]  # fmt: skip
     summary = train_stage(recipe(full, tiny_vlm, shapes, *extra))
     assert summary["steps trained now"] == 2
     trained = load_file(str(full / "model" / "model.safetensors"))
@@ -288,7 +305,7 @@ def test_adapter_export_and_full_fine_tuning(tiny_vlm, shapes, tmp_path):
     language = [k for k in base if "visual" not in k and k in trained]
     moved = [k for k in language if not torch.equal(trained[k], base[k])]
     assert len(moved) == len(language), f"{len(language) - len(moved)} language-model tensors did not train"
-    assert all(torch.equal(trained[k], base[k]) for k in base if "visual" in k)  # frozen by default
+    assert all(torch.equal(trained[k], base[k]) for k in base if "visual" in k)  # model.train_vision=false
     VLMBackend.from_pretrained(full / "model", dtype="float32", device="cpu")
 
 

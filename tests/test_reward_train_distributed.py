@@ -43,7 +43,7 @@ def _overrides(run: Path, setup: dict[str, Path], batch: int) -> list[str]:
     return [
         f"output_dir={run}", f"model.path={setup['model']}", f"data.checklist={setup['checklist']}",
         f"data.annotations=[{setup['annotations']}]", "data.val_fraction=0.25", "model.finetune=full",
-        "train.learning_rate=1e-3", f"train.batch_size={batch}", "train.gradient_accumulation_steps=2",
+        "train.learning_rate=1e-3", "train.lr_schedule=constant", "train.warmup_steps=0", f"train.batch_size={batch}", "train.gradient_accumulation_steps=2",
         "train.max_steps=2", "train.checkpoint_every=0", "eval.batch_size=4",
     ]  # fmt: skip
 
