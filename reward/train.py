@@ -198,9 +198,7 @@ def setup_model(recipe: Any, acc: Accelerator) -> tuple[AnswerModel, Any, tuple[
     )
     vlm.train()
     taught = taught_tokens(backend, list(recipe.train.answer_words))
-    model = AnswerModel(vlm, backend)
-    model.processor = processor
-    return model, mode, taught
+    return AnswerModel(vlm, backend), mode, taught
 
 
 def setup_optimizer(recipe: Any, model: nn.Module) -> torch.optim.Optimizer:
@@ -605,7 +603,7 @@ def train_stage(recipe: Any, kind: str = "train", accelerator: Accelerator | Non
         t = setup(recipe, kind, acc, run)
         loop = train_loop(t)
         if acc.is_main_process:
-            export(recipe, run, t.answers.processor, t.mode)
+            export(recipe, run, t.answers.backend.processor, t.mode)
         acc.wait_for_everyone()
     finally:
         acc.end_training()

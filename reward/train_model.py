@@ -77,7 +77,7 @@ def scorer_for(
     model: nn.Module, processor: Any, cfg: Any, source: str, max_frames: int, batch: int
 ) -> VLMBackend:
     """The scorer over the live model (it renders and splits for training, and scores the held-out set)."""
-    backend = VLMBackend(
+    return VLMBackend(
         model,
         processor,
         source=source,
@@ -85,7 +85,6 @@ def scorer_for(
         max_frames=max_frames,
         answer_reduce=cfg.answer_reduce,
     )
-    return backend
 
 
 def taught_tokens(backend: VLMBackend, words: list[str]) -> tuple[int, int]:
