@@ -11,6 +11,7 @@ Training the reward itself (paper section 3.2), on one process or under ``accele
 
     reward train   recipes/reward/tiny_qa.yaml [key=value ...]       learn from human yes / no answers
     reward distill recipes/reward/tiny_distill.yaml [key=value ...]  learn a teacher's p(yes)
+    reward recipe  recipes/reward/tiny_qa.yaml [key=value ...]       print the resolved recipe
     reward eval-answers --checklist image-full --annotations held_out.jsonl --model runs/x/model --out r.json
     reward import-vrdb data/train-*.parquet --questions meta_qa_en.txt --out vrdb/annotations.jsonl
 
@@ -242,6 +243,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipe(args: argparse.Namespace) -> int:
+    from reward.train_config import load_train_recipe, to_yaml
+
+    sys.stdout.write(to_yaml(load_train_recipe(args.recipe, args.overrides)))
+    return 0
+
+
 def cmd_eval_answers(args: argparse.Namespace) -> int:
     from reward.answer_eval import AnswerTable, evaluate_answers, report_text
 
@@ -307,6 +315,10 @@ def _add_training_commands(sub: Any) -> None:
         cmd.add_argument("recipe", help="reward-training recipe (recipes/reward/*.yaml)")
         cmd.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10")
         cmd.set_defaults(func=cmd_train)
+    shown = sub.add_parser("recipe", help="print a reward-training recipe, resolved (what a run would use)")
+    shown.add_argument("recipe")
+    shown.add_argument("overrides", nargs="*")
+    shown.set_defaults(func=cmd_recipe)
 
     ev = sub.add_parser("eval-answers", help="answer accuracy vs annotations / agreement with a teacher")
     ev.add_argument("--checklist", required=True)

@@ -445,14 +445,14 @@ def evaluated(run: RunDir, step: int) -> bool:
 
 
 def _eval_plan(t: RewardTrainer) -> list[list[int | None]]:
-    """This process's held-out batches; every process gets the same number (ZeRO-3 runs its forwards
-    in lockstep), the last ones padded with None."""
+    """This process's held-out batches. Every process runs the same number of forwards (ZeRO-3 gathers
+    weights in lockstep): one that has run out asks one stand-in sample (None) and discards it."""
     ids = td.iterate_val(t.data, t.split, t.recipe.eval.limit)
     size, world, rank = t.recipe.eval.batch_size, t.acc.num_processes, t.acc.process_index
-    plan = []
+    plan: list[list[int | None]] = []
     for start in range(0, len(ids), size * world):
-        chunk = ids[start + rank * size : start + (rank + 1) * size]
-        plan.append(chunk + [None] * (size - len(chunk)))
+        chunk: list[int | None] = list(ids[start + rank * size : start + (rank + 1) * size])
+        plan.append(chunk or [None])
     return plan
 
 

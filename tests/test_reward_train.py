@@ -195,6 +195,8 @@ def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
 def test_kill_and_resume_gives_the_uninterrupted_weights(straight, tiny_vlm, shapes, tmp_path, monkeypatch):
     run, summary = straight
     assert summary["steps trained now"] == 4 and summary["resumed from step"] == "-"
+    recorded = load_train_recipe(run / "recipe.yaml")  # the run's resolved recipe loads from anywhere
+    assert recorded.train.max_steps == 4 and Path(recorded.data.annotations[0]).is_absolute()
     start = _initial_adapter(tiny_vlm, shapes, tmp_path)
     final = _weights(run, 4)
     assert final.keys() == start.keys() and all("lora_" in k for k in final)
@@ -398,6 +400,15 @@ def test_recipe_errors_name_key_value_and_source(tmp_path):
     assert "data.balance='maybe'" in text and "train.answer_words=['True']" in text and "quoted" in text
 
 
+def test_reward_recipe_prints_the_resolved_recipe_which_loads_back(tmp_path, capsys):
+    assert main(["recipe", str(TINY_QA), "data.checklist=image-full", "train.max_steps=7"]) == 0
+    text = capsys.readouterr().out
+    saved = tmp_path / "recipe.yaml"
+    saved.write_text(text)
+    again = load_train_recipe(saved)
+    assert again.train.max_steps == 7 and again.output_dir == "runs/tiny-reward-qa"
+
+
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, tiny_vlm):
     assert main(["train", str(TINY_QA), "train.max_steps=0"]) == 2
     assert "train.max_steps=0" in capsys.readouterr().err
@@ -407,3 +418,55 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, tiny_vlm):
     assert f"{missing}: no such file" in capsys.readouterr().err
     assert main(["distill", str(TINY_QA), f"output_dir={tmp_path / 'r'}", "data.checklist=image-full"]) == 2
     assert "reward distill needs data.teacher_scores" in capsys.readouterr().err
+
+
+def test_videos_train_with_dataloader_workers_and_curves_reach_tensorboard(tiny_vlm, tmp_path):
+    """Video samples (one frame per second, the scorer's sampling) through a worker process, a
+    video checklist with [[prompt]] questions, and the held-out curve as tensorboard scalars."""
+    from reward.media import save_video
+
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(4):
+        save_video(tmp_path / f"clip{i}.mp4", torch.rand(12, 3, 32, 32, generator=gen), fps=4)  # 3 seconds
+        for q in (
+            0,
+            22,
+        ):  # "Does the video meet all the requirements stated in the text "[[prompt]]"?", stability
+            rows.append(
+                {
+                    "video": f"clip{i}.mp4",
+                    "prompt": f"a cat {i}",
+                    "question": q,
+                    "answer": ["no", "yes"][(i + q) % 2],
+                }
+            )
+    annotations = tmp_path / "videos.jsonl"
+    annotations.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run = tmp_path / "run"
+    r = load_train_recipe(
+        TINY_QA,
+        [f"output_dir={run}", f"model.path={tiny_vlm}", "data.checklist=video-official",
+         f"data.annotations=[{annotations}]", "data.val_count=1", "data.max_frames=2", "train.batch_size=2",
+         "train.max_steps=2", "train.lr_schedule=constant", "train.warmup_steps=0", "train.num_workers=1",
+         "tracking.tracker=tensorboard"],
+    )  # fmt: skip
+    summary = train_stage(r)
+    assert summary["steps trained now"] == 2 and summary["question rows (held out)"] == 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = sorted(run.rglob("events.out.tfevents.*"))
+    assert events
+    tags = set()
+    for path in events:
+        accumulator = EventAccumulator(str(path))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"train/loss", "eval/accuracy", "eval/mean_abs_dp"} <= tags
+    backend = VLMBackend.from_pretrained(run / "model", dtype="float32", device="cpu", max_frames=2)
+    sample = td.load_sample(
+        td.read_annotations([annotations], load_checklist("video-official")).samples[0], 2
+    )
+    assert sample.pixels.shape[0] == 2 and backend.answer(
+        [sample], [["Is the video stable?"]]
+    ).p_yes.shape == (1, 1)
