@@ -577,7 +577,9 @@ class VLMBackend:
         times, in order); samples may have different numbers of questions. The suffixes run as one
         right-padded batch over it; each row's answer position is its last real token.
         """
-        counts = torch.tensor([len(s) for s in suffixes], device=self.device)
+        counts = [len(s) for s in suffixes]
+        # an int when every sample has as many questions (the scorer's case); output_size: no host sync
+        repeats = counts[0] if len(set(counts)) == 1 else torch.tensor(counts, device=self.device)
         flat = [s for sample_suffixes in suffixes for s in sample_suffixes]
         width = max(len(s) for s in flat)
         suffix_ids = torch.tensor([list(s) + [self._pad_id] * (width - len(s)) for s in flat])
@@ -585,8 +587,8 @@ class VLMBackend:
         lengths = torch.tensor([len(s) for s in flat], device=self.device)
         steps = torch.arange(width, device=self.device)
         suffix_mask = (steps[None, :] < lengths[:, None]).long()
-        full_mask = torch.cat([mask.repeat_interleave(counts, 0), suffix_mask], 1)
-        start = start.repeat_interleave(counts, dim=-1)
+        full_mask = torch.cat([mask.repeat_interleave(repeats, 0, output_size=len(flat)), suffix_mask], 1)
+        start = start.repeat_interleave(repeats, dim=-1, output_size=len(flat))
         positions = start[..., None] + steps  # [3, rows, width] or [rows, width]
 
         hidden = self.model.get_decoder()(
