@@ -135,3 +135,41 @@ def test_two_process_deepspeed_zero3_trains_resumes_and_exports_whole_weights(on
     exported = load_file(str(two / "model" / "model.safetensors"))
     assert all(exported[k].shape == v.shape for k, v in base.items() if k in exported)
     _compare(one_process, two, setup["model"])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_damaged_file_on_one_rank_stops_both_after_a_checkpoint(setup, tmp_path):
+    import shutil
+
+    from reward import train_data as td
+    from reward.checklist import load_checklist
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(setup["annotations"].parent, data_dir)
+    local = {**setup, "checklist": data_dir / "checklist.yaml", "annotations": data_dir / "annotations.jsonl"}
+    overrides = [
+        *_overrides(tmp_path / "run", local, batch=2),
+        "train.gradient_accumulation_steps=1",
+        "train.max_steps=3",
+    ]
+    recipe = load_train_recipe(TINY_QA, overrides)
+    data = td.read_annotations([local["annotations"]], load_checklist(local["checklist"]))
+    train = td.TrainSet.build(
+        data, td.split_samples(data.samples, 0.25, None, 0), "downsample", recipe.train.seed
+    )
+    victim = data.samples[train.sample_at(7)]  # step 2 reads positions 4-7: rank 1 takes 6 and 7
+    victim.media.write_bytes(victim.media.read_bytes()[:60])
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / "cpu_ddp.yaml"),
+        "--main_process_port", str(_free_port()), "-m", "reward.cli", "train", str(TINY_QA), *overrides,
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode != 0
+    # both ranks report it (the error is gathered), and the step trained before it is kept
+    assert result.stderr.count(f"{victim.where}: image {victim.media}: cannot be decoded") == 2, (
+        result.stderr[-3000:]
+    )
+    assert "checkpoint step-1 holds the 1 steps done" in result.stderr
+    assert (tmp_path / "run" / "checkpoints" / "step-1" / "progress.json").exists()
