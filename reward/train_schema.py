@@ -17,7 +17,7 @@ LOSSES = ("token_ce", "binary")
 BALANCE_MODES = ("downsample", "weight", "none")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 ANSWER_REDUCE = ("max", "logsumexp")
-ATTENTION = ("sdpa", "eager")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 
 @dataclass
@@ -31,7 +31,7 @@ class VLMConfig:
     lora_dropout: float = 0.0
     lora_target_modules: list[str] | None = None  # None: every linear layer of the language model
     train_vision: bool = False  # also train the vision tower (full) / put adapters on it (lora)
-    attention: str = "sdpa"  # sdpa | eager
+    attention: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs the flash-attn package)
     answer_reduce: str = "max"  # how p(yes) pools the yes/no spellings: the scorer's reward.answer_reduce
 
 

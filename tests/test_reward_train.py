@@ -289,7 +289,16 @@ def test_export_loads_as_the_vlm_reward_and_answers_like_the_trained_model(
 def test_adapter_export_and_full_fine_tuning(tiny_vlm, shapes, tmp_path):
     adapter = tmp_path / "adapter"
     train_stage(
-        recipe(adapter, tiny_vlm, shapes, "train.max_steps=1", "export.merge_lora=false", "eval.limit=1")
+        recipe(
+            adapter,
+            tiny_vlm,
+            shapes,
+            "train.max_steps=1",
+            "export.merge_lora=false",
+            "eval.limit=1",
+            "train.loss=binary",
+            "model.answer_reduce=logsumexp",
+        )
     )
     config = json.loads((adapter / "model" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_vlm)
