@@ -5,6 +5,7 @@
     python benchmarks/reward_scoring.py                                  # tiny Qwen2-VL, CPU, seconds
     python benchmarks/reward_scoring.py --device cuda --full-size        # Qwen2-VL-2B-sized, bf16
     python benchmarks/reward_scoring.py --device cuda --full-size --image-size 1024
+    python benchmarks/reward_scoring.py --backend cogvlm2          # the official VisionReward architecture
 
 The baseline is the release's way: for every question, ``generate(max_new_tokens=1)`` over the full
 prompt, the image re-encoded each time (``VLMBackend.answer_naive(use_generate=True)``). The fast
@@ -27,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import reward_scoring_cogvlm2
 import torch
 
 from reward.backends.tiny_vlm import build_tiny_qwen2_vl
@@ -127,7 +129,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     parser.add_argument("--naive-repeats", type=int, default=1, help="timed runs of the slow baseline")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: steady on a shared machine)")
+    parser.add_argument("--backend", default="vlm", choices=["vlm", "cogvlm2"], help="see reward_scoring_cogvlm2.py")
+    reward_scoring_cogvlm2.add_arguments(parser)
     args = parser.parse_args()
+    if args.backend == "cogvlm2":
+        reward_scoring_cogvlm2.run(args)
+        return
     torch.set_grad_enabled(False)
     torch.set_num_threads(args.threads)
     side = args.image_size or (448 if args.full_size else 112)

@@ -381,8 +381,8 @@ class _Checker:
 
             if c.reward.backend not in BACKENDS:
                 self.add("reward.backend", f"must be one of {list(BACKENDS)}")
-            elif c.reward.backend == "vlm" and not c.reward.model_path and self.wanted("reward.model_path"):
-                self.add("reward.model_path", "required when reward.backend='vlm' (a local folder or hub id)")
+            elif c.reward.backend in ("vlm", "cogvlm2") and not c.reward.model_path and self.wanted("reward.model_path"):
+                self.add("reward.model_path", f"required when reward.backend={c.reward.backend!r} (a local folder or hub id)")
         backbone = self.check_family()
         modality = self.check_checklist()
         if backbone is not None and modality is not None and modality != backbone.modality:

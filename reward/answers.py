@@ -5,8 +5,8 @@ An answers file is JSONL or parquet, one row per sample::
     {"id": "img-7", "prompt": "a red bus", "alignment": 0.83,
      "answers": {"0": true, "symmetrical": 0.71, "Is the image clear?": "yes", ...}}
 
-Keys of ``answers`` may be a question's index, its id, or its text (the template with ``[[prompt]]`` or
-the text with the row's prompt filled in). Values are booleans, "yes"/"no", or probabilities of yes in
+Keys of ``answers`` may be a question's index, its id, or its text or one of its aliases (the template
+with ``[[prompt]]`` or the text with the row's prompt filled in). Values are booleans, "yes"/"no", or probabilities of yes in
 [0, 1]; an explicit ``null`` marks a question as deliberately unknown (left out of the sums). Every
 question of the checklist must be present: a missing or unknown question is an error that names the
 row and the question, so a typo never silently becomes a "no".
@@ -84,7 +84,7 @@ def parse_answers_row(
     prompt = str(row.get("prompt") or "")
     lookup: dict[str, int] = {}
     for i, q in enumerate(checklist.questions):
-        for key in (str(i), q.id, q.text, q.render(prompt)):
+        for key in (str(i), *q.names(prompt)):
             lookup[key] = i
     p = [math.nan] * len(checklist.questions)
     seen = [False] * len(checklist.questions)

@@ -6,6 +6,11 @@
                  --images imgs/*.png --prompts prompts.txt --out scores.parquet
     reward fit   --checklist image-full --pairs pairs.jsonl --out weights.json
     reward eval  --pairs pairs.jsonl --weights weights.json
+    reward convert THUDM/VisionReward-Image          # SAT release -> transformers folder (reward cache)
+    reward verify --model THUDM/VisionReward-Video --remote-python OLD_ENV/bin/python --videos v.mp4
+
+With --model and no --backend, the backend follows the model: ``vlm``, which answers a CogVLM2
+checkpoint (the official VisionReward releases) with the native ``cogvlm2`` backend.
 
 Training the reward itself (paper section 3.2), on one process or under ``accelerate launch``:
 
@@ -29,7 +34,11 @@ from typing import Any
 
 import torch
 
-from reward.checklist import ChecklistError, available_checklists, load_checklist
+from reward.backends import BackendError
+from reward.checklist import ChecklistError, available_checklists, load_checklist, weights_path
+from reward.media import MediaError
+
+OUT_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
 
 
 def _write_rows(rows: list[dict[str, Any]], out: str | Path) -> None:
@@ -47,7 +56,7 @@ def _write_rows(rows: list[dict[str, Any]], out: str | Path) -> None:
     elif out.suffix in (".jsonl", ".json"):
         frame.to_json(tmp, orient="records", lines=True)
     else:
-        raise ChecklistError(f"{out}: output must end in .parquet, .jsonl or .csv")
+        raise ChecklistError(f"{out}: output must end in {', '.join(OUT_SUFFIXES)}")
     tmp.replace(out)
 
 
@@ -55,6 +64,8 @@ def _read_prompts(path: str | None, media: list[str]) -> list[str]:
     if not path:
         return [""] * len(media)
     p = Path(path)
+    if not p.is_file():
+        raise ChecklistError(f"{p}: no such prompts file (--prompts)")
     if p.suffix in (".json", ".jsonl"):
         from reward.answers import read_rows
 
@@ -79,7 +90,14 @@ def _read_prompts(path: str | None, media: list[str]) -> list[str]:
     return lines
 
 
+def _check_out(out: str | Path) -> None:
+    """Fail on an output name before any work is done, not after."""
+    if Path(out).suffix not in OUT_SUFFIXES:
+        raise ChecklistError(f"{out}: output must end in {', '.join(OUT_SUFFIXES)}")
+
+
 def cmd_score(args: argparse.Namespace) -> int:
+    _check_out(args.out)
     checklist = load_checklist(args.checklist, weights=args.weights)
     if args.answers:
         from reward.answers import answers_to_tensors, read_rows
@@ -97,28 +115,35 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise ChecklistError("give --answers FILE, or --images / --videos with --backend")
     from tqdm import tqdm
 
-    from reward.backends import build_backend
-    from reward.media import MediaError, load_media
+    from reward.backends import MODEL_BACKENDS, build_backend
+    from reward.media import load_media
     from reward.visionreward import VisionReward
 
     prompts = _read_prompts(args.prompts, media)
+    backend = args.backend or ("vlm" if args.model else "pixel-stats")
+    if backend == "pixel-stats" and args.model:
+        raise ChecklistError(
+            f"--model {args.model} with --backend pixel-stats: pixel statistics use no model; drop "
+            "--backend (the backend then follows the model) or drop --model"
+        )
     kwargs: dict[str, Any] = {}
-    if args.backend == "vlm":
+    if backend in MODEL_BACKENDS:
         kwargs = {
             "dtype": args.dtype,
             "batch_size": args.batch_size,
             "max_frames": args.max_frames,
             "device": args.device,
         }
-        if args.alignment_model:
-            kwargs["alignment_model_path"] = args.alignment_model
+    if args.alignment_model:  # VQAScore (CLIP-FlanT5) or a VLM's p(yes), for any backend
+        kwargs.update(alignment_model_path=args.alignment_model, dtype=args.dtype, device=args.device)
+        kwargs["batch_size"] = args.batch_size
     reward = VisionReward(
-        checklist, build_backend(args.backend, model_path=args.model, **kwargs), args.batch_size
+        checklist, build_backend(backend, model_path=args.model, **kwargs), args.batch_size
     )
     rows: list[dict[str, Any]] = []
     failed: list[str] = []
     batch = []
-    bar = tqdm(total=len(media), unit="sample", desc=f"reward score ({args.backend})")
+    bar = tqdm(total=len(media), unit="sample", desc=f"reward score ({backend})")
 
     def flush() -> None:
         if batch:
@@ -181,6 +206,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     result = replace(checklist, weights=chosen.weights, intercept=0.0).weights_dict(
         method="masked-logistic (Algorithm 1)" if args.method == "masked" else "logistic"
     )
+    if Path(args.checklist).suffix in (".yaml", ".yml"):  # so that `reward eval` finds it again
+        result["checklist_path"] = str(Path(args.checklist).resolve())
     out.write_text(json.dumps(result, indent=2))
     for name, fit in fitted.items():
         score_a, score_b = fa.numpy() @ fit.weights, fb.numpy() @ fit.weights
@@ -203,13 +230,22 @@ def _first(value: Any) -> Any:
 def cmd_eval(args: argparse.Namespace) -> int:
     from reward.metrics import preference_accuracy, tau_with_ties
 
+    weights = weights_path(args.weights)
+    if not weights.is_file():
+        raise ChecklistError(f"{weights}: no such weights file (--weights)")
     name = args.checklist
     if name is None:
-        data = json.loads(Path(args.weights).read_text())
-        name = data.get("checklist")
+        try:
+            data = json.loads(weights.read_text())
+        except (OSError, ValueError) as err:
+            raise ChecklistError(f"{weights}: cannot read weights file ({err})") from err
+        name = data.get("checklist_path") if Path(str(data.get("checklist_path"))).is_file() else None
+        name = name or data.get("checklist")
         if not name:
-            raise ChecklistError(f"{args.weights}: names no checklist; pass --checklist")
-    checklist = load_checklist(name, weights=args.weights)
+            raise ChecklistError(
+                f"{weights}: names no checklist; pass --checklist (a bundled name or a YAML path)"
+            )
+    checklist = load_checklist(name, weights=weights)
     scorer, (p_a, al_a, p_b, al_b), _, _, labels = _pair_features(checklist, args.pairs)
     sa = scorer(p_a, al_a).total.nan_to_num(0.0).numpy()
     sb = scorer(p_b, al_b).total.nan_to_num(0.0).numpy()
@@ -353,12 +389,10 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
     """Errors that mean bad input (exit status 2, one line, no traceback)."""
     from mpo.config import RecipeError
     from mpo.train_state import CheckpointError
-    from reward.backends.vlm import VLMError
-    from reward.media import MediaError
     from reward.train_data import DataError
     from reward.train_model import ModelSetupError
 
-    return (ChecklistError, RecipeError, CheckpointError, VLMError, MediaError, DataError, ModelSetupError)
+    return (ChecklistError, RecipeError, CheckpointError, MediaError, DataError, ModelSetupError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -373,9 +407,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("--weights", help="weights file (e.g. from `reward fit`) replacing the checklist's")
     score.add_argument("--answers", help="JSONL/parquet rows {id, prompt, answers: {...}, alignment}")
-    score.add_argument("--backend", default="pixel-stats", choices=["vlm", "pixel-stats"])
-    score.add_argument("--model", help="VLM folder or hub id (backend vlm)")
-    score.add_argument("--alignment-model", help="separate VLM for the alignment term")
+    score.add_argument(
+        "--backend",
+        choices=["vlm", "cogvlm2", "pixel-stats"],
+        help="default: vlm when --model is given (a CogVLM2 checkpoint picks cogvlm2), else pixel-stats",
+    )
+    score.add_argument("--model", help="VLM folder or hub id (backends vlm, cogvlm2)")
+    score.add_argument(
+        "--alignment-model",
+        help="model for the alignment term: a CLIP-FlanT5 checkpoint (the release's VQAScore, e.g. "
+        "zhiqiulin/clip-flant5-xxl) or a VLM (its p(yes), an approximation)",
+    )
     score.add_argument("--images", nargs="*")
     score.add_argument("--videos", nargs="*")
     score.add_argument(
@@ -400,10 +442,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="preference accuracy (with/without ties) and tau with ties")
     ev.add_argument("--pairs", required=True)
     ev.add_argument("--weights", required=True)
-    ev.add_argument("--checklist", help="default: the checklist named in the weights file")
+    ev.add_argument(
+        "--checklist", help="bundled name or a YAML path (default: the checklist named in the weights file)"
+    )
     ev.set_defaults(func=cmd_eval)
 
     sub.add_parser("checklists", help="list the bundled checklists").set_defaults(func=cmd_checklists)
+    from reward.backends.cogvlm2.verify import add_parser as add_verify
+    from reward.convert import add_parser as add_convert
+
+    add_convert(sub)
+    add_verify(sub)
     _add_training_commands(sub)
     return parser
 
@@ -412,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except _bad_input_errors() as err:
+    except (*_bad_input_errors(), BackendError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

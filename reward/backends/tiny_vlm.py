@@ -33,20 +33,20 @@ SPECIAL_TOKENS = (
 # Qwen2-VL's conversation layout: a default system turn, visual placeholders wrapped in
 # <|vision_start|>/<|vision_end|>, every turn closed by <|im_end|> and a newline.
 CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{%- endif -%}"
+    "{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}<|vision_start|><|image_pad|><|vision_end|>"
-    "{%- elif part['type'] == 'video' -%}<|vision_start|><|video_pad|><|vision_end|>"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
-    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 # What the tokenizer is trained on: checklist-style questions and both answers in every spelling the
@@ -62,9 +62,22 @@ _CORPUS = [
 ] + ["yes no Yes No yes. no. Yes, No,", "Yes", "No", "yes", "no"] * 20
 
 
-def _build_tokenizer():
-    """Byte-level BPE (Qwen's scheme: any byte string is encodable) with Qwen2-VL's special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(
+    special_tokens: tuple[str, ...] = SPECIAL_TOKENS,
+    *,
+    eos: str = "<|im_end|>",
+    pad: str = "<|endoftext|>",
+    bos: str | None = None,
+    add_bos: bool = False,
+    extra_special_tokens: dict[str, str] | None = None,
+):
+    """Byte-level BPE (Qwen's scheme: any byte string is encodable) with a family's special tokens.
+
+    ``add_bos`` makes the tokenizer prepend ``bos`` to everything it encodes with special tokens, as
+    Llama-3 and Gemma tokenizers do (so a chat template that writes BOS itself must be tokenised with
+    ``add_special_tokens=False``, or the prompt starts with two).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -73,22 +86,33 @@ def _build_tokenizer():
     trainer = trainers.BpeTrainer(
         vocab_size=600,
         min_frequency=1,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(dict.fromkeys(special_tokens)),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS, trainer=trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+        eos_token=eos,
+        pad_token=pad,
+        **({"bos_token": bos} if bos else {}),
+        extra_special_tokens=extra_special_tokens or {},
     )
     for word in ("yes", "Yes", " yes", "no", "No", " no"):
         ids = fast.encode(word, add_special_tokens=False)
         if len(ids) != 1:  # the corpus above is meant to guarantee this
             raise RuntimeError(f"tiny tokenizer: {word!r} is not a single token ({ids})")
     return fast
+
+
+def _build_tokenizer():
+    return build_tokenizer(
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
+    )
 
 
 def build_tiny_qwen2_vl(
