@@ -520,12 +520,16 @@ class VLMBackend:
         )
         return positions[..., :-1], positions[..., -1]
 
-    def _score_shared_prefix(self, samples: list[Sample], rows: list[list[str]]) -> torch.Tensor:
-        ids, mask, token_types, visual, suffixes = self._prefix_inputs(samples, rows)
-        longest = ids.shape[1] + max(len(s) for sample_suffixes in suffixes for s in sample_suffixes)
-        if self._window is not None and len(samples) > 1 and longest > self._window:
-            # a right-padded prefix would shift the sliding window (module doc): one sample at a time
-            return torch.cat([self._score_shared_prefix([s], [r]) for s, r in zip(samples, rows)])
+    def prefix_cache(self, samples: list[Sample], rows: list[list[str]]):
+        """The shared-prefix pass: ``(cache, prefix mask, first suffix position, suffix ids per sample)``.
+
+        One forward over every sample's right-padded prefix (visuals included) fills the cache, one row
+        per sample. Gradients flow through it when grad mode is on (the reward's trainer uses it so).
+        """
+        return self._prefix_forward(self._prefix_inputs(samples, rows))
+
+    def _prefix_forward(self, inputs: tuple) -> tuple:
+        ids, mask, token_types, visual, suffixes = inputs
         prefix_pos, start = self._positions(ids, mask, token_types, visual)
         extra = {k: v for k, v in {**visual, **token_types}.items() if k in self._forward_params}
         prefix = self.model(
@@ -536,7 +540,16 @@ class VLMBackend:
             logits_to_keep=1,
             **extra,
         )
-        cache = _cache_of(prefix)
+        return _cache_of(prefix), mask, start, suffixes
+
+    def _score_shared_prefix(self, samples: list[Sample], rows: list[list[str]]) -> torch.Tensor:
+        inputs = self._prefix_inputs(samples, rows)
+        ids, suffixes = inputs[0], inputs[4]
+        longest = ids.shape[1] + max(len(s) for sample_suffixes in suffixes for s in sample_suffixes)
+        if self._window is not None and len(samples) > 1 and longest > self._window:
+            # a right-padded prefix would shift the sliding window (module doc): one sample at a time
+            return torch.cat([self._score_shared_prefix([s], [r]) for s, r in zip(samples, rows)])
+        cache, mask, start, suffixes = self._prefix_forward(inputs)
         per_sample = len(rows[0])
         chunk = self.question_chunk or per_sample
         parts = []
@@ -555,6 +568,25 @@ class VLMBackend:
         """All question suffixes of every sample as one right-padded batch over the repeated prefix
         cache; p(yes) read at each row's last real token. -> ``[samples, questions]``."""
         per_sample = len(suffixes[0])
+        last = self.suffix_states(cache, mask, start, suffixes)
+        head = self.model.get_output_embeddings()
+        candidates = self.yes_ids + self.no_ids
+        bias = head.bias[candidates] if getattr(head, "bias", None) is not None else None
+        logits = torch.nn.functional.linear(last, head.weight[candidates], bias)
+        return self._p_from_candidates(logits).view(len(suffixes), per_sample)
+
+    def suffix_states(
+        self, cache: Any, mask: torch.Tensor, start: torch.Tensor, suffixes: list[list[Sequence[int]]]
+    ) -> torch.Tensor:
+        """Final hidden states at the answer position of every question row -> ``[rows, hidden]``.
+
+        ``cache`` holds one row per question row (sample i's prefix repeated ``len(suffixes[i])``
+        times, in order); samples may have different numbers of questions. The suffixes run as one
+        right-padded batch over it; each row's answer position is its last real token.
+        """
+        counts = [len(s) for s in suffixes]
+        # an int when every sample has as many questions (the scorer's case); output_size: no host sync
+        repeats = counts[0] if len(set(counts)) == 1 else torch.tensor(counts, device=self.device)
         flat = [s for sample_suffixes in suffixes for s in sample_suffixes]
         width = max(len(s) for s in flat)
         suffix_ids = torch.tensor([list(s) + [self._pad_id] * (width - len(s)) for s in flat])
@@ -562,8 +594,8 @@ class VLMBackend:
         lengths = torch.tensor([len(s) for s in flat], device=self.device)
         steps = torch.arange(width, device=self.device)
         suffix_mask = (steps[None, :] < lengths[:, None]).long()
-        full_mask = torch.cat([mask.repeat_interleave(per_sample, 0), suffix_mask], 1)
-        start = start.repeat_interleave(per_sample, dim=-1)
+        full_mask = torch.cat([mask.repeat_interleave(repeats, 0, output_size=len(flat)), suffix_mask], 1)
+        start = start.repeat_interleave(repeats, dim=-1, output_size=len(flat))
         positions = start[..., None] + steps  # [3, rows, width] or [rows, width]
 
         hidden = self.model.get_decoder()(
@@ -573,12 +605,7 @@ class VLMBackend:
             use_cache=True,
             **{self._cache_kwarg: cache},
         ).last_hidden_state
-        last = hidden[torch.arange(len(flat), device=self.device), lengths - 1]
-        head = self.model.get_output_embeddings()
-        candidates = self.yes_ids + self.no_ids
-        bias = head.bias[candidates] if getattr(head, "bias", None) is not None else None
-        logits = torch.nn.functional.linear(last, head.weight[candidates], bias)
-        return self._p_from_candidates(logits).view(len(suffixes), per_sample)
+        return hidden[torch.arange(len(flat), device=self.device), lengths - 1]
 
 
 def _cache_of(output: Any) -> Any:
