@@ -113,6 +113,8 @@ def _read_yaml(path: Path, included_from: Path | None) -> dict[str, Any]:
         raise RecipeError(f"{where}: no such recipe file")
     try:
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{where}: not UTF-8 text (byte {err.start}: {err.reason})") from err
     except (OSError, yaml.YAMLError, OmegaConfBaseException) as err:
         raise RecipeError(f"{where}: not valid YAML: {err}") from err
     if data is None:
@@ -375,6 +377,11 @@ class _Checker:
                 self.add("reward.backend", f"must be one of {list(BACKENDS)}")
             elif c.reward.backend == "vlm" and not c.reward.model_path and self.wanted("reward.model_path"):
                 self.add("reward.model_path", "required when reward.backend='vlm' (a local folder or hub id)")
+        if self.wanted("train.attention") and c.train.attention == "xformers":
+            import importlib.util
+
+            if importlib.util.find_spec("xformers") is None:
+                self.add("train.attention", "needs the xformers package: pip install 'mpo-trainer[xformers]'")
         backbone = self.check_family()
         modality = self.check_checklist()
         if backbone is not None and modality is not None and modality != backbone.modality:
