@@ -278,6 +278,8 @@ def end_session(accelerator: Accelerator | None = None) -> None:
 
 def is_main(accelerator: Accelerator | None = None) -> bool:
     """True on the one process that writes run-level files (manifests, recipe.yaml, summaries)."""
+    if accelerator is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
     return (accelerator if accelerator is not None else PartialState()).is_main_process
 
 

@@ -96,10 +96,11 @@ def export_stage(recipe: Any, accelerator: Accelerator | None = None, force: boo
     step, checkpoint = chosen_checkpoint(run, recipe.export.which)
     record = export_record(recipe, step, checkpoint)
     summary: dict[str, Any] = {"export": str(run.export), "checkpoint": str(checkpoint), "step": step}
+    if is_main(accelerator):
+        remove_leftovers(run)
     if read_record(run) == record:
         summary["exported"] = False
     elif is_main(accelerator):
-        remove_leftovers(run)
         write_export(recipe, run, checkpoint, record)
         summary["exported"] = True
     wait_for_everyone(accelerator)

@@ -524,7 +524,10 @@ def read_shard_info(path: str | os.PathLike, verify: bool = False) -> ShardInfo:
             meta = handle.metadata() or {}
             keys = set(handle.keys())
     except Exception as err:  # safetensors raises its own error types for corrupt headers
-        raise StoreError(f"{path}: not a readable safetensors shard ({err})") from err
+        raise StoreError(
+            f"{path}: damaged, not a readable safetensors shard ({err}); delete it and rerun the generate "
+            "stage to make it again"
+        ) from err
     if meta.get("format") != SHARD_FORMAT or "latents" not in keys:
         raise StoreError(
             f"{path}: not a candidate shard (format {meta.get('format')!r}, want {SHARD_FORMAT})"
@@ -544,7 +547,10 @@ def shard_hash(path: str | os.PathLike) -> str:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             return (handle.metadata() or {}).get(HASH_KEY, "")
     except Exception as err:  # safetensors' own error type for a damaged header
-        raise StoreError(f"{path}: not a readable safetensors shard ({err})") from err
+        raise StoreError(
+            f"{path}: damaged, not a readable safetensors shard ({err}); delete it and rerun the generate "
+            "stage to make it again"
+        ) from err
 
 
 def candidates_hash(run: RunDir) -> str:

@@ -86,6 +86,7 @@ from mpo.train_state import (
     read_progress,
     remove_incomplete,
     save_checkpoint,
+    verify_checkpoint,
     write_best,
 )
 from mpo.weights import adapters_disabled, add_lora, load_weights_into, save_weights
@@ -284,9 +285,6 @@ def setup(recipe: Any, acc: Accelerator, run: RunDir, settings: dict[str, Any]) 
         save_weights=lambda folder, state: save_weights(backbone, acc.unwrap_model(model), state, finetune, folder),
         load_weights=lambda folder: load_weights_into(backbone, acc.unwrap_model(model), finetune, folder),
     )
-    if acc.is_main_process:
-        remove_incomplete(run)
-    wait_for_everyone(acc)
     progress = resume(resumable, run, settings)
     bounds = timestep_bounds(recipe.train.timestep_range, backbone.num_train_timesteps)
     loader = make_dataloader(
@@ -329,7 +327,7 @@ def resume(r: Resumable, run: RunDir, settings: dict[str, Any]) -> TrainProgress
     path = latest[1]
     stored = read_progress(path)
     check_settings(path, stored.settings, settings)
-    load_checkpoint(r, path)
+    load_checkpoint(r, path, verified=True)  # train_stage checked every file already
     progress.step, progress.pairs_seen, progress.id = stored.step, stored.pairs_seen, stored.id
     return progress
 
@@ -552,12 +550,18 @@ def train_stage(recipe: Any, accelerator: Accelerator | None = None, force: bool
     load_train_pairs(run)  # the inputs exist, or an error says which stage to run
     acc = accelerator if accelerator is not None else setup_accelerator(recipe)
     settings = run_settings(recipe, acc, run)
+    if is_main(acc):
+        remove_incomplete(run)  # of a killed run: nobody writes checkpoints before the exchange below
+    wait_for_everyone(acc)
     latest = latest_checkpoint(run)
     if latest is not None and not check_settings(latest[1], read_progress(latest[1]).settings, settings, force):
         if is_main(acc):
             discard_training(run)
         wait_for_everyone(acc)
         latest = None
+    if latest is not None and latest[0] < recipe.train.max_steps:
+        verify_checkpoint(latest[1], acc.process_index, is_deepspeed(acc))  # before any model is built
+        wait_for_everyone(acc)
     if latest is not None and latest[0] >= recipe.train.max_steps:
         summary = {"output_dir": str(run.root), "steps": latest[0], "steps trained now": 0, "trained": False}
         _print(acc, "train (up to date)", summary)

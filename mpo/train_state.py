@@ -264,13 +264,14 @@ def _save_trainer(folder: Path, r: Resumable) -> None:
 
 
 # ---- resuming -----------------------------------------------------------------------------------
-def load_checkpoint(r: Resumable, path: Path) -> None:
+def load_checkpoint(r: Resumable, path: Path, verified: bool = False) -> None:
     """Restore weights, optimizer, scheduler, scaler and every RNG from ``path``; every process must
-    call this. Every file is checked first (:func:`verify_checkpoint`), on every process, and the
-    processes agree on the result before any state changes."""
+    call this. Every file is checked first (:func:`verify_checkpoint`, unless the caller did), on
+    every process, and the processes agree on the result before any state changes."""
     acc = r.accelerator
-    verify_checkpoint(path, acc.process_index, is_deepspeed(acc))
-    wait_for_everyone(acc)
+    if not verified:
+        verify_checkpoint(path, acc.process_index, is_deepspeed(acc))
+        wait_for_everyone(acc)
     try:
         if is_deepspeed(acc):
             _use_safe_deepspeed_loader(r.model)
@@ -332,15 +333,13 @@ def _load_rng(path: Path, rank: int) -> None:
 
 
 # ---- checking before reading --------------------------------------------------------------------
-# The classes a DeepSpeed ZeRO checkpoint of this trainer pickles besides tensors and plain containers.
+# The classes a DeepSpeed ZeRO checkpoint pickles besides tensors and plain containers (the loss
+# scalers in the optimizer partitions, the ZeRO stage, bf16's fragment addresses): plain data holders.
 DEEPSPEED_SAFE_GLOBALS = (
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
     "deepspeed.runtime.zero.config.ZeroStageEnum",
     "deepspeed.utils.tensor_fragment.fragment_address",
-    "deepspeed.checkpoint.constants.*",
-    "torch.torch_version.TorchVersion",
-    "collections.OrderedDict",
 )
 
 
@@ -350,8 +349,6 @@ def _safe_globals() -> list[Any]:
     found = []
     for name in DEEPSPEED_SAFE_GLOBALS:
         module, _, attr = name.rpartition(".")
-        if attr == "*":
-            continue
         with contextlib.suppress(ImportError, AttributeError):
             found.append(getattr(importlib.import_module(module), attr))
     return found
@@ -401,20 +398,45 @@ def verify_checkpoint(path: Path, rank: int, deepspeed: bool) -> None:
     (JSON, safetensors headers, weights-only torch.load); raise :class:`CheckpointError` naming the
     first one that is missing, damaged, or holds anything but tensors and plain data."""
     remedy = f"delete {path} to resume from the checkpoint before it"
+    verify_weights(path, remedy)
     for file in _files_read_by(path, rank, deepspeed):
         if not file.is_file():
             raise CheckpointError(f"{file}: missing from the checkpoint; {remedy}")
-        try:
-            if file.suffix == ".json":
-                json.loads(file.read_text(encoding="utf-8"))
-            elif file.suffix == ".safetensors":
-                with safe_open(str(file), framework="pt") as handle:
-                    list(handle.keys())
-            elif file.suffix == ".pt":
-                safe_torch_load(file, map_location="cpu")
-        except Exception as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CheckpointError(f"{file}: refused, not a plain-data {file.suffix} file ({reason}); {remedy}") from err
+        if not file.is_relative_to(path / WEIGHTS):  # checked above
+            _parse(file, remedy)
+
+
+def verify_weights(path: Path, remedy: str) -> None:
+    """The checkpoint's ``weights/`` (what eval and export load): present, and every file parses."""
+    weights = path / WEIGHTS
+    if not any(weights.rglob("*.safetensors")):
+        raise CheckpointError(f"{weights}: no weights file in the checkpoint; {remedy}")
+    for file in sorted(p for p in weights.rglob("*") if p.is_file()):
+        _parse(file, remedy)
+
+
+def _parse(file: Path, remedy: str) -> None:
+    try:
+        if file.suffix == ".json":
+            json.loads(file.read_text(encoding="utf-8"))
+        elif file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as handle:
+                list(handle.keys())
+        elif file.suffix == ".pt":
+            safe_torch_load(file, map_location="cpu")
+    except Exception as err:
+        raise CheckpointError(f"{file}: refused, not a plain-data {file.suffix} file ({_reason(err)}); {remedy}") from err
+
+
+def _reason(err: BaseException) -> str:
+    """The useful part of a loader's message (torch's weights-only refusal names the global)."""
+    import re
+
+    text = str(err).strip()
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it would run or build {found.group(1)}, which is not allowed"
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 # ---- pruning and the best pointer ---------------------------------------------------------------
@@ -460,10 +482,5 @@ def chosen_checkpoint(run: RunDir, which: str) -> tuple[int, Path]:
     chosen = chosen or latest_checkpoint(run)
     if chosen is None:
         raise CheckpointError(f"{run.checkpoints}: no complete checkpoint; run the train stage first")
-    weights = chosen[1] / WEIGHTS
-    if not weights.is_dir() or not any(weights.rglob("*.safetensors")):
-        raise CheckpointError(
-            f"{weights}: the checkpoint's weights are missing; delete {chosen[1]} (and train again) or "
-            "choose another with export.which"
-        )
+    verify_weights(chosen[1], f"delete {chosen[1]} (and train again) or choose another with export.which")
     return chosen
