@@ -168,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.handler(args)
     except KeyboardInterrupt:
+        _end_progress_bars()
         print(
             f"mpo {args.command}: interrupted (SIGINT); everything finished so far is kept: run the same "
             "command again to resume",
@@ -181,12 +182,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             if cause is None:
                 raise
             err, status = cause, cause.exit_status
+        _end_progress_bars()
         print(f"mpo {args.command}: {message(err)}", file=sys.stderr)
         return status
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _end_progress_bars() -> None:
+    """Close the bars a failed stage left open, so that its message starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _peer_failure(err: Exception) -> Any:
