@@ -232,9 +232,11 @@ UNFINGERPRINTED_TRAIN_KEYS = ("checkpoint_every", "keep_checkpoints", "num_worke
 
 
 def run_settings(recipe: Any, acc: Accelerator, run: RunDir) -> dict[str, Any]:
-    """What a checkpoint's weights (and the eval curve that picks the best one) depend on; a resume
-    with other values is refused, naming the key. Paths are resolved once (:func:`resolve_paths`), so
-    the run directory's own recipe.yaml resumes it from anywhere."""
+    """What a checkpoint's weights (and the eval curve that picks the best one) depend on, and under
+    ``layout`` how its state is laid out (processes, DeepSpeed, the split of a step's pairs into
+    per-process micro-batches: the result depends only on the pairs per step). Another result is
+    refused, naming the key; another layout only when resuming. Paths are resolved once
+    (:func:`resolve_paths`), so the run directory's own recipe.yaml resumes it from anywhere."""
     from mpo.score import reward_fingerprint
     from mpo.select import config_dict
 
@@ -243,6 +245,13 @@ def run_settings(recipe: Any, acc: Accelerator, run: RunDir) -> dict[str, Any]:
     train = {k: v for k, v in OmegaConf.to_container(t, resolve=True).items() if k not in UNFINGERPRINTED_TRAIN_KEYS}
     if t.lr_schedule == "constant":
         train.pop("max_steps")  # a constant schedule does not depend on it: training may be extended
+    layout = {
+        "processes": acc.num_processes,
+        "deepspeed": is_deepspeed(acc),
+        "train.batch_size": train.pop("batch_size"),
+        "train.gradient_accumulation_steps": train.pop("gradient_accumulation_steps"),
+    }
+    train["pairs per step"] = t.batch_size * t.gradient_accumulation_steps * acc.num_processes
     lora = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules") if m.finetune == "lora" else ()
     model_keys = ("family", "path", "revision", "variant", "dtype", "finetune", *lora)
     sampling = ("num_inference_steps", "guidance_scale", "height", "width", "num_frames", "fps")
@@ -259,9 +268,13 @@ def run_settings(recipe: Any, acc: Accelerator, run: RunDir) -> dict[str, Any]:
             "pairs.parquet": parquet_hash(run.pairs_parquet),
             "candidates": candidates_hash(run),
         },
-        "processes": acc.num_processes,
-        "deepspeed": is_deepspeed(acc),
+        "layout": layout,
     }
+
+
+def result_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` without its layout: what decides whether finished training is up to date."""
+    return {k: v for k, v in settings.items() if k != "layout"}
 
 
 def setup(recipe: Any, acc: Accelerator, run: RunDir, settings: dict[str, Any]) -> Trainer:
@@ -554,7 +567,7 @@ def train_stage(recipe: Any, accelerator: Accelerator | None = None, force: bool
         remove_incomplete(run)  # of a killed run: nobody writes checkpoints before the exchange below
     wait_for_everyone(acc)
     latest = latest_checkpoint(run)
-    if latest is not None and not check_settings(latest[1], read_progress(latest[1]).settings, settings, force):
+    if latest is not None and not _may_continue(latest, settings, recipe.train.max_steps, force):
         if is_main(acc):
             discard_training(run)
         wait_for_everyone(acc)
@@ -595,6 +608,15 @@ def train_stage(recipe: Any, accelerator: Accelerator | None = None, force: bool
     if accelerator is None:  # this stage built the Accelerator: it ends the session too
         end_session(acc)
     return summary
+
+
+def _may_continue(latest: tuple[int, Any], settings: dict[str, Any], max_steps: int, force: bool) -> bool:
+    """Whether the latest checkpoint's training stands: its result settings are this run's (else
+    refused, or with ``force`` False: start over); to be resumed, its layout must be too."""
+    path, stored = latest[1], read_progress(latest[1]).settings
+    if not check_settings(path, result_settings(stored), result_settings(settings), force):
+        return False
+    return latest[0] >= max_steps or check_settings(path, stored, settings, force)
 
 
 def _print(acc: Accelerator | None, title: str, summary: dict[str, Any]) -> None:

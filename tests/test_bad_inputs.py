@@ -226,6 +226,8 @@ def test_a_finished_run_writes_nothing(finished, tmp_path, models, monkeypatch, 
     _refuse(monkeypatch, os, "open", run / mpo.lock.LOCK_NAME, errno.EROFS)
     assert main(["run", str(SDXL), *overrides(run, models)]) == 0
     assert "done now" not in capsys.readouterr().out
+    assert main(["eval", str(SDXL), *overrides(run, models)]) == 0
+    assert "eval (up to date)" in capsys.readouterr().out
     after = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in run.rglob("*")}
     assert after == before
 

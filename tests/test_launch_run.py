@@ -103,7 +103,7 @@ def test_mpo_run_on_two_ddp_processes_exits_0_and_exports_the_one_process_model(
     result = launch(DDP, ["run", str(SDXL), *overrides(out, models, TWO_RANKS)])
     assert_whole_run(result, out)
     progress = json.loads((out / "checkpoints" / "step-2" / "progress.json").read_text())
-    assert progress["settings"]["processes"] == 2 and not progress["settings"]["deepspeed"]
+    assert progress["settings"]["layout"]["processes"] == 2 and not progress["settings"]["layout"]["deepspeed"]
     unet = Path("export") / "pipeline" / "unet"
     assert_same_training(_weights(finished / unet), _weights(out / unet), _weights(models / "sdxl" / "unet"))
 
@@ -121,7 +121,7 @@ def zero2_run(models, tmp_path_factory) -> Path:
 @pytest.mark.distributed
 def test_mpo_run_on_two_zero2_processes_exports_the_one_process_model(zero2_run, finished, models):
     progress = json.loads((zero2_run / "checkpoints" / "step-2" / "progress.json").read_text())
-    assert progress["settings"]["deepspeed"] and progress["settings"]["processes"] == 2
+    assert progress["settings"]["layout"]["deepspeed"] and progress["settings"]["layout"]["processes"] == 2
     unet = Path("export") / "pipeline" / "unet"
     assert_same_training(_weights(finished / unet), _weights(zero2_run / unet), _weights(models / "sdxl" / "unet"))
 
