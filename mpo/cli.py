@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -174,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "command again to resume",
             file=sys.stderr,
         )
-        return 130
+        return _leave(130)
     except Exception as err:
         status = exit_status(err)
         if status is None:
@@ -184,11 +185,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             err, status = cause, cause.exit_status
         _end_progress_bars()
         print(f"mpo {args.command}: {message(err)}", file=sys.stderr)
-        return status
+        return _leave(status)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _leave(status: int) -> int:
+    """Under a launcher, a failed command ends its process here, with its status: its process group
+    was not torn down (its peers may be gone), and tearing it down at interpreter exit can abort the
+    process (SIGABRT) and hide the status. Output is flushed first; the stages' cleanup has run."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 def _end_progress_bars() -> None:

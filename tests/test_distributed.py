@@ -81,6 +81,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         except Exception as err:
             results[name] = [type(err).__name__, str(err)]
     Path(out, f"rank-{rank}.json").write_text(json.dumps(results))
+    os._exit(0)  # as the command does after a failure: the group is not torn down at interpreter exit
 
 
 def _free_port() -> int:
