@@ -149,6 +149,21 @@ class _Failure:
 
 
 def _is_distributed() -> bool:
+    """Several processes with a live group. Several processes whose group is gone is a bug (someone
+    tore it down before the command's end, as accelerate's ``end_training`` does): it raises rather
+    than let the processes go on unsynchronised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size() > 1
+    if PartialState._shared_state and PartialState().num_processes > 1:
+        raise RuntimeError(
+            "the process group was torn down before the command ended (end_training or "
+            "destroy_process_group called by a stage); the processes cannot wait for each other"
+        )
+    return False
+
+
+def _group_alive() -> bool:
+    """Several processes with a live group (never raises: for the error paths)."""
     return torch.distributed.is_available() and torch.distributed.is_initialized() and (
         torch.distributed.get_world_size() > 1
     )
@@ -217,7 +232,7 @@ def report_failure(error: BaseException) -> None:
     Called by the handler around a stage (:func:`errors_reach_every_rank`) on the process that failed;
     a :class:`RankFailure` (the others already know) or a failure outside a process group is
     re-raised as it is."""
-    if isinstance(error, RankFailure) or getattr(error, "mpo_reported", False) or not _is_distributed():
+    if isinstance(error, RankFailure) or getattr(error, "mpo_reported", False) or not _group_alive():
         raise error
     _post(error)
     _exchange(None, error)
@@ -257,7 +272,7 @@ def main_process_first(accelerator: Accelerator | None = None) -> Iterator[None]
     try:
         yield
     except Exception as err:
-        if not _is_distributed():
+        if not _group_alive():
             raise
         _exchange(None, err)  # the main process: first exchange; the others: second
         raise
@@ -269,9 +284,10 @@ def main_process_first(accelerator: Accelerator | None = None) -> Iterator[None]
 def end_session(accelerator: Accelerator | None = None) -> None:
     """Tear the process group down, once, when the command is done: a last exchange (a failure that
     happened after every other exchange still reaches all processes), then destroy the groups."""
-    if not _is_distributed():
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
-    wait_for_everyone(accelerator)
+    if _is_distributed():
+        wait_for_everyone(accelerator)
     _CONTROL.clear()
     PartialState().destroy_process_group()
 
