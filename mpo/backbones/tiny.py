@@ -399,6 +399,7 @@ def ensure_tiny(cfg: ModelConfig) -> None:
     if not cfg.tiny:
         return
     path = Path(cfg.path)
+    remove_dead_builds(path)  # what killed builds left, whether or not a build happens now
     if is_model_dir(path):
         return
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
