@@ -113,6 +113,8 @@ def _read_yaml(path: Path, included_from: Path | None) -> dict[str, Any]:
         raise RecipeError(f"{where}: no such recipe file")
     try:
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{where}: not UTF-8 text (byte {err.start}: {err.reason})") from err
     except (OSError, yaml.YAMLError, OmegaConfBaseException) as err:
         raise RecipeError(f"{where}: not valid YAML: {err}") from err
     if data is None:
@@ -377,12 +379,20 @@ class _Checker:
     def check_cross_fields(self) -> None:
         c = self.cfg
         if self.wanted("reward.backend"):
-            from reward.backends import BACKENDS
+            from reward.backends import BACKENDS, MODEL_BACKENDS
 
             if c.reward.backend not in BACKENDS:
                 self.add("reward.backend", f"must be one of {list(BACKENDS)}")
-            elif c.reward.backend in ("vlm", "cogvlm2") and not c.reward.model_path and self.wanted("reward.model_path"):
-                self.add("reward.model_path", f"required when reward.backend={c.reward.backend!r} (a local folder or hub id)")
+            elif c.reward.backend in MODEL_BACKENDS and not c.reward.model_path and self.wanted("reward.model_path"):
+                self.add(
+                    "reward.model_path",
+                    f"required when reward.backend={c.reward.backend!r} (a local folder or hub id)",
+                )
+        if self.wanted("train.attention") and c.train.attention == "xformers":
+            import importlib.util
+
+            if importlib.util.find_spec("xformers") is None:
+                self.add("train.attention", "needs the xformers package: pip install 'mpo-trainer[xformers]'")
         backbone = self.check_family()
         modality = self.check_checklist()
         if backbone is not None and modality is not None and modality != backbone.modality:
