@@ -55,13 +55,14 @@ from tqdm.auto import tqdm
 from mpo.distributed import make_accelerator, whole_model_loading
 from mpo.store import RunDir, write_parquet, write_text
 from mpo.train_state import (
+    Resumable,
     TrainProgress,
     check_settings,
     is_deepspeed,
     latest_checkpoint,
+    load_checkpoint,
     prune_checkpoints,
     read_progress,
-    register_hooks,
     remove_incomplete,
     save_checkpoint,
 )
@@ -109,6 +110,7 @@ class RewardTrainer:
     loader: Any
     progress: TrainProgress
     taught: tuple[int, int]
+    resumable: Resumable
     saved_step: int = -1
     resumed_from: int | None = None
     history: list[dict[str, float]] = field(default_factory=list)
@@ -282,16 +284,18 @@ def setup(recipe: Any, kind: str, acc: Accelerator, run: RunDir) -> RewardTraine
     fill_deepspeed_config(recipe, acc)
     model, optimizer = acc.prepare(answers, optimizer)
     scheduler = setup_scheduler(recipe, optimizer)
-    acc.register_for_checkpointing(scheduler)
-    register_hooks(
-        acc,
-        save_weights=lambda folder: mode.save(acc.get_state_dict(model), Path(folder)),
+    resumable = Resumable(
+        accelerator=acc,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        save_weights=lambda folder, state: mode.save(state, Path(folder)),
         load_weights=lambda folder: mode.load(Path(folder)),
     )
     if acc.is_main_process:
         remove_incomplete(run)
     acc.wait_for_everyone()
-    progress = resume(acc, run, run_settings(recipe, kind, acc, data_fingerprint(data, split)))
+    progress = resume(resumable, run, run_settings(recipe, kind, acc, data_fingerprint(data, split)))
     cfg = recipe.train
     loader = td.make_loader(
         train, recipe.data.max_frames, cfg.batch_size, acc.process_index, acc.num_processes,
@@ -301,7 +305,7 @@ def setup(recipe: Any, kind: str, acc: Accelerator, run: RunDir) -> RewardTraine
     return RewardTrainer(
         recipe=recipe, kind=kind, acc=acc, run=run, data=data, split=split, train=train, model=model,
         answers=answers, mode=mode, optimizer=optimizer, scheduler=scheduler, loader=iter(loader),
-        progress=progress, taught=taught, resumed_from=resumed,
+        progress=progress, taught=taught, resumable=resumable, resumed_from=resumed,
         saved_step=resumed if resumed is not None else -1,
     )  # fmt: skip
 
@@ -323,16 +327,17 @@ def _split_table(data: td.QAData, split: list[str]):
     )
 
 
-def resume(acc: Accelerator, run: RunDir, settings: dict[str, Any]) -> TrainProgress:
-    """Load the latest complete checkpoint after checking its settings; ``pairs_seen`` counts the
-    stream positions (samples) consumed."""
+def resume(r: Resumable, run: RunDir, settings: dict[str, Any]) -> TrainProgress:
+    """Load the latest complete checkpoint after checking its settings (every file is checked before
+    anything loads; nothing is unpickled); ``pairs_seen`` counts the stream positions (samples)
+    consumed."""
     progress = TrainProgress(settings=settings)
     latest = latest_checkpoint(run)
     if latest is None:
         return progress
     stored = read_progress(latest[1])
     check_settings(latest[1], stored.settings, settings)
-    acc.load_state(str(latest[1]))
+    load_checkpoint(r, latest[1])
     progress.step, progress.pairs_seen = stored.step, stored.pairs_seen
     return progress
 
@@ -542,12 +547,7 @@ def checkpoint(t: RewardTrainer) -> None:
     if t.saved_step == t.progress.step or t.progress.step == 0:
         return
 
-    def write_weights(folder: Path) -> None:  # DeepSpeed: every process (ZeRO-3 gathers)
-        state = t.acc.get_state_dict(t.model)
-        if t.acc.is_main_process:
-            t.mode.save(state, folder)
-
-    save_checkpoint(t.acc, t.run, t.progress, write_weights)
+    save_checkpoint(t.resumable, t.run, t.progress)
     t.saved_step = t.progress.step
     if t.acc.is_main_process:
         prune_checkpoints(t.run, t.recipe.train.keep_checkpoints, None)
