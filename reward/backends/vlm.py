@@ -150,7 +150,6 @@ class VLMBackend:
         source: str,
         batch_size: int = 8,
         max_frames: int = 24,
-        alignment_model: Any | None = None,
         answer_reduce: AnswerReduce = "max",
         question_chunk: int | None = None,
     ) -> None:
@@ -164,7 +163,6 @@ class VLMBackend:
         self.source = source
         self.batch_size = max(1, int(batch_size))
         self.max_frames = int(max_frames)
-        self.alignment_model = alignment_model
         self.answer_reduce = answer_reduce
         # Questions per suffix batch: the prefix cache is copied once per question row, so at 1024 px,
         # 8 images and the 59-question full checklist the copies alone take ~19 GB for a 2B model;
@@ -201,7 +199,6 @@ class VLMBackend:
         device: str | torch.device | None = None,
         batch_size: int = 8,
         max_frames: int = 24,
-        alignment_model: Any | None = None,
         answer_reduce: AnswerReduce = "max",
         attn_implementation: str = "sdpa",
         question_chunk: int | None = None,
@@ -223,7 +220,6 @@ class VLMBackend:
             source=path,
             batch_size=batch_size,
             max_frames=max_frames,
-            alignment_model=alignment_model,
             answer_reduce=answer_reduce,
             question_chunk=question_chunk,
         )
@@ -329,7 +325,7 @@ class VLMBackend:
         alignment_questions: list[str] | None = None,
     ) -> Answers:
         """p(yes) ``[B,Q]`` over a shared prefix per sample (see module doc); alignment ``[B]`` or None."""
-        return self._answer(samples, questions, alignment_questions, self._score_shared_prefix, naive=None)
+        return self._answer(samples, questions, alignment_questions, self._score_shared_prefix)
 
     def answer_naive(
         self,
@@ -347,7 +343,7 @@ class VLMBackend:
         def score(batch: list[Sample], rows: list[list[str]]) -> torch.Tensor:
             return self._score_naive(batch, rows, use_generate)
 
-        return self._answer(samples, questions, alignment_questions, score, naive=use_generate)
+        return self._answer(samples, questions, alignment_questions, score)
 
     def p_yes(self, logits: torch.Tensor) -> torch.Tensor:
         """``[N, V]`` answer-position logits -> ``[N]`` p(yes) (module doc: the yes/no rule)."""
@@ -375,20 +371,14 @@ class VLMBackend:
         questions: list[list[str]],
         alignment_questions: list[str] | None,
         score: Callable[[list[Sample], list[list[str]]], torch.Tensor],
-        naive: bool | None,
     ) -> Answers:
-        """Shared by both paths: rows per sample (alignment appended), batches, the alignment term.
-
-        ``naive`` is None for the fast path, else ``use_generate`` of the naive one (a separate
-        alignment model is asked the same way as the questions, where it has a naive way).
-        """
+        """Shared by both paths: rows per sample (the alignment question appended), batches."""
         q_count = _check_inputs(samples, questions, alignment_questions)
         if not samples:
             return Answers(p_yes=torch.empty(0, 0), source=f"vlm:{self.source}")
         self._check_modalities(samples)
-        ask_alignment_here = alignment_questions is not None and self.alignment_model is None
         rows = [
-            list(qs) + ([alignment_questions[i]] if ask_alignment_here else [])
+            list(qs) + ([alignment_questions[i]] if alignment_questions is not None else [])
             for i, qs in enumerate(questions)
         ]
         p = torch.empty(len(samples), len(rows[0]))
@@ -401,21 +391,8 @@ class VLMBackend:
                     index = members[start : start + self.batch_size]
                     if rows[0]:
                         p[index] = score([samples[i] for i in index], [rows[i] for i in index]).cpu().float()
-        notes: list[str] = []
-        alignment = None
-        if ask_alignment_here:
-            alignment = p[:, q_count]
-        elif alignment_questions is not None:
-            single = [[q] for q in alignment_questions]
-            if naive is not None and hasattr(self.alignment_model, "answer_naive"):
-                aligned = self.alignment_model.answer_naive(samples, single, use_generate=naive)
-            else:
-                aligned = self.alignment_model.answer(samples, single)
-            alignment = aligned.p_yes[:, 0]
-            notes.append(f"alignment answered by {aligned.source}")
-        return Answers(
-            p_yes=p[:, :q_count].contiguous(), alignment=alignment, source=f"vlm:{self.source}", notes=notes
-        )
+        alignment = p[:, q_count] if alignment_questions is not None else None
+        return Answers(p_yes=p[:, :q_count].contiguous(), alignment=alignment, source=f"vlm:{self.source}")
 
     # ----------------------------------------------------------------------------------- naive
     def _score_naive(self, samples: list[Sample], rows: list[list[str]], use_generate: bool) -> torch.Tensor:

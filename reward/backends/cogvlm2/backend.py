@@ -113,7 +113,6 @@ class CogVLM2Backend:
         source: str,
         batch_size: int = 8,
         max_frames: int = 24,
-        alignment_model: Any | None = None,
         answer_rule: AnswerRule = "official",
         query_format: QueryFormat = "release",
         question_chunk: int | None = None,
@@ -127,7 +126,6 @@ class CogVLM2Backend:
         self.rule = RELEASE_RULES[self.config.variant]
         self.builder = PromptBuilder(self.config, tokenizer, self.rule.template, max_frames)
         self.batch_size = max(1, int(batch_size))
-        self.alignment_model = alignment_model
         if answer_rule not in ("official", "yes-no"):
             raise CogVLM2Error(f"answer_rule must be 'official' or 'yes-no', got {answer_rule!r}")
         if query_format not in ("release", "plain"):
@@ -175,7 +173,7 @@ class CogVLM2Backend:
         alignment_questions: list[str] | None = None,
     ) -> Answers:
         """p(yes) ``[B, Q]`` over a shared prefix per sample (module doc); alignment ``[B]`` or None."""
-        return self._answer(samples, questions, alignment_questions, self._score_fast, naive=False)
+        return self._answer(samples, questions, alignment_questions, self._score_fast)
 
     def answer_naive(
         self,
@@ -184,7 +182,7 @@ class CogVLM2Backend:
         alignment_questions: list[str] | None = None,
     ) -> Answers:
         """The release's way: one full forward per question, the visual re-encoded every time."""
-        return self._answer(samples, questions, alignment_questions, self._score_naive, naive=True)
+        return self._answer(samples, questions, alignment_questions, self._score_naive)
 
     def queries(self, questions: Sequence[str]) -> list[str]:
         """The texts that are put into the template for these checklist questions."""
@@ -207,13 +205,12 @@ class CogVLM2Backend:
         n_yes = len(self.yes_ids)
         return torch.sigmoid(candidates[:, :n_yes].max(-1).values - candidates[:, n_yes:].max(-1).values)
 
-    def _answer(self, samples, questions, alignment_questions, score, naive: bool) -> Answers:
+    def _answer(self, samples, questions, alignment_questions, score) -> Answers:
         q_count = _check_inputs(samples, questions, alignment_questions)
         if not samples:
             return Answers(p_yes=torch.empty(0, 0), source=f"cogvlm2:{self.source}")
-        ask_alignment_here = alignment_questions is not None and self.alignment_model is None
         rows = [
-            self.queries(qs) + ([alignment_questions[i]] if ask_alignment_here else [])
+            self.queries(qs) + ([alignment_questions[i]] if alignment_questions is not None else [])
             for i, qs in enumerate(questions)
         ]
         parts = []
@@ -225,26 +222,13 @@ class CogVLM2Backend:
                 else:
                     parts.append(torch.empty(len(samples[chunk]), 0))
         p = torch.cat(parts)
-        notes: list[str] = []
-        alignment = None
-        if ask_alignment_here:
-            alignment = p[:, q_count]
-            notes.append("alignment asked of the CogVLM2 checkpoint itself (the image release uses VQAScore)")
-        elif alignment_questions is not None:
-            single = [[q] for q in alignment_questions]
-            model = self.alignment_model
-            aligned = (
-                model.answer_naive(samples, single)
-                if naive and hasattr(model, "answer_naive")
-                else model.answer(samples, single)
-            )
-            alignment = aligned.p_yes[:, 0]
-            notes.append(f"alignment answered by {aligned.source}")
+        if alignment_questions is None:
+            return Answers(p_yes=p, source=f"cogvlm2:{self.source}")
         return Answers(
             p_yes=p[:, :q_count].contiguous(),
-            alignment=alignment,
+            alignment=p[:, q_count],
             source=f"cogvlm2:{self.source}",
-            notes=notes,
+            notes=["alignment asked of the CogVLM2 checkpoint itself (the image release uses VQAScore)"],
         )
 
     # ------------------------------------------------------------------------------ naive
