@@ -35,8 +35,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from reward.backends.vlm import VLMBackend, VLMError, answer_token_ids, chat_template_of, load_processor
+from reward.backends.vlm import VLMBackend, VLMError, chat_template_of, load_processor
 from reward.backends.vlm import parse_dtype as vlm_dtype
+from reward.backends.yes_no import answer_token_ids
 from reward.types import Sample
 
 ADAPTER_DIR = "adapter"
@@ -97,7 +98,7 @@ def taught_tokens(backend: VLMBackend, words: list[str]) -> tuple[int, int]:
         if encoded[0] not in allowed:
             raise ModelSetupError(
                 f"train.answer_words: {word!r} is not a '{side}' spelling the scorer reads "
-                f"(reward.backends.vlm.{side.upper()}_SPELLINGS)"
+                f"(reward.backends.yes_no.{side.upper()}_SPELLINGS)"
             )
         ids.append(encoded[0])
     return ids[0], ids[1]

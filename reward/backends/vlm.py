@@ -62,7 +62,7 @@ import functools
 import inspect
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -74,6 +74,15 @@ from reward.backends.vlm_families import (
     load_processor,
     model_type_of,
 )
+from reward.backends.yes_no import (
+    NO_SPELLINGS,
+    YES_SPELLINGS,
+    AnswerReduce,
+    answer_token_ids,
+    check_question_lists,
+    p_yes_of,
+    shared_prefix_length,
+)
 from reward.media import frame_indices_per_second
 from reward.types import Answers, Sample
 
@@ -81,15 +90,11 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "VLMBackend",
     "VLMError",
-    "answer_token_ids",
     "chat_template_of",
     "load_processor",
     "parse_dtype",
 ]
 
-YES_SPELLINGS = ("yes", "Yes", "YES", " yes", " Yes", " YES")
-NO_SPELLINGS = ("no", "No", "NO", " no", " No", " NO")
-AnswerReduce = Literal["max", "logsumexp"]
 _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
@@ -113,16 +118,6 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in _DTYPES:
         raise VLMError(f"reward dtype {dtype!r} is not one of {sorted(_DTYPES)}")
     return _DTYPES[dtype]
-
-
-def answer_token_ids(tokenizer: Any, spellings: Sequence[str]) -> list[int]:
-    """Ids of the spellings that are one token in this vocabulary (order kept, duplicates dropped)."""
-    ids: list[int] = []
-    for word in spellings:
-        encoded = tokenizer.encode(word, add_special_tokens=False)
-        if len(encoded) == 1 and encoded[0] not in ids:
-            ids.append(encoded[0])
-    return ids
 
 
 def chat_template_of(processor: Any, source: str) -> str:
@@ -350,13 +345,9 @@ class VLMBackend:
         return self._p_from_candidates(logits[:, self.yes_ids + self.no_ids])
 
     def _p_from_candidates(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        yes, no = logits[:, : len(self.yes_ids)], logits[:, len(self.yes_ids) :]
-        if self.answer_reduce == "max":
-            y, n = yes.max(-1).values, no.max(-1).values
-        else:
-            y, n = yes.logsumexp(-1), no.logsumexp(-1)
-        return torch.sigmoid(y - n)  # = softmax([y, n])[0]
+        """``[N, yes + no]`` logits of the yes and no spellings -> ``[N]`` p(yes)."""
+        n_yes = len(self.yes_ids)
+        return p_yes_of(logits[:, :n_yes], logits[:, n_yes:], self.answer_reduce)
 
     def _batch_key(self, sample: Sample) -> tuple:
         """Samples that may share a forward pass: one modality, and for families that take videos as one
@@ -373,7 +364,7 @@ class VLMBackend:
         score: Callable[[list[Sample], list[list[str]]], torch.Tensor],
     ) -> Answers:
         """Shared by both paths: rows per sample (the alignment question appended), batches."""
-        q_count = _check_inputs(samples, questions, alignment_questions)
+        q_count = check_question_lists(samples, questions, alignment_questions, VLMError)
         if not samples:
             return Answers(p_yes=torch.empty(0, 0), source=f"vlm:{self.source}")
         self._check_modalities(samples)
@@ -425,20 +416,14 @@ class VLMBackend:
         """
         texts = [self.render(modality, q) for q in rows]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        shared = min(len(r) for r in ids) - 1
-        first = ids[0]
-        for r in ids[1:]:
-            k = 0
-            while k < shared and r[k] == first[k]:
-                k += 1
-            shared = k
+        shared = shared_prefix_length(ids)
         suffixes = [r[shared:] for r in ids]
         if any(t in self._visual_ids for s in suffixes for t in s):
             raise VLMError(
                 "the chat template puts question text before the visual; the questions share no prefix "
                 "that holds it (use answer_naive)"
             )
-        return texts[0], len(first) - shared, suffixes
+        return texts[0], len(ids[0]) - shared, suffixes
 
     def _prefix_inputs(self, samples: list[Sample], rows: list[list[str]]):
         """Right-padded prefix batch (visual inputs included) and each sample's suffix token ids.
@@ -594,21 +579,3 @@ def _cache_of(output: Any) -> Any:
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-
-def _check_inputs(
-    samples: list[Sample], questions: list[list[str]], alignment_questions: list[str] | None
-) -> int:
-    """Number of questions per sample, after checking the lists line up."""
-    if len(questions) != len(samples):
-        raise VLMError(f"{len(samples)} samples but {len(questions)} question lists")
-    if alignment_questions is not None and len(alignment_questions) != len(samples):
-        raise VLMError(f"{len(samples)} samples but {len(alignment_questions)} alignment questions")
-    counts = {len(q) for q in questions}
-    if len(counts) > 1:
-        bad = next(
-            s.id or str(i) for i, (s, q) in enumerate(zip(samples, questions)) if len(q) != len(questions[0])
-        )
-        raise VLMError(
-            f"sample {bad}: every sample must get the same number of questions, got {sorted(counts)}"
-        )
-    return counts.pop() if counts else 0

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from reward.backends import BackendError
+from reward.backends.yes_no import check_question_lists
 from reward.types import Answers, Sample
 
 MODEL_TYPE = "clip_t5"
@@ -212,10 +213,7 @@ class VQAScoreBackend:
         alignment_questions: list[str] | None = None,
     ) -> Answers:
         """Every question's VQAScore (``[B, Q]``); an alignment question, if given, is scored the same way."""
-        count = {len(q) for q in questions}
-        if len(count) > 1:
-            raise VQAScoreError(f"every sample must get the same number of questions, got {sorted(count)}")
-        q = count.pop() if count else 0
+        q = check_question_lists(samples, questions, alignment_questions, VQAScoreError)
         flat_samples = [s for s, qs in zip(samples, questions) for _ in qs]
         flat = self.scores(flat_samples, [x for qs in questions for x in qs])
         p = flat.view(len(samples), q) if q else torch.empty(len(samples), 0)

@@ -50,6 +50,14 @@ import torch
 from reward.backends.cogvlm2.config import CogVLM2Error
 from reward.backends.cogvlm2.inputs import PromptBuilder
 from reward.backends.cogvlm2.modeling import LANGUAGE, position_ids
+from reward.backends.yes_no import (
+    NO_SPELLINGS,
+    YES_SPELLINGS,
+    answer_token_ids,
+    check_question_lists,
+    p_yes_of,
+    shared_prefix_length,
+)
 from reward.types import Answers, Sample
 
 AnswerRule = Literal["official", "yes-no"]
@@ -117,8 +125,6 @@ class CogVLM2Backend:
         query_format: QueryFormat = "release",
         question_chunk: int | None = None,
     ) -> None:
-        from reward.backends.vlm import NO_SPELLINGS, YES_SPELLINGS, answer_token_ids
-
         self.model = model.eval()
         self.config = model.config
         self.tokenizer = tokenizer
@@ -200,13 +206,12 @@ class CogVLM2Backend:
         return self._p_yes_no(logits[:, self.yes_ids + self.no_ids])
 
     def _p_yes_no(self, candidates: torch.Tensor) -> torch.Tensor:
-        """``[N, yes + no]`` logits of the yes and no spellings -> ``[N]`` p(yes)."""
-        candidates = candidates.float()
+        """``[N, yes + no]`` logits of the yes and no spellings -> ``[N]`` p(yes) (best spelling each)."""
         n_yes = len(self.yes_ids)
-        return torch.sigmoid(candidates[:, :n_yes].max(-1).values - candidates[:, n_yes:].max(-1).values)
+        return p_yes_of(candidates[:, :n_yes], candidates[:, n_yes:], "max")
 
     def _answer(self, samples, questions, alignment_questions, score) -> Answers:
-        q_count = _check_inputs(samples, questions, alignment_questions)
+        q_count = check_question_lists(samples, questions, alignment_questions, CogVLM2Error)
         if not samples:
             return Answers(p_yes=torch.empty(0, 0), source=f"cogvlm2:{self.source}")
         rows = [
@@ -262,14 +267,8 @@ class CogVLM2Backend:
     def _split(self, rows: tuple[str, ...]) -> _Split:
         """Longest text-token prefix shared by all rows (one token at least is left to each row)."""
         texts = [self.builder.text_ids(q) for q in rows]
-        shared = min(len(t) for t in texts) - 1
-        first = texts[0]
-        for t in texts[1:]:
-            k = 0
-            while k < shared and t[k] == first[k]:
-                k += 1
-            shared = k
-        return _Split(prefix_text=first[:shared], suffixes=[t[shared:] for t in texts])
+        shared = shared_prefix_length(texts)
+        return _Split(prefix_text=texts[0][:shared], suffixes=[t[shared:] for t in texts])
 
     def _score_fast(self, samples: list[Sample], rows: list[list[str]]) -> torch.Tensor:
         device = self.device
@@ -351,19 +350,3 @@ class CogVLM2Backend:
             p = self._p_yes_no(torch.nn.functional.linear(answer, head.weight[self.yes_ids + self.no_ids]))
         return p.view(batch, questions)
 
-
-def _check_inputs(samples: list[Sample], questions: list[list[str]], alignment: list[str] | None) -> int:
-    """Number of questions per sample, after checking that the lists line up."""
-    if len(questions) != len(samples) or (alignment is not None and len(alignment) != len(samples)):
-        raise CogVLM2Error(
-            f"{len(samples)} samples but {len(questions)} question lists / alignment questions"
-        )
-    counts = {len(q) for q in questions}
-    if len(counts) > 1:
-        bad = next(
-            s.id or str(i) for i, (s, q) in enumerate(zip(samples, questions)) if len(q) != len(questions[0])
-        )
-        raise CogVLM2Error(
-            f"sample {bad}: every sample must get the same number of questions, got {sorted(counts)}"
-        )
-    return counts.pop() if counts else 0
