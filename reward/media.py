@@ -46,6 +46,11 @@ def frames_per_second(pixels: torch.Tensor, fps: float, max_frames: int = 24) ->
     return pixels[frame_indices_per_second(pixels.shape[0], fps, max_frames)]
 
 
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """Float pixels in [0, 1] -> the 8-bit values a decoder or image file would hold (on the CPU)."""
+    return (pixels.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
 def _to_tensor(array: np.ndarray) -> torch.Tensor:
     """HWC / THWC uint8 (or float) array -> float CHW / TCHW in [0, 1]."""
     if array.ndim == 2:

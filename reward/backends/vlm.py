@@ -83,7 +83,7 @@ from reward.backends.yes_no import (
     p_yes_of,
     shared_prefix_length,
 )
-from reward.media import frame_indices_per_second
+from reward.media import frame_indices_per_second, to_uint8
 from reward.types import Answers, Sample
 
 __all__ = [
@@ -229,7 +229,7 @@ class VLMBackend:
         pixels = sample.pixels
         if sample.modality == "video":
             pixels = pixels[self.frame_indices(sample)]
-        return (pixels.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        return to_uint8(pixels)
 
     def frame_indices(self, sample: Sample) -> list[int]:
         """The video frames the model sees (one per second, the release's rule)."""

@@ -44,6 +44,7 @@ from torch import nn
 
 from reward.backends import BackendError
 from reward.backends.yes_no import check_question_lists
+from reward.media import to_uint8
 from reward.types import Answers, Sample
 
 MODEL_TYPE = "clip_t5"
@@ -178,8 +179,7 @@ class VQAScoreBackend:
                 raise VQAScoreError(
                     f"sample {sample.id or '?'}: VQAScore ({self.source}) scores images, not videos"
                 )
-            array = (sample.pixels.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-            picture = Image.fromarray(array.permute(1, 2, 0).cpu().numpy())
+            picture = Image.fromarray(to_uint8(sample.pixels).permute(1, 2, 0).numpy())
             pictures.append(_pad_to_square(picture, self.background))
         out = self.image_processor(images=pictures, return_tensors="pt")["pixel_values"]
         return torch.as_tensor(np.asarray(out)) if not isinstance(out, torch.Tensor) else out
