@@ -60,7 +60,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -482,13 +482,30 @@ class VLMBackend:
         )
         return positions[..., :-1], positions[..., -1]
 
-    def prefix_cache(self, samples: list[Sample], rows: list[list[str]]):
-        """The shared-prefix pass: ``(cache, prefix mask, first suffix position, suffix ids per sample)``.
+    def prefix_passes(
+        self, samples: list[Sample], rows: list[list[str]], agree: Callable[[bool], bool] | None = None
+    ) -> Iterator[tuple]:
+        """The shared-prefix passes, each ``(cache, prefix mask, first suffix position, suffix ids per
+        sample)``, for the scorer and the reward's trainer alike.
 
         One forward over every sample's right-padded prefix (visuals included) fills the cache, one row
-        per sample. Gradients flow through it when grad mode is on (the reward's trainer uses it so).
+        per sample. Where a right-padded prefix would shift a sliding window (module doc), there is one
+        pass per sample instead, in order. ``agree`` (sliding-window models only, called with this
+        batch's answer) lets processes that must run their forwards in lockstep (DeepSpeed ZeRO-3) take
+        that decision together. Gradients flow through the passes when grad mode is on (the trainer).
         """
-        return self._prefix_forward(self._prefix_inputs(samples, rows))
+        inputs = self._prefix_inputs(samples, rows)
+        if self._window is not None:
+            ids, suffixes = inputs[0], inputs[4]
+            longest = ids.shape[1] + max(len(s) for sample_suffixes in suffixes for s in sample_suffixes)
+            one_each = len(samples) > 1 and longest > self._window
+            if agree is not None:
+                one_each = agree(one_each)
+            if one_each and len(samples) > 1:
+                for sample, sample_rows in zip(samples, rows):
+                    yield self._prefix_forward(self._prefix_inputs([sample], [sample_rows]))
+                return
+        yield self._prefix_forward(inputs)
 
     def _prefix_forward(self, inputs: tuple) -> tuple:
         ids, mask, token_types, visual, suffixes = inputs
@@ -505,22 +522,21 @@ class VLMBackend:
         return _cache_of(prefix), mask, start, suffixes
 
     def _score_shared_prefix(self, samples: list[Sample], rows: list[list[str]]) -> torch.Tensor:
-        inputs = self._prefix_inputs(samples, rows)
-        ids, suffixes = inputs[0], inputs[4]
-        longest = ids.shape[1] + max(len(s) for sample_suffixes in suffixes for s in sample_suffixes)
-        if self._window is not None and len(samples) > 1 and longest > self._window:
-            # a right-padded prefix would shift the sliding window (module doc): one sample at a time
-            return torch.cat([self._score_shared_prefix([s], [r]) for s, r in zip(samples, rows)])
-        cache, mask, start, suffixes = self._prefix_forward(inputs)
-        per_sample = len(rows[0])
+        return torch.cat([self._score_prefix(*passed) for passed in self.prefix_passes(samples, rows)])
+
+    def _score_prefix(
+        self, cache: Any, mask: torch.Tensor, start: torch.Tensor, suffixes: list[list[Sequence[int]]]
+    ) -> torch.Tensor:
+        """Every question of one prefix pass, ``question_chunk`` questions at a time -> ``[samples, questions]``."""
+        per_sample = len(suffixes[0])
         chunk = self.question_chunk or per_sample
         parts = []
         for first in range(0, per_sample, chunk):
             last = min(per_sample, first + chunk)
             # The last chunk may consume the prefix cache itself; earlier ones work on copies.
             rows_cache = cache if last == per_sample else copy.deepcopy(cache)
-            rows_cache.batch_repeat_interleave(last - first)
             chunk_suffixes = [sample_suffixes[first:last] for sample_suffixes in suffixes]
+            repeat_cache_rows(rows_cache, [last - first] * len(suffixes))
             parts.append(self._score_suffixes(rows_cache, mask, start, chunk_suffixes))
         return torch.cat(parts, dim=1)
 
@@ -568,6 +584,24 @@ class VLMBackend:
             **{self._cache_kwarg: cache},
         ).last_hidden_state
         return hidden[torch.arange(len(flat), device=self.device), lengths - 1]
+
+
+def repeat_cache_rows(cache: Any, counts: list[int]) -> None:
+    """Repeat sample i's cache row ``counts[i]`` times, in order (public cache methods only): the layout
+    :meth:`VLMBackend.suffix_states` reads."""
+    most = max(counts)
+    cache.batch_repeat_interleave(most)
+    if any(c != most for c in counts):
+        keep = [i * most + j for i, c in enumerate(counts) for j in range(c)]
+        cache.batch_select_indices(torch.tensor(keep, device=_cache_device(cache)))
+
+
+def _cache_device(cache: Any) -> torch.device:
+    for layer in getattr(cache, "layers", []):
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, torch.Tensor):
+            return keys.device
+    return torch.device("cpu")
 
 
 def _cache_of(output: Any) -> Any:
