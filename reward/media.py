@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from reward.errors import RewardInputError
 from reward.types import Sample
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".avi", ".mkv", ".gif"}
 
 
-class MediaError(ValueError):
+class MediaError(RewardInputError):
     """A file that cannot be read as an image or a video; the message names the path."""
 
 

@@ -56,6 +56,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mpo.seeds import candidate_seed
 from reward.checklist import Checklist
+from reward.errors import RewardInputError
 from reward.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES, MediaError, load_image, load_video
 from reward.types import Sample
 
@@ -65,7 +66,7 @@ _YES = {"yes", "y", "true", "1"}
 _NO = {"no", "n", "false", "0"}
 
 
-class DataError(ValueError):
+class DataError(RewardInputError):
     """Training data that cannot be used; the message names the file and the row."""
 
 

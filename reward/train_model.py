@@ -42,6 +42,7 @@ from torch import nn
 from reward.backends.vlm import VLMBackend, VLMError, chat_template_of, load_processor, repeat_cache_rows
 from reward.backends.vlm import parse_dtype as vlm_dtype
 from reward.backends.yes_no import answer_token_ids
+from reward.errors import RewardInputError
 from reward.types import Sample
 
 ADAPTER_DIR = "adapter"
@@ -55,7 +56,7 @@ PROCESSOR_FILES = (
 )
 
 
-class ModelSetupError(ValueError):
+class ModelSetupError(RewardInputError):
     """A model or a setting the trainer cannot use; the message names the key or the path."""
 
 
