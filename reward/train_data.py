@@ -46,8 +46,8 @@ import hashlib
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +113,6 @@ class QAData:
     samples: list[SampleRef]
     rows: list[QARow]
     soft: bool = False  # targets are a teacher's probabilities, not human answers
-    notes: list[str] = field(default_factory=list)
 
     def rows_of(self, sample_ids: Sequence[int]) -> list[QARow]:
         wanted = set(sample_ids)
@@ -543,8 +542,3 @@ def describe(data: QAData, split: Sequence[str], train: TrainSet) -> dict[str, A
         "question rows (held out)": val_rows,
         "targets": "teacher p(yes) (soft)" if data.soft else "human yes / no",
     }
-
-
-def batches(items: Sequence[int], size: int) -> Iterator[list[int]]:
-    for start in range(0, len(items), size):
-        yield list(items[start : start + size])

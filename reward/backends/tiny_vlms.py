@@ -649,10 +649,3 @@ TINY_BUILDERS: dict[str, Callable[..., Path]] = {
     "idefics3": build_tiny_idefics3,
     "gemma3": build_tiny_gemma3,
 }
-
-
-def build_tiny_vlm(model_type: str, path: str | Path, seed: int = 0) -> Path:
-    """Build a tiny checkpoint of one supported family (by its ``model_type``)."""
-    if model_type not in TINY_BUILDERS:
-        raise KeyError(f"no tiny builder for {model_type!r}; known: {sorted(TINY_BUILDERS)}")
-    return TINY_BUILDERS[model_type](path, seed=seed)

@@ -51,7 +51,6 @@ class FramesProcessor(VideoProcessorMixin):
     """Shared part: settings from the checkpoint, PIL resizing, normalisation, metadata pass-through."""
 
     defaults: ClassVar[dict[str, Any]] = {}
-    output_keys: ClassVar[tuple[str, ...]] = ("pixel_values_videos",)
 
     def __init__(self, **settings: Any) -> None:
         super().__init__()

@@ -52,8 +52,6 @@ SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
     "helpful, detailed, and polite answers to the user's questions."
 )
-IMAGE = "<image>"
-QUESTION = 'Does this figure show "{}"? Please answer yes or no.'
 ANSWER = "Yes"
 # The release's tokenizer by T5 width, for checkpoints that ship none.
 TOKENIZERS = {4096: "google/flan-t5-xxl", 2048: "google/flan-t5-xl"}
