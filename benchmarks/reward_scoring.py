@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import reward_scoring_cogvlm2
 import torch
+from timing import timed
 
 from reward.backends.tiny_vlm import build_tiny_qwen2_vl
 from reward.backends.vlm import VLMBackend, load_processor, parse_dtype
@@ -96,20 +95,6 @@ def build_backend(args: argparse.Namespace, workdir: Path) -> VLMBackend:
     params = sum(p.numel() for p in model.parameters()) / 1e9
     print(f"Qwen2-VL-2B-sized model: {params:.2f} B parameters, {args.dtype or 'bfloat16'}")
     return VLMBackend(model, processor, source="random qwen2-vl-2b-sized")
-
-
-def timed(fn, device: str, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs (the caller has warmed it up)."""
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
