@@ -70,6 +70,7 @@ from mpo.store import (
     write_parquet,
     write_shard,
 )
+from mpo.summary import print_summary
 
 
 @dataclass(frozen=True)
@@ -200,21 +201,6 @@ def save_recipe(recipe: Any, run: RunDir) -> None:
     """Write the resolved recipe once; a resumed run keeps the original (shards check the settings)."""
     if not run.recipe_yaml.exists():
         save_resolved(recipe, run.recipe_yaml)
-
-
-def print_summary(title: str, summary: dict[str, Any]) -> None:
-    """The end-of-stage table (main process only)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title, show_header=False)
-    for key, value in summary.items():
-        if isinstance(value, float):
-            text = "n/a" if value != value else f"{value:.4g}"  # NaN: nothing the reward could judge
-        else:
-            text = str(value)
-        table.add_row(key, text)
-    Console().print(table)
 
 
 def generate_stage(recipe: Any, accelerator: Accelerator | None = None) -> dict[str, Any]:

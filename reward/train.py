@@ -649,14 +649,7 @@ def _exported_step(run: RunDir) -> int | None:
 
 def _print(acc: Accelerator | None, title: str, summary: dict[str, Any]) -> None:
     from mpo.distributed import is_main
+    from mpo.summary import print_summary
 
-    if not is_main(acc):
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title, show_header=False)
-    for key, value in summary.items():
-        text = ("n/a" if value != value else f"{value:.4g}") if isinstance(value, float) else str(value)
-        table.add_row(key, text)
-    Console().print(table)
+    if is_main(acc):
+        print_summary(title, summary)
