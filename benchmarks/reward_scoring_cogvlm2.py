@@ -39,7 +39,7 @@ from timing import timed
 
 from reward.backends.cogvlm2.backend import CogVLM2Backend
 from reward.backends.cogvlm2.config import CogVLM2Config
-from reward.backends.cogvlm2.tiny import answer_token_ids, build_tiny_model, tiny_config, tiny_tokenizer
+from reward.backends.cogvlm2.tiny import build_tiny_model, tiny_answer_ids, tiny_config, tiny_tokenizer
 from reward.backends.vlm import parse_dtype
 from reward.checklist import load_checklist
 from reward.types import Sample
@@ -92,7 +92,7 @@ def build(size: str, variant: str, device: str, dtype: torch.dtype) -> CogVLM2Ba
             model = CogVLM2ForCausalLM._from_config(config, dtype=dtype).eval()
     else:
         config = (tiny_config if size == "tiny" else _mid_config)(variant, tokenizer)
-        model = build_tiny_model(config, seed=0, answer_ids=answer_token_ids(tokenizer)).to(device, dtype)
+        model = build_tiny_model(config, seed=0, answer_ids=tiny_answer_ids(tokenizer)).to(device, dtype)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"{size} {variant} CogVLM2: {params:,.1f} M parameters, {str(dtype).split('.')[-1]}, {device}")
     return CogVLM2Backend(model, tokenizer, source=f"random {size}")
