@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from reward.backends.vlm import VLMBackend, VLMError, chat_template_of, load_processor, repeat_cache_rows
+from reward.backends.vlm import VLMBackend, VLMError, checked_processor, load_processor, repeat_cache_rows
 from reward.backends.vlm import parse_dtype as vlm_dtype
 from reward.backends.yes_no import answer_token_ids
 from reward.errors import RewardInputError
@@ -71,8 +71,7 @@ def load_vlm(cfg: Any, device: torch.device | str) -> tuple[nn.Module, Any]:
 
         build_tiny_qwen2_vl(path)
     source = str(path) if path.exists() else str(cfg.path)
-    processor = load_processor(source)
-    chat_template_of(processor, source)  # fail before loading the weights
+    processor = checked_processor(source)  # fails before the weights load
     model = AutoModelForImageTextToText.from_pretrained(
         source, dtype=vlm_dtype(cfg.dtype), attn_implementation=cfg.attention
     )

@@ -91,6 +91,7 @@ __all__ = [
     "VLMBackend",
     "VLMError",
     "chat_template_of",
+    "checked_processor",
     "load_processor",
     "parse_dtype",
 ]
@@ -130,6 +131,15 @@ def chat_template_of(processor: Any, source: str) -> str:
             "the processor/tokenizer config); the questions cannot be put into the model's prompt format"
         )
     return template
+
+
+def checked_processor(path: str) -> Any:
+    """The processor of a checkpoint this backend can answer with, checked before any weight is read:
+    a supported family (else the error lists them) and a chat template."""
+    family_of(model_type_of(path), path)
+    processor = load_processor(path)
+    chat_template_of(processor, path)
+    return processor
 
 
 class VLMBackend:
@@ -203,9 +213,7 @@ class VLMBackend:
 
         path = str(path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        family_of(model_type_of(path), path)  # an unsupported family fails before anything loads
-        processor = load_processor(path)
-        chat_template_of(processor, path)  # fail before loading the weights
+        processor = checked_processor(path)
         model = AutoModelForImageTextToText.from_pretrained(
             path, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, device_map=str(device)
         )
