@@ -136,11 +136,7 @@ def one_question_at_a_time(
 ) -> torch.Tensor:
     """The reference the shared prefix is checked against: every question in its own full forward
     (the visual re-encoded each time) -> ``[rows, vocab]`` answer-position logits."""
-    rows = []
-    for sample, sample_questions in zip(samples, questions):
-        for question in sample_questions:
-            inputs = backend.encode([sample], [backend.render(sample, question)])
-            rows.append(backend.model(**inputs, logits_to_keep=1).logits[:, -1])
+    rows = [backend.full_pass_logits(s, q) for s, qs in zip(samples, questions) for q in qs]
     return torch.cat(rows)
 
 

@@ -398,20 +398,21 @@ class VLMBackend:
         out = torch.empty(len(samples), len(rows[0]))
         for i, sample in enumerate(samples):
             for j, question in enumerate(rows[i]):
-                inputs = self._model_kwargs(self.encode([sample], [self.render(sample, question)]))
-                if use_generate:
-                    gen = self.model.generate(
-                        **inputs,
-                        max_new_tokens=1,
-                        do_sample=False,
-                        output_logits=True,
-                        return_dict_in_generate=True,
-                    )
-                    logits = gen.logits[0]
-                else:
-                    logits = self.model(**inputs, logits_to_keep=1).logits[:, -1]
-                out[i, j] = self.p_yes(logits)[0]
+                out[i, j] = self.p_yes(self.full_pass_logits(sample, question, use_generate))[0]
         return out
+
+    def full_pass_logits(self, sample: Sample, question: str, use_generate: bool = False) -> torch.Tensor:
+        """``[1, V]`` answer-position logits of one question in its own full pass over the whole prompt,
+        the visual encoded again (the release's way, and the reference of the fast paths). With
+        ``use_generate``, the first-step logits of ``generate(max_new_tokens=1)``, as the release reads
+        them; otherwise a plain forward (gradients flow when grad mode is on)."""
+        inputs = self._model_kwargs(self.encode([sample], [self.render(sample, question)]))
+        if use_generate:
+            gen = self.model.generate(
+                **inputs, max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True
+            )
+            return gen.logits[0]
+        return self.model(**inputs, logits_to_keep=1).logits[:, -1]
 
     # ----------------------------------------------------------------------------------- fast
     def _split_rows(self, modality: str, rows: tuple[str, ...]) -> tuple[str, int, list[list[int]]]:
