@@ -129,10 +129,22 @@ def build_tokenizer(
     return fast
 
 
-def _build_tokenizer():
+def qwen_tokenizer():
+    """The tiny tokenizer with the Qwen VL families' special tokens (image / video placeholders)."""
     return build_tokenizer(
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
+        SPECIAL_TOKENS, extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
     )
+
+
+def qwen_vision_token_ids(tokenizer) -> dict[str, int]:
+    """The placeholder and vision start / end token ids a Qwen VL config names."""
+    ids = tokenizer.convert_tokens_to_ids
+    return {
+        "image_token_id": ids("<|image_pad|>"),
+        "video_token_id": ids("<|video_pad|>"),
+        "vision_start_token_id": ids("<|vision_start|>"),
+        "vision_end_token_id": ids("<|vision_end|>"),
+    }
 
 
 def build_tiny_qwen2_vl(
@@ -148,7 +160,7 @@ def build_tiny_qwen2_vl(
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = _build_tokenizer()
+    tokenizer = qwen_tokenizer()
     token_id = tokenizer.convert_tokens_to_ids
     hidden = 64
     config = Qwen2VLConfig(
@@ -178,10 +190,7 @@ def build_tiny_qwen2_vl(
             "temporal_patch_size": 2,
             "initializer_range": 0.2,
         },
-        image_token_id=token_id("<|image_pad|>"),
-        video_token_id=token_id("<|video_pad|>"),
-        vision_start_token_id=token_id("<|vision_start|>"),
-        vision_end_token_id=token_id("<|vision_end|>"),
+        **qwen_vision_token_ids(tokenizer),
     )
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config).eval()

@@ -23,11 +23,12 @@ from typing import Any
 import torch
 
 from reward.backends.tiny_vlm import CHAT_TEMPLATE as QWEN2_VL_TEMPLATE
-from reward.backends.tiny_vlm import SPECIAL_TOKENS as QWEN_TOKENS
 from reward.backends.tiny_vlm import (
     build_tiny_qwen2_vl,
     build_tokenizer,
     chatml_template,
+    qwen_tokenizer,
+    qwen_vision_token_ids,
     save_tiny_checkpoint,
 )
 from reward.backends.video_frames import CLIP_MEAN, CLIP_STD, HALF
@@ -91,16 +92,11 @@ def _qwen_video(size: dict[str, int], patch: int, mean: list[float], std: list[f
     }
 
 
-
-
 def build_tiny_qwen2_5_vl(path: str | Path, seed: int = 0) -> Path:
     from transformers import Qwen2_5_VLConfig, Qwen2VLImageProcessorPil
 
     path = Path(path)
-    tokenizer = build_tokenizer(
-        QWEN_TOKENS, extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
-    )
-    ids = tokenizer.convert_tokens_to_ids
+    tokenizer = qwen_tokenizer()
     config = Qwen2_5_VLConfig(
         text_config=_text(
             tokenizer,
@@ -120,10 +116,7 @@ def build_tiny_qwen2_5_vl(path: str | Path, seed: int = 0) -> Path:
             "tokens_per_second": 2,
             "initializer_range": INIT,
         },
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
+        **qwen_vision_token_ids(tokenizer),
     )
     pixels = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
     return save_tiny_checkpoint(
@@ -148,10 +141,7 @@ def build_tiny_qwen3_vl(path: str | Path, seed: int = 0) -> Path:
     from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig
 
     path = Path(path)
-    tokenizer = build_tokenizer(
-        QWEN_TOKENS, extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
-    )
-    ids = tokenizer.convert_tokens_to_ids
+    tokenizer = qwen_tokenizer()
     config = Qwen3VLConfig(
         text_config=_text(
             tokenizer,
@@ -175,10 +165,7 @@ def build_tiny_qwen3_vl(path: str | Path, seed: int = 0) -> Path:
             "deepstack_visual_indexes": [0],
             "initializer_range": INIT,
         },
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
+        **qwen_vision_token_ids(tokenizer),
     )
     pixels = {"shortest_edge": 64 * 64, "longest_edge": 128 * 128}
     video = _qwen_video(
