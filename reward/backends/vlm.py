@@ -621,4 +621,3 @@ def _cache_of(output: Any) -> Any:
 
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-

@@ -349,4 +349,3 @@ class CogVLM2Backend:
         else:  # only the yes / no spellings' rows of the output projection
             p = self._p_yes_no(torch.nn.functional.linear(answer, head.weight[self.yes_ids + self.no_ids]))
         return p.view(batch, questions)
-
