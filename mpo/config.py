@@ -383,7 +383,11 @@ class _Checker:
 
             if c.reward.backend not in BACKENDS:
                 self.add("reward.backend", f"must be one of {list(BACKENDS)}")
-            elif c.reward.backend in MODEL_BACKENDS and not c.reward.model_path and self.wanted("reward.model_path"):
+            elif (
+                c.reward.backend in MODEL_BACKENDS
+                and not c.reward.model_path
+                and self.wanted("reward.model_path")
+            ):
                 self.add(
                     "reward.model_path",
                     f"required when reward.backend={c.reward.backend!r} (a local folder or hub id)",

@@ -228,7 +228,13 @@ def fill_deepspeed_config(recipe: Any, acc: Accelerator) -> None:
 
 # train.* keys that do not change what training produces: how often to save and how many to keep,
 # data-loading workers, recomputation to save memory, and the attention kernel.
-UNFINGERPRINTED_TRAIN_KEYS = ("checkpoint_every", "keep_checkpoints", "num_workers", "gradient_checkpointing", "attention")
+UNFINGERPRINTED_TRAIN_KEYS = (
+    "checkpoint_every",
+    "keep_checkpoints",
+    "num_workers",
+    "gradient_checkpointing",
+    "attention",
+)
 
 
 def run_settings(recipe: Any, acc: Accelerator, run: RunDir) -> dict[str, Any]:
@@ -242,7 +248,11 @@ def run_settings(recipe: Any, acc: Accelerator, run: RunDir) -> dict[str, Any]:
 
     r = resolve_paths(recipe)
     m, t, g = r.model, r.train, r.generate
-    train = {k: v for k, v in OmegaConf.to_container(t, resolve=True).items() if k not in UNFINGERPRINTED_TRAIN_KEYS}
+    train = {
+        k: v
+        for k, v in OmegaConf.to_container(t, resolve=True).items()
+        if k not in UNFINGERPRINTED_TRAIN_KEYS
+    }
     if t.lr_schedule == "constant":
         train.pop("max_steps")  # a constant schedule does not depend on it: training may be extended
     layout = {
@@ -295,7 +305,9 @@ def setup(recipe: Any, acc: Accelerator, run: RunDir, settings: dict[str, Any]) 
         model,
         optimizer,
         scheduler,
-        save_weights=lambda folder, state: save_weights(backbone, acc.unwrap_model(model), state, finetune, folder),
+        save_weights=lambda folder, state: save_weights(
+            backbone, acc.unwrap_model(model), state, finetune, folder
+        ),
         load_weights=lambda folder: load_weights_into(backbone, acc.unwrap_model(model), finetune, folder),
     )
     progress = resume(resumable, run, settings)
@@ -620,7 +632,7 @@ def _may_continue(latest: tuple[int, Any], settings: dict[str, Any], max_steps: 
 
 
 def _print(acc: Accelerator | None, title: str, summary: dict[str, Any]) -> None:
-    from mpo.generate import print_summary
+    from mpo.summary import print_summary
 
     if is_main(acc):
         print_summary(title, summary)

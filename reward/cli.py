@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from reward.backends import BackendError
 from reward.checklist import ChecklistError, available_checklists, load_checklist, weights_path
+from reward.errors import RewardInputError
 from reward.media import MediaError
 
 OUT_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
@@ -137,9 +137,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.alignment_model:  # VQAScore (CLIP-FlanT5) or a VLM's p(yes), for any backend
         kwargs.update(alignment_model_path=args.alignment_model, dtype=args.dtype, device=args.device)
         kwargs["batch_size"] = args.batch_size
-    reward = VisionReward(
-        checklist, build_backend(backend, model_path=args.model, **kwargs), args.batch_size
-    )
+    reward = VisionReward(checklist, build_backend(backend, model_path=args.model, **kwargs), args.batch_size)
     rows: list[dict[str, Any]] = []
     failed: list[str] = []
     batch = []
@@ -386,13 +384,12 @@ def _add_training_commands(sub: Any) -> None:
 
 
 def _bad_input_errors() -> tuple[type[Exception], ...]:
-    """Errors that mean bad input (exit status 2, one line, no traceback)."""
+    """Errors that mean bad input (exit status 2, one line, no traceback): the reward's own, and the
+    recipe and checkpoint errors of the training machinery it shares with ``mpo``."""
     from mpo.config import RecipeError
     from mpo.train_state import CheckpointError
-    from reward.train_data import DataError
-    from reward.train_model import ModelSetupError
 
-    return (ChecklistError, RecipeError, CheckpointError, MediaError, DataError, ModelSetupError)
+    return (RewardInputError, RecipeError, CheckpointError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -461,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (*_bad_input_errors(), BackendError) as err:
+    except _bad_input_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

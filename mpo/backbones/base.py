@@ -25,6 +25,7 @@ from torch import nn
 class ModelPathError(ValueError):
     """``model.path`` names no loadable model of the family; the message says what was found."""
 
+
 if TYPE_CHECKING:
     from mpo.schema import GenerateConfig, ModelConfig
 
@@ -274,7 +275,9 @@ def load_pipeline(pipeline_cls: type, cfg: ModelConfig):
     except (OSError, ValueError) as err:
         if isinstance(err, ValueError) and Path(cfg.path).is_dir():
             # a local folder that was found but is broken: diffusers' message says how
-            raise ModelPathError(f"model.path={cfg.path!r}: a broken {pipeline_cls.__name__} folder: {err}") from err
+            raise ModelPathError(
+                f"model.path={cfg.path!r}: a broken {pipeline_cls.__name__} folder: {err}"
+            ) from err
         hint = "" if cfg.tiny else "; set model.tiny=true to build the tiny test model there"
         raise ModelPathError(
             f"model.path={cfg.path!r}: cannot load a {pipeline_cls.__name__} (not a local diffusers folder, "
