@@ -61,7 +61,12 @@ def read_prompts(source: str | os.PathLike, column: str = "prompt", split: str =
                 f"prompts.file={text!r}: unsupported suffix {suffix!r}; use {', '.join(SUFFIXES)}, a datasets "
                 "folder or a hub dataset id"
             )
-        return reader[suffix](path, column) if suffix != ".txt" else _from_txt(path)
+        try:
+            return reader[suffix](path, column) if suffix != ".txt" else _from_txt(path)
+        except UnicodeDecodeError as err:
+            raise PromptsError(
+                f"prompts.file={text!r}: not UTF-8 text (byte {err.start}: {err.reason})"
+            ) from err
     if is_hub_dataset_id(text):
         return _from_hub(text, column, split)
     raise PromptsError(f"prompts.file={text!r}: no such file or folder (relative to {Path.cwd()})")

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,11 @@ from torch import nn
 
 from mpo.logs import get_logger
 from mpo.schema import RESUME_LATEST, RESUME_NONE
+from mpo.train_state import CheckpointPart
 
 EMA_WEIGHTS = "weights_ema"
+EMA_TENSORS = "ema.safetensors"
+EMA_VALUES = "ema.json"
 log = get_logger(__name__)
 
 
@@ -83,19 +87,98 @@ def ema_weights(ema: Any, model: nn.Module) -> Iterator[None]:
         ema.restore(params)
 
 
-def resume_checkpoint(run: Any, resume_from: str) -> Path | None:
-    """The checkpoint folder a run continues from, as ``train.resume_from`` says."""
-    from mpo.train_state import latest_checkpoint
+def starts_over(resume_from: str, latest: tuple[int, Path], force: bool) -> bool:
+    """``train.resume_from=none`` in a run with checkpoints: True with ``force`` (the caller discards
+    them and eval.parquet); without it, refused: ``none`` never discards work unasked."""
+    if resume_from != RESUME_NONE:
+        return False
+    if not force:
+        raise OptionError(
+            f"train.resume_from=none: {latest[1]} exists (this run trained to step {latest[0]}); add "
+            "--force to discard its checkpoints and eval.parquet and train from step 0, or use a new "
+            "output_dir"
+        )
+    return True
 
-    if resume_from == RESUME_NONE:
-        return None
-    if resume_from == RESUME_LATEST:
-        latest = latest_checkpoint(run)
-        return latest[1] if latest else None
-    path = Path(resume_from)
+
+def starting_checkpoint(
+    run: Any, resume_from: str, latest: tuple[int, Path] | None, max_steps: int
+) -> tuple[int, Path] | None:
+    """The checkpoint training continues from, as ``train.resume_from`` says, given this run's
+    ``latest`` one. A folder starts a run that has no checkpoints yet; once the run has its own, a
+    restart continues from them (going back to an earlier one of this run means deleting the later
+    ones, which this refuses to do by itself)."""
+    from mpo.train_state import read_progress
+
+    if resume_from in (RESUME_LATEST, RESUME_NONE):
+        return latest
+    path = Path(resume_from).expanduser().absolute()
     if not (path / "progress.json").is_file():
         raise OptionError(f"train.resume_from={resume_from!r}: not a checkpoint folder (no progress.json)")
-    return path
+    if latest is None:
+        step = read_progress(path).step
+        if step >= max_steps:
+            raise OptionError(
+                f"train.resume_from={resume_from!r}: that checkpoint is at step {step}, train.max_steps="
+                f"{max_steps}: nothing to train; raise train.max_steps"
+            )
+        return step, path
+    if is_own(run, path) and path.name != latest[1].name:
+        raise OptionError(
+            f"train.resume_from={resume_from!r}: this run has later checkpoints (up to {latest[1]}); "
+            f"delete the ones after {path.name} to go back to it, or use a new output_dir"
+        )
+    if not is_own(run, path):
+        log.info("train.resume_from=%s: the run has checkpoints of its own; continuing from %s", resume_from, latest[1])
+    return latest
+
+
+def is_own(run: Any, checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` is one of this run's (not another run's, named by train.resume_from)."""
+    return checkpoint.absolute().parent == run.checkpoints.absolute()
+
+
+def checkpoint_files(recipe: Any) -> tuple[str, ...]:
+    """The files a resume reads beside the model's own (verified before any model is built)."""
+    return EMACheckpoint.files if recipe.train.ema else ()
+
+
+class EMACheckpoint(CheckpointPart):
+    """The EMA in a checkpoint: its state for a resume (``ema.safetensors``: the shadow weights;
+    ``ema.json``: decay and step counters), and the EMA weights in the export format
+    (``weights_ema/``, what the export ships with ``export.ema``)."""
+
+    files = (EMA_TENSORS, EMA_VALUES)
+
+    def __init__(self, ema: Any, accelerator: Any, model: nn.Module, save_weights: Any) -> None:
+        self.ema, self.accelerator, self.model, self.save_weights = ema, accelerator, model, save_weights
+
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        acc = self.accelerator
+        with ema_weights(self.ema, acc.unwrap_model(self.model)):
+            state = acc.get_state_dict(self.model)  # collective under DeepSpeed
+            if acc.is_main_process:
+                self.save_weights(folder / EMA_WEIGHTS, state)
+        if acc.is_main_process:
+            values = self.ema.state_dict()
+            shadow = values.pop("shadow_params")
+            save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(shadow)}, str(folder / EMA_TENSORS))
+            (folder / EMA_VALUES).write_text(json.dumps(values, indent=1))
+
+    def load(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(folder / EMA_TENSORS))
+        values = json.loads((folder / EMA_VALUES).read_text())
+        if len(tensors) != len(self.ema.shadow_params):
+            raise OptionError(
+                f"{folder / EMA_TENSORS}: {len(tensors)} EMA tensors, the model trains {len(self.ema.shadow_params)}"
+            )
+        values["shadow_params"] = [tensors[str(i)] for i in range(len(tensors))]
+        self.ema.load_state_dict(values)
+        self.ema.to(device=self.accelerator.device)
 
 
 def exported_weights(recipe: Any, checkpoint: Path) -> Path:

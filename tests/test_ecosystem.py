@@ -406,14 +406,29 @@ def test_ema_weights_differ_from_the_raw_ones_resume_exactly_and_are_exported(pr
 
 
 def test_resume_from_another_runs_checkpoint_and_from_none(lora_run, prepared, models, tmp_path):
+    from mpo.train_options import OptionError
+
     source, _ = lora_run
     run = copy_run(prepared, tmp_path / "run")
-    extra = [*LORA[:-3], "tracking.tracker=none", "eval.every=0", f"train.resume_from={source / 'checkpoints' / 'step-1'}"]
+    same = [*LORA[:-3], "tracking.tracker=none"]  # the source's settings: its checkpoint is accepted
+    extra = [*same, f"train.resume_from={source / 'checkpoints' / 'step-1'}"]
     summary = train_stage(recipe_for(run, models, extra=extra))
     assert summary["resumed from step"] == 1 and summary["steps trained now"] == 1
-    fresh = [*extra[:-1], "train.resume_from=none"]
-    summary = train_stage(recipe_for(run, models, extra=fresh))  # finished, but none starts over
+    own = load_file(run / "checkpoints" / "step-2" / "weights" / "lora" / "pytorch_lora_weights.safetensors")
+    theirs = load_file(source / "checkpoints" / "step-2" / "weights" / "lora" / "pytorch_lora_weights.safetensors")
+    assert own.keys() == theirs.keys() and all(torch.equal(own[k], theirs[k]) for k in own)  # = continuing there
+    # A restart with the same recipe continues from the run's own checkpoints, not the other run's.
+    assert train_stage(recipe_for(run, models, extra=extra))["trained"] is False
+    # none never discards checkpoints unasked; with force it trains again from step 0.
+    fresh = [*same, "train.resume_from=none"]
+    with pytest.raises(OptionError, match="add --force"):
+        train_stage(recipe_for(run, models, extra=fresh))
+    summary = train_stage(recipe_for(run, models, extra=fresh), force=True)
     assert summary["resumed from step"] == "-" and summary["steps trained now"] == 2
+    # Going back to an earlier checkpoint of this run is refused while later ones exist.
+    back = [*same, f"train.resume_from={run / 'checkpoints' / 'step-1'}"]
+    with pytest.raises(OptionError, match="delete the ones after step-1"):
+        train_stage(recipe_for(run, models, extra=back))
 
 
 def test_wandb_resumes_into_the_same_run_and_a_failed_setup_starts_none(lora_run, prepared, models, tmp_path):
@@ -430,7 +445,7 @@ def test_wandb_resumes_into_the_same_run_and_a_failed_setup_starts_none(lora_run
 
     # A setup that fails (a checkpoint of a LoRA run given to a full fine-tuning) opens no run.
     other = copy_run(prepared, tmp_path / "other")
-    bad = [*extra, "model.finetune=full", f"train.resume_from={source / 'checkpoints' / 'step-1'}"]
+    bad = [*extra[:-1], "train.max_steps=2", "model.finetune=full", f"train.resume_from={source / 'checkpoints' / 'step-1'}"]
     with pytest.raises(CheckpointError, match="other settings"):
         train_stage(recipe_for(other, models, extra=bad))
     assert not (other / "wandb").exists()

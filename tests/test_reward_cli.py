@@ -268,3 +268,25 @@ def test_fit_and_eval_with_a_checklist_given_as_a_yaml_path(tmp_path, capsys):
     for extra in ([], ["--checklist", str(custom)]):
         assert main(["eval", "--pairs", str(pairs), "--weights", str(weights), *extra]) == 0
         assert json.loads(capsys.readouterr().out)["pairs"] == 80
+
+
+def test_every_reward_input_error_is_the_one_the_cli_ends_with_exit_2():
+    """The reward's bad-input errors derive from the one base the CLIs catch (exit 2, one line): no
+    class of the package derives from ValueError itself but that base, so none reaches the user as
+    a traceback."""
+    import ast
+
+    from reward.backends import BackendError
+    from reward.checklist import ChecklistError
+    from reward.errors import RewardInputError
+    from reward.media import MediaError
+
+    package = Path(__file__).resolve().parents[1] / "reward"
+    direct = sorted(
+        f"{path.relative_to(package)}:{node.name}"
+        for path in package.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef) and any(getattr(b, "id", None) == "ValueError" for b in node.bases)
+    )
+    assert direct == ["errors.py:RewardInputError"]
+    assert all(issubclass(e, RewardInputError) for e in (BackendError, ChecklistError, MediaError))
