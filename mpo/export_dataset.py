@@ -198,7 +198,7 @@ def export_dataset(
     private: bool = True,
 ) -> dict[str, Any]:
     """Build and save the dataset (and push it when ``push_to_hub`` names a dataset repo)."""
-    from mpo.generate import print_summary
+    from mpo.summary import print_summary
 
     run = RunDir.from_recipe(recipe)
     target = Path(out) if out is not None else run.root / DATASET_DIR

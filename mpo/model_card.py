@@ -29,6 +29,13 @@ KNOWN_LICENSES = {
     "zai-org/CogVideoX-2b": "apache-2.0",
     "THUDM/CogVideoX-5b": "other",
     "zai-org/CogVideoX-5b": "other",
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "apache-2.0",
+    "Wan-AI/Wan2.1-T2V-14B-Diffusers": "apache-2.0",
+    "stabilityai/stable-diffusion-3-medium-diffusers": "other",
+    "stabilityai/stable-diffusion-3.5-medium": "other",
+    "stabilityai/stable-diffusion-3.5-large": "other",
+    "black-forest-labs/FLUX.1-dev": "other",
+    "black-forest-labs/FLUX.1-schnell": "apache-2.0",
 }
 TAGS = ("diffusers", "diffusion-dpo", "mpo", "visionreward")
 

@@ -358,6 +358,19 @@ def test_export_dataset_is_a_preference_dataset_with_decoded_images(lora_run, mo
     assert not np.array_equal(np.asarray(row["win"]), np.asarray(row["lose"]))
 
 
+def test_export_dataset_pushes_the_saved_splits_to_a_private_hub_dataset(lora_run, tmp_path, monkeypatch):
+    from mpo.export_dataset import export_dataset
+
+    pushed = []
+    monkeypatch.setattr(datasets.DatasetDict, "push_to_hub", lambda self, repo, **kw: pushed.append((self, repo, kw)))
+    _, recipe = lora_run
+    summary = export_dataset(recipe, tmp_path / "prefs", push_to_hub="me/tiny-prefs")
+    ((data, repo, kwargs),) = pushed
+    assert repo == "me/tiny-prefs" and kwargs == {"private": True} and summary["pushed"] == "me/tiny-prefs"
+    saved = datasets.load_from_disk(str(tmp_path / "prefs"))
+    assert list(data) == list(saved) == ["pairs"] and data["pairs"]["win_idx"] == saved["pairs"]["win_idx"]
+
+
 # ---- training options on a run -------------------------------------------------------------------------
 EMA = [
     "model.finetune=lora",
