@@ -86,11 +86,12 @@ def test_verbosity_flags_set_the_project_log_level(argv, level, capsys, monkeypa
 
 
 def test_project_logger_writes_before_and_after_accelerate_state(capsys):
+    from accelerate.state import PartialState
+
+    PartialState._reset_state()  # an earlier test of the session may have made one
     setup_logging("verbose")
     log = get_logger("mpo.test")
     log.debug("before state", main_process_only=True)
-    from accelerate import PartialState
-
     PartialState()
     log.info("after state")
     err = capsys.readouterr().err

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from mpo.export import export_stage
 from mpo.lora_formats import COMFYUI_FILE, sgm_unet_module, to_comfyui
 from mpo.model_card import base_license, card_data
-from mpo.store import RunDir, read_parquet
+from mpo.store import read_parquet
 from mpo.train import train_stage
 from tests.scripts.tiny_runs import copy_run, recipe_for
 
@@ -299,11 +299,9 @@ def test_wandb_gets_one_captioned_image_per_eval_sample(lora_run):
 
 
 # ---- the run's pictures ---------------------------------------------------------------------------------
-def test_report_pictures(lora_run):
-    from mpo.report import write_report
-
-    run, recipe = lora_run
-    written = write_report(RunDir(run), recipe)
+def test_training_ends_by_writing_the_report_pictures(lora_run):
+    run, _ = lora_run
+    written = sorted((run / "report").glob("*.png"))  # the train stage's closing report
     names = sorted(p.name for p in written)
     assert {"curve-total.png", "curve-quality.png", "curve-composition.png", "pairs.png"} <= set(names)
     assert "curve-alignment.png" not in names  # pixel statistics cannot judge alignment: no empty chart
@@ -418,6 +416,7 @@ def test_ema_weights_differ_from_the_raw_ones_resume_exactly_and_are_exported(pr
     assert isinstance(pipe, StableDiffusionXLPipeline)
 
 
+@pytest.mark.slow
 def test_resume_from_another_runs_checkpoint_and_from_none(lora_run, prepared, models, tmp_path):
     from mpo.train_options import OptionError
 
@@ -444,6 +443,7 @@ def test_resume_from_another_runs_checkpoint_and_from_none(lora_run, prepared, m
         train_stage(recipe_for(run, models, extra=back))
 
 
+@pytest.mark.slow
 def test_wandb_resumes_into_the_same_run_and_a_failed_setup_starts_none(lora_run, prepared, models, tmp_path):
     from mpo.train_state import CheckpointError
 
