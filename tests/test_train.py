@@ -49,12 +49,12 @@ class Capture:
         self.grads: list[dict[str, torch.Tensor]] = []
         original = mpo.train.setup_optimizer
 
-        def wrapped(recipe, denoiser, world_size):
+        def wrapped(recipe, denoiser, world_size, **kwargs):
             named = [(n, p) for n, p in denoiser.named_parameters() if p.requires_grad]
             self.initial = {n: p.detach().clone() for n, p in named}
             self.live = dict(named)
             self.all_names = [n for n, _ in denoiser.named_parameters()]
-            optimizer = original(recipe, denoiser, world_size)
+            optimizer = original(recipe, denoiser, world_size, **kwargs)
             step = optimizer.step
 
             def recording_step(*args, **kwargs):
@@ -187,7 +187,7 @@ def test_non_finite_loss_names_step_and_pair_and_keeps_the_last_checkpoint(
     run = copy_run(prepared, tmp_path / "run")
     extra = ["train.batch_size=2", "train.max_steps=4", "train.checkpoint_every=2"]
     calls = []
-    original = mpo.train.diffusion_dpo_loss
+    original = mpo.train.dpo_loss_from_errors
 
     def poisoned(*args, **kwargs):
         out = original(*args, **kwargs)
@@ -198,7 +198,7 @@ def test_non_finite_loss_names_step_and_pair_and_keeps_the_last_checkpoint(
             out = dataclasses.replace(out, per_pair_loss=per_pair, loss=per_pair.mean())
         return out
 
-    monkeypatch.setattr(mpo.train, "diffusion_dpo_loss", poisoned)
+    monkeypatch.setattr(mpo.train, "dpo_loss_from_errors", poisoned)
     with pytest.raises(TrainingError) as err:
         _train(run, models, extra)
     prompt_id, win, lose = _dataset(run, recipe_for(run, models, extra=extra)).pair_at(2 * 2 + 1)
