@@ -42,6 +42,7 @@ and the best checkpoint is kept beside the last (``export.which`` picks one). Th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -586,15 +587,16 @@ def run_eval(t: Trainer, step: int) -> None:
     model.eval()
     try:
         inputs = t.eval_inputs
-        result = ev.evaluate(
-            t.backbone,
-            inputs["reward"],
-            inputs["prompts"],
-            t.recipe,
-            accelerator=t.acc,
-            embeddings=inputs["embeddings"],
-            negative=inputs["negative"],
-        )
+        with sampling_precision(t):
+            result = ev.evaluate(
+                t.backbone,
+                inputs["reward"],
+                inputs["prompts"],
+                t.recipe,
+                accelerator=t.acc,
+                embeddings=inputs["embeddings"],
+                negative=inputs["negative"],
+            )
     finally:
         model.train()
     if t.acc.is_main_process:
@@ -608,6 +610,17 @@ def run_eval(t: Trainer, step: int) -> None:
             write_best(t.run, step, result["total"])
         t.best_total = result["total"]
         t.acc.wait_for_everyone()
+
+
+def sampling_precision(t: Trainer) -> Any:
+    """Sampling runs in ``model.dtype`` (what the pipeline's frozen parts and the text embeddings are
+    in); the policy's float32 master weights join it through autocast."""
+    from mpo.backbones.base import torch_dtype
+
+    dtype = torch_dtype(t.recipe.model.dtype)
+    if dtype == torch.float32 or t.input_dtype == dtype:
+        return contextlib.nullcontext()
+    return torch.autocast(t.acc.device.type, dtype=dtype)
 
 
 def checkpoint(t: Trainer) -> None:
