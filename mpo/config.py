@@ -224,6 +224,7 @@ class _Builder:
 # Keys whose allowed values include the word "no", which YAML turns into false when unquoted.
 _YAML_NO = frozenset({"train.mixed_precision"})
 
+
 # ---- value checks -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Rule:

@@ -102,7 +102,9 @@ def split_pairs(pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return winners, losers
 
 
-def per_sample_mse(pred: torch.Tensor, target: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def per_sample_mse(
+    pred: torch.Tensor, target: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Mean squared error over every dim but the batch, ``[N]``, computed after upcasting to ``dtype``
     (default: float32, or float64 when an input is float64). The target is a constant."""
     if dtype is None:

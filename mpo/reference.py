@@ -195,7 +195,9 @@ def precompute_reference(
             batch = next(batches)
             expected = wanted[i * plan.batch_size : (i + 1) * plan.batch_size]
             if not torch.equal(batch["position"].cpu(), expected):
-                raise RuntimeError(f"reference pass: got positions {batch['position'].tolist()}, planned {expected.tolist()}")
+                raise RuntimeError(
+                    f"reference pass: got positions {batch['position'].tolist()}, planned {expected.tolist()}"
+                )
             inputs = inputs_of(batch)
             with autocast():
                 ref_w, ref_l = reference.errors(batch, inputs)

@@ -334,7 +334,9 @@ def setup(recipe: Any, acc: Accelerator, run: RunDir) -> Trainer:
     return trainer
 
 
-def setup_precomputed_reference(t: Trainer, pairs: pd.DataFrame, switch: LoraSwitch | None) -> PrecomputedReference:
+def setup_precomputed_reference(
+    t: Trainer, pairs: pd.DataFrame, switch: LoraSwitch | None
+) -> PrecomputedReference:
     """``train.reference: precomputed``: the stored reference errors of every planned position, after
     computing those that are missing (:mod:`mpo.reference`) with the policy itself at step 0 (full
     fine-tuning, in eval mode like a frozen copy) or with its adapters off (LoRA)."""
@@ -348,7 +350,9 @@ def setup_precomputed_reference(t: Trainer, pairs: pd.DataFrame, switch: LoraSwi
     settings.pop("model.lora (rank, alpha, targets)")  # the reference is the base either way
     settings.pop("model.finetune")
     digest, fingerprint = fingerprint_of(settings, pairs)
-    plan = Plan(cfg.max_steps * cfg.gradient_accumulation_steps, cfg.batch_size, acc.process_index, acc.num_processes)
+    plan = Plan(
+        cfg.max_steps * cfg.gradient_accumulation_steps, cfg.batch_size, acc.process_index, acc.num_processes
+    )
     bounds = timestep_bounds(cfg.timestep_range, t.backbone.num_train_timesteps)
     dataset = PairDataset(t.run, pairs, cfg.seed, bounds)
 
@@ -456,7 +460,14 @@ def dpo_step(t: Trainer, batch: dict[str, Any]) -> DPOOutput:
         pred = t.backbone.predict(t.model, inputs.noisy, inputs.timesteps, inputs.embeds)
     mse_w, mse_l = per_sample_mse(pred, inputs.target).chunk(2)
     return dpo_loss_from_errors(
-        mse_w, mse_l, ref_w, ref_l, cfg.beta, inputs.weighting, loss_type=cfg.loss_type, sft_weight=cfg.sft_weight
+        mse_w,
+        mse_l,
+        ref_w,
+        ref_l,
+        cfg.beta,
+        inputs.weighting,
+        loss_type=cfg.loss_type,
+        sft_weight=cfg.sft_weight,
     )
 
 
@@ -613,14 +624,15 @@ def run_eval(t: Trainer, step: int) -> None:
 
 
 def sampling_precision(t: Trainer) -> Any:
-    """Sampling runs in ``model.dtype`` (what the pipeline's frozen parts and the text embeddings are
-    in); the policy's float32 master weights join it through autocast."""
+    """Eval sampling where the policy's dtype is not the pipeline's: float32 master weights among
+    ``model.dtype`` parts (embeddings arrive in the text encoders' dtype), or a DeepSpeed bf16 module
+    among float32 parts. Autocast to the half type of the two lets them meet."""
     from mpo.backbones.base import torch_dtype
 
-    dtype = torch_dtype(t.recipe.model.dtype)
-    if dtype == torch.float32 or t.input_dtype == dtype:
+    frozen, policy = torch_dtype(t.recipe.model.dtype), t.input_dtype
+    if frozen == policy:
         return contextlib.nullcontext()
-    return torch.autocast(t.acc.device.type, dtype=dtype)
+    return torch.autocast(t.acc.device.type, dtype=policy if policy != torch.float32 else frozen)
 
 
 def checkpoint(t: Trainer) -> None:

@@ -54,7 +54,9 @@ def test_precomputed_reference_gives_the_live_losses_and_weights_exactly(
 ):
     live_run, stored_run = copy_run(prepared, tmp_path / "live"), copy_run(prepared, tmp_path / "stored")
     _, live, _ = _train(live_run, models, [*FINETUNE[finetune], "train.reference=live"], monkeypatch)
-    _, stored, frozen = _train(stored_run, models, [*FINETUNE[finetune], "train.reference=precomputed"], monkeypatch)
+    _, stored, frozen = _train(
+        stored_run, models, [*FINETUNE[finetune], "train.reference=precomputed"], monkeypatch
+    )
     assert isinstance(stored.reference, PrecomputedReference)
     assert frozen == [None], "a precomputed reference must not keep a copy of the denoiser"
     assert sorted(p.name for p in (stored_run / "reference").iterdir())  # stored in the run directory
@@ -62,12 +64,17 @@ def test_precomputed_reference_gives_the_live_losses_and_weights_exactly(
     for a, b in zip(live.history, stored.history):
         assert a == b, f"step {a['step']}: live {a} != precomputed {b}"
     assert live.history[-1]["train/reward_margin"] != 0.0  # training moved the policy off the reference
-    a, b = checkpoint_tensors(live_run / "checkpoints" / "step-3"), checkpoint_tensors(stored_run / "checkpoints" / "step-3")
+    a, b = (
+        checkpoint_tensors(live_run / "checkpoints" / "step-3"),
+        checkpoint_tensors(stored_run / "checkpoints" / "step-3"),
+    )
     assert a.keys() == b.keys() and len(a) > 0
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_precomputed_reference_resumes_and_refuses_to_outrun_its_plan(prepared, models, tmp_path, monkeypatch):
+def test_precomputed_reference_resumes_and_refuses_to_outrun_its_plan(
+    prepared, models, tmp_path, monkeypatch
+):
     extra = [*FINETUNE["full"], "train.reference=precomputed", "train.checkpoint_every=2"]
     monkeypatch.setattr(mpo.reference, "CHUNK_MICRO_STEPS", 2)  # 3 micro-steps: two chunks
     straight = copy_run(prepared, tmp_path / "straight")
@@ -117,7 +124,10 @@ def test_precomputed_reference_resumes_and_refuses_to_outrun_its_plan(prepared, 
     summary, resumed, _ = _train(run, models, extra, monkeypatch)
     assert summary["resumed from step"] == 2
     assert resumed.history[-1] == reference_run.history[-1]
-    a, b = checkpoint_tensors(straight / "checkpoints" / "step-3"), checkpoint_tensors(run / "checkpoints" / "step-3")
+    a, b = (
+        checkpoint_tensors(straight / "checkpoints" / "step-3"),
+        checkpoint_tensors(run / "checkpoints" / "step-3"),
+    )
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
 

@@ -182,7 +182,9 @@ def test_batch_one_times_accumulation_two_equals_batch_two(prepared, models, tmp
         assert capture.lrs == pytest.approx([0.0, lr / 2, lr])
         assert [h["train/lr"] for h in capture.trainer.history] == pytest.approx(capture.lrs)
         norms = [h["train/grad_norm"] for h in capture.trainer.history]
-        own = [math.sqrt(sum(float(g.double().square().sum()) for g in step.values())) for step in capture.grads]
+        own = [
+            math.sqrt(sum(float(g.double().square().sum()) for g in step.values())) for step in capture.grads
+        ]
         assert norms == pytest.approx(own, rel=1e-4)  # logged norms are the unclipped ones
     assert min(own) > 1.0, f"pre-clip norms {own}: a clip at 1 would have hidden a scale error"
     # Step 1 starts from the same weights, so its gradients must agree to float rounding; later steps

@@ -60,9 +60,7 @@ class Recorded:
         def record(mse_w, mse_l, ref_w, ref_l, beta, weighting=None, **kwargs):
             out = loss(mse_w, mse_l, ref_w, ref_l, beta, weighting, **kwargs)
             detached = [x.detach().clone() for x in (mse_w, mse_l, ref_w, ref_l)]
-            self.calls.append(
-                {"errors": detached, "weighting": weighting, "out": out.scalars(), **kwargs}
-            )
+            self.calls.append({"errors": detached, "weighting": weighting, "out": out.scalars(), **kwargs})
             return out
 
         monkeypatch.setattr(mpo.train, "train_loop", keep)
@@ -189,9 +187,7 @@ def test_winner_and_loser_share_noise_and_timestep(prepared, models, tmp_path, m
     assert len(set(seen_timesteps)) > 1, "every pair drew the same timestep: the check is vacuous"
 
 
-@pytest.mark.parametrize(
-    ("loss_type", "at_zero"), [("sigmoid", math.log(2)), ("hinge", 1.0), ("ipo", 0.25)]
-)
+@pytest.mark.parametrize(("loss_type", "at_zero"), [("sigmoid", math.log(2)), ("hinge", 1.0), ("ipo", 0.25)])
 def test_recipe_loss_variants_and_min_snr_weighting_reach_the_loss(
     prepared, models, tmp_path, monkeypatch, loss_type, at_zero
 ):
@@ -291,7 +287,9 @@ def test_micro_steps_read_nothing_on_the_host_and_walk_no_modules(prepared, mode
         summary = train_stage(recipe)
     assert started[0] and summary["steps trained now"] == 3
     assert not walks, f"called per micro-step: {sorted(set(walks))}"
-    assert not mode.reads, f"{len(mode.reads)} host read(s) in the micro-steps, the first from:\n{mode.reads[0]}"
+    assert not mode.reads, (
+        f"{len(mode.reads)} host read(s) in the micro-steps, the first from:\n{mode.reads[0]}"
+    )
 
 
 def test_bf16_weights_without_mixed_precision_still_train(prepared, models, tmp_path, monkeypatch):
@@ -400,3 +398,57 @@ def test_min_snr_weight_on_the_sdxl_schedule(models, tmp_path):
     expected = [min(float(s), 5.0) / float(s) for s in snr]
     assert got.tolist() == pytest.approx(expected, rel=1e-6)
     assert backbone.loss_weighting(timesteps, "none", 5.0) is None
+
+
+LAUNCHES = ("ddp", "zero2", "zero3")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_policy_and_reference_agree_at_step_zero_on_two_processes(
+    prepared, models, tmp_path, launch, finetune, precision
+):
+    """The step-0 identity under DDP, ZeRO-2 and ZeRO-3 with 2 processes (DeepSpeed bf16 holds the
+    module in bf16 itself: the reference follows it)."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.scripts.tiny_runs import ROOT, SDXL, SDXL_SMALL
+
+    config = ROOT / "launch" / ("cpu_ddp.yaml" if launch == "ddp" else "cpu_deepspeed_zero2.yaml")
+    if launch == "zero3":
+        text = config.read_text().replace(
+            "launch/deepspeed/zero2.json", str(ROOT / "launch/deepspeed/zero3.json")
+        )
+        config = tmp_path / "zero3.yaml"
+        config.write_text(text)
+    run = copy_run(prepared, tmp_path / "run")
+    overrides = [*SDXL_SMALL, f"output_dir={run}", f"model.path={models / 'sdxl'}", "eval.num_prompts=2"]
+    overrides += [*FINETUNE[finetune], *_precision_args(finetune, precision), "train.beta=5000"]
+    overrides += ["train.batch_size=1", "train.max_steps=1", "train.checkpoint_every=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("ACCELERATE_USE_CPU", None)  # with it, DeepSpeed is dropped
+    if launch == "ddp":
+        env["ACCELERATE_USE_CPU"] = "true"  # accelerate's multi-GPU launcher, on the CPU
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+        "--main_process_port", str(port), str(ROOT / "tests" / "scripts" / "train_run.py"), str(SDXL), *overrides,
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((run / "ranks" / f"rank-{i}.json").read_text()) for i in range(2)]
+    expected = "MULTI_CPU" if launch == "ddp" else "DEEPSPEED"
+    assert [r["distributed_type"] for r in ranks] == [expected] * 2 and ranks[0]["num_processes"] == 2
+    for rank in ranks:
+        first = rank["history"][0]
+        assert first["train/reward_margin"] == 0.0, first
+        assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-7), first
