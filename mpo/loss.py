@@ -84,8 +84,15 @@ class DPOOutput:
     ref_mse_l: torch.Tensor
 
     def scalars(self) -> dict[str, torch.Tensor]:
-        """Batch means of every field, detached, for logging (no host sync until the caller asks)."""
-        return {name: value.detach().float().mean() for name, value in vars(self).items()}
+        """Batch means of every field, detached, for logging (no host sync until the caller asks).
+        Four kernels for the ten fields (the per-pair ones are stacked and averaged together): the
+        trainer calls this every micro-step."""
+        fields = vars(self)
+        per_pair = [n for n, v in fields.items() if v.dim() == 1]
+        whole = [n for n, v in fields.items() if v.dim() == 0]
+        means = torch.stack([fields[n].detach() for n in per_pair]).float().mean(dim=1)
+        values = torch.cat([means, torch.stack([fields[n].detach() for n in whole]).float()])
+        return dict(zip(per_pair + whole, values.unbind()))
 
 
 def split_pairs(pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -97,28 +97,59 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message names the step and the pair."""
 
 
+@dataclass(frozen=True)
+class StepSettings:
+    """What the step reads every micro-step, as plain values: an OmegaConf lookup costs ~50 us."""
+
+    beta: float
+    loss_type: str
+    sft_weight: float
+    weighting: str
+    snr_gamma: float
+    max_grad_norm: float
+    deepspeed: bool  # the engine clips and steps inside backward
+    scaler: bool  # fp16's GradScaler decides the skipping
+
+    @classmethod
+    def of(cls, recipe: Any, acc: Accelerator) -> StepSettings:
+        cfg = recipe.train
+        return cls(
+            beta=float(cfg.beta),
+            loss_type=str(cfg.loss_type),
+            sft_weight=float(cfg.sft_weight),
+            weighting=str(cfg.weighting),
+            snr_gamma=float(cfg.snr_gamma),
+            max_grad_norm=float(cfg.max_grad_norm),
+            deepspeed=is_deepspeed(acc),
+            scaler=getattr(acc, "scaler", None) is not None,
+        )
+
+
 @dataclass
 class Trainer:
     """Everything the loop needs, built by :func:`setup`."""
 
     recipe: Any
     acc: Accelerator
-    run: RunDir
     backbone: Backbone
     model: nn.Module  # the prepared policy denoiser
     reference: LiveReference | PrecomputedReference
     optimizer: Any
     scheduler: Any
-    loader: Iterator[dict[str, Any]]
-    progress: TrainProgress
-    pairs: int
-    eval_inputs: dict[str, Any] | None  # prompts, embeddings, negative, reward; None: no val prompts
+    # The run (set by setup; a trainer from prepare_step alone has none).
+    run: RunDir | None = None
+    loader: Iterator[dict[str, Any]] | None = None
+    progress: TrainProgress = field(default_factory=TrainProgress)
+    pairs: int = 0
+    eval_inputs: dict[str, Any] | None = None  # prompts, embeddings, negative, reward; None: no val prompts
     best_total: float = -math.inf
     saved_step: int = -1
     resumed_from: int | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     # Looked up once: the step reads these every micro-step.
+    settings: StepSettings | None = None
     policy: nn.Module | None = None  # the model without its DDP / DeepSpeed wrapper
+    switch: LoraSwitch | None = None  # LoRA: turns the policy's adapters off for the reference
     trainable: list[nn.Parameter] = field(default_factory=list)
     input_dtype: torch.dtype = torch.float32  # what the denoiser's inputs are cast to
     guard: FiniteGuard | None = None
@@ -173,12 +204,16 @@ def flat_config(recipe: Any, tracker: str) -> dict[str, Any]:
     return flat
 
 
-def setup_model(recipe: Any, acc: Accelerator) -> tuple[Backbone, nn.Module, nn.Module | None]:
-    """Load the backbone; make its denoiser trainable (LoRA or full) in float32; the frozen copy that
-    serves as the reference of a full fine-tuning run with a live reference (else None)."""
-    # The first load may build and save a tiny model; ZeRO-3 partitions the denoiser at prepare().
-    with acc.main_process_first(), whole_model_loading():
-        backbone = load_backbone(recipe.model, acc.device)
+def setup_model(
+    recipe: Any, acc: Accelerator, backbone: Backbone | None = None
+) -> tuple[Backbone, nn.Module, nn.Module | None]:
+    """Load the backbone (unless given one); make its denoiser trainable (LoRA or full) in float32;
+    the frozen copy that serves as the reference of a full fine-tuning run with a live reference
+    (else None)."""
+    if backbone is None:
+        # The first load may build and save a tiny model; ZeRO-3 partitions the denoiser at prepare().
+        with acc.main_process_first(), whole_model_loading():
+            backbone = load_backbone(recipe.model, acc.device)
     backbone.set_attention(recipe.train.attention)
     denoiser = backbone.denoiser
     if recipe.model.finetune == "lora":
@@ -269,17 +304,44 @@ def run_settings(recipe: Any, acc: Accelerator) -> dict[str, Any]:
     }
 
 
-def setup(recipe: Any, acc: Accelerator, run: RunDir) -> Trainer:
-    """Build model, optimizer, data and eval inputs; resume from the latest checkpoint if any."""
-    pairs = load_train_pairs(run)
+def prepare_step(recipe: Any, acc: Accelerator, backbone: Backbone | None = None) -> Trainer:
+    """What the step needs, prepared by accelerate: the policy (trainable weights in float32),
+    optimizer, lr schedule, live reference and finiteness guard; no run directory, data or eval
+    (:func:`setup` adds those). benchmarks/dpo_step.py builds its trainer here, around its own backbone."""
     set_seed(recipe.train.seed)  # LoRA's initial weights; a resume then restores every RNG state
-    backbone, denoiser, frozen = setup_model(recipe, acc)
+    backbone, denoiser, frozen = setup_model(recipe, acc, backbone)
     optimizer = setup_optimizer(recipe, denoiser, acc.num_processes, fused=not is_deepspeed(acc))
     fill_deepspeed_config(recipe, acc)
     model, optimizer = acc.prepare(denoiser, optimizer)
     scheduler = setup_scheduler(recipe, optimizer)
     policy = acc.unwrap_model(model)
     backbone.set_denoiser(policy)
+    if frozen is not None:
+        match_dtypes(frozen, policy)  # DeepSpeed bf16 / fp16 casts the prepared module itself
+    switch = LoraSwitch(policy) if recipe.model.finetune == "lora" else None
+    return Trainer(
+        recipe=recipe,
+        acc=acc,
+        backbone=backbone,
+        model=model,
+        reference=LiveReference(backbone, frozen if frozen is not None else policy, switch),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        settings=StepSettings.of(recipe, acc),
+        policy=policy,
+        switch=switch,
+        trainable=[p for p in policy.parameters() if p.requires_grad],
+        input_dtype=next(p.dtype for p in policy.parameters() if p.is_floating_point()),
+        # Under fp16 the GradScaler judges gradient overflow (routine there) and skips the step itself.
+        guard=FiniteGuard(acc, judge_grad_norm=getattr(acc, "scaler", None) is None),
+    )
+
+
+def setup(recipe: Any, acc: Accelerator, run: RunDir) -> Trainer:
+    """Build model, optimizer, data and eval inputs; resume from the latest checkpoint if any."""
+    pairs = load_train_pairs(run)
+    trainer = prepare_step(recipe, acc)
+    backbone, model, scheduler = trainer.backbone, trainer.model, trainer.scheduler
     acc.register_for_checkpointing(scheduler)
     finetune = recipe.model.finetune
     register_hooks(
@@ -304,39 +366,16 @@ def setup(recipe: Any, acc: Accelerator, run: RunDir) -> Trainer:
         pin_memory=acc.device.type == "cuda",
     )
     resumed = progress.step if progress.step > 0 else None
-    if frozen is not None:
-        match_dtypes(frozen, policy)  # DeepSpeed bf16 / fp16 casts the prepared module itself
-    switch = LoraSwitch(policy) if recipe.model.finetune == "lora" else None
-    trainer = Trainer(
-        recipe=recipe,
-        acc=acc,
-        run=run,
-        backbone=backbone,
-        model=model,
-        reference=LiveReference(backbone, frozen if frozen is not None else policy, switch),
-        optimizer=optimizer,
-        scheduler=scheduler,
-        loader=iter(loader),
-        progress=progress,
-        pairs=len(pairs),
-        eval_inputs=setup_eval(recipe, run, acc.device),
-        resumed_from=resumed,
-        saved_step=resumed if resumed is not None else -1,
-        policy=policy,
-        trainable=[p for p in policy.parameters() if p.requires_grad],
-        input_dtype=next(p.dtype for p in policy.parameters() if p.is_floating_point()),
-        # Under fp16 the GradScaler judges gradient overflow (routine there) and skips the step itself.
-        guard=FiniteGuard(acc, judge_grad_norm=getattr(acc, "scaler", None) is None),
-    )
+    trainer.run, trainer.loader, trainer.progress, trainer.pairs = run, iter(loader), progress, len(pairs)
+    trainer.eval_inputs = setup_eval(recipe, run, acc.device)
+    trainer.resumed_from, trainer.saved_step = resumed, resumed if resumed is not None else -1
     trainer.best_total = best_so_far(run, progress.step)
     if recipe.train.reference == "precomputed":
-        trainer.reference = setup_precomputed_reference(trainer, pairs, switch)
+        trainer.reference = setup_precomputed_reference(trainer, pairs)
     return trainer
 
 
-def setup_precomputed_reference(
-    t: Trainer, pairs: pd.DataFrame, switch: LoraSwitch | None
-) -> PrecomputedReference:
+def setup_precomputed_reference(t: Trainer, pairs: pd.DataFrame) -> PrecomputedReference:
     """``train.reference: precomputed``: the stored reference errors of every planned position, after
     computing those that are missing (:mod:`mpo.reference`) with the policy itself at step 0 (full
     fine-tuning, in eval mode like a frozen copy) or with its adapters off (LoRA)."""
@@ -362,6 +401,7 @@ def setup_precomputed_reference(
             make_dataloader(dataset, cfg.batch_size, acc.process_index, acc.num_processes, pairs_seen, 0)
         )
 
+    switch = t.switch
     at_base = switch is not None or t.progress.step == 0
     reference = LiveReference(t.backbone, t.policy, switch) if at_base else None
     bar = tqdm(desc="reference errors", unit="chunk", disable=not acc.is_main_process)
@@ -433,7 +473,7 @@ def best_so_far(run: RunDir, step: int) -> float:
 def step_inputs(t: Trainer, batch: dict[str, Any]) -> StepInputs:
     """The stacked ``[win; lose]`` inputs of a micro-batch: one noise and one timestep per pair, shared
     by winner and loser; noising and target in float32 (a bf16 v-target is off by up to 8e-3)."""
-    device, cfg = t.acc.device, t.recipe.train
+    device, cfg = t.acc.device, t.settings
 
     def move(x: torch.Tensor) -> torch.Tensor:  # from pinned memory on a GPU: no host sync
         return x.to(device, non_blocking=True)
@@ -453,7 +493,7 @@ def step_inputs(t: Trainer, batch: dict[str, Any]) -> StepInputs:
 def dpo_step(t: Trainer, batch: dict[str, Any]) -> DPOOutput:
     """The loss of one micro-batch of pairs: shared noise and timestep, one stacked policy forward on
     [win; lose], the reference's errors (a forward without gradients, or the stored ones)."""
-    cfg = t.recipe.train
+    cfg = t.settings
     inputs = step_inputs(t, batch)
     with t.acc.autocast():
         ref_w, ref_l = t.reference.errors(batch, inputs)
@@ -474,23 +514,25 @@ def dpo_step(t: Trainer, batch: dict[str, Any]) -> DPOOutput:
 def micro_step(t: Trainer, batch: dict[str, Any], step: int, step_pairs: list[torch.Tensor]) -> DPOOutput:
     """Forward, backward and, at the last micro-step of an optimizer step, clip and update; nothing
     is read back on the host (the finiteness flags stay on the device: :mod:`mpo.finite`)."""
-    acc = t.acc
+    acc, cfg = t.acc, t.settings
     with acc.accumulate(t.model):
         out = dpo_step(t, batch)
         t.guard.loss(step, batch["pair"], out.per_pair_loss)
         acc.backward(out.loss)  # under DeepSpeed this also steps, at the last micro-step
-        if acc.sync_gradients and not is_deepspeed(acc):
-            t.grad_norm = acc.clip_grad_norm_(t.trainable, t.recipe.train.max_grad_norm)
+        # Only at the last micro-step: accelerate's optimizer wrapper is a no-op before it, and its
+        # step() probes for an optional package (a file-system lookup) on every call.
+        if acc.sync_gradients and not cfg.deepspeed:
+            t.grad_norm = acc.clip_grad_norm_(t.trainable, cfg.max_grad_norm)
             skip = t.guard.found_inf(step, torch.cat(step_pairs), t.grad_norm)
             inner = getattr(t.optimizer, "optimizer", t.optimizer)
-            if getattr(acc, "scaler", None) is not None:
+            if cfg.scaler:
                 pass  # the GradScaler sets found_inf itself
             elif getattr(inner, "_step_supports_amp_scaling", False):
                 inner.found_inf = skip  # fused AdamW leaves everything untouched when it is 1
             elif bool(skip):  # no fused kernel: one host read per optimizer step
                 t.optimizer.zero_grad(set_to_none=True)
-        t.optimizer.step()
-        t.optimizer.zero_grad(set_to_none=True)
+            t.optimizer.step()
+            t.optimizer.zero_grad(set_to_none=True)
     return out
 
 

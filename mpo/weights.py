@@ -75,11 +75,12 @@ class LoraSwitch:
         # peft keeps the switch in `_disable_adapters` (read by its `disable_adapters` property);
         # layers of another kind fall back to the public, slower per-layer call.
         self._flag = all(hasattr(m, "_disable_adapters") for m in self.layers)
+        self._states = [vars(m) for m in self.layers]
 
     def _set(self, disabled: bool) -> None:
         if self._flag:
-            for layer in self.layers:
-                layer._disable_adapters = disabled
+            for state in self._states:  # the instance dicts: nn.Module.__setattr__ costs 10x more
+                state["_disable_adapters"] = disabled
         else:
             for layer in self.layers:
                 layer.enable_adapters(not disabled)

@@ -36,8 +36,8 @@ def _train(run: Path, models: Path, extra: list[str], monkeypatch) -> tuple[dict
         kept.append(t)
         return loop(t)
 
-    def remember(recipe, acc):
-        out = setup_model(recipe, acc)
+    def remember(*args, **kwargs):
+        out = setup_model(*args, **kwargs)
         frozen.append(out[2])
         return out
 

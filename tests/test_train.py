@@ -226,6 +226,7 @@ def test_non_finite_loss_names_step_and_pair_and_keeps_the_last_checkpoint(
         return out
 
     monkeypatch.setattr(mpo.train, "dpo_loss_from_errors", poisoned)
+    capture = Capture(monkeypatch)
     with pytest.raises(TrainingError) as err:
         _train(run, models, extra)
     prompt_id, win, lose = _dataset(run, recipe_for(run, models, extra=extra)).pair_at(2 * 2 + 1)
@@ -236,7 +237,12 @@ def test_non_finite_loss_names_step_and_pair_and_keeps_the_last_checkpoint(
     assert "step-2" in message
     assert latest_checkpoint(RunDir(run))[0] == 2
     assert not list((run / "checkpoints").glob("*.tmp"))
-    assert all(torch.isfinite(t).all() for t in checkpoint_tensors(run / "checkpoints" / "step-2").values())
+    saved = checkpoint_tensors(run / "checkpoints" / "step-2")
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    # The poisoned step's update was skipped on the device: the weights are still step 2's.
+    live = capture.final()
+    assert len(capture.grads) == 3 and live.keys() == {k.split("/", 1)[1] for k in saved}
+    assert all(torch.equal(live[k.split("/", 1)[1]], v) for k, v in saved.items())
 
 
 def test_poisoned_latent_stops_at_its_first_pair(prepared, models, tmp_path, monkeypatch):

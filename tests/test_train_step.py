@@ -339,7 +339,7 @@ def test_v_target_is_float32_when_the_denoiser_runs_in_bf16(tmp_path_factory):
     }
     t = SimpleNamespace(
         acc=SimpleNamespace(device=torch.device("cpu")),
-        recipe=recipe,
+        settings=SimpleNamespace(weighting="none", snr_gamma=5.0),
         backbone=backbone,
         input_dtype=torch.bfloat16,
     )
