@@ -2,9 +2,9 @@
 
 Three sizes of the two released architectures:
 
-- ``mid``: what a 2-core CPU trains in well under a second per pair: an SDXL-architecture UNet of
-  ~30 M parameters at 256 px (32 x 32 latents, the real 2048-wide text and 2816-wide time conditioning)
-  and a 4-layer CogVideoX-2B-architecture transformer (8 heads of 64) at 9 frames of 128 px;
+- ``mid``: what a 2-core CPU steps through in seconds: an SDXL-architecture UNet of 33 M parameters
+  at 128 px (16 x 16 latents; the real 2048-wide text and 2816-wide time conditioning) and a 4-layer
+  CogVideoX-2B-architecture transformer (8 heads of 64, 28 M) at 9 frames of 128 px;
 - ``full``: SDXL base 1.0's UNet (2.57 B parameters) at 1024 px and CogVideoX-2B's transformer
   (1.69 B) at 49 frames of 480 x 720, as in the released ``unet/config.json`` and
   ``transformer/config.json``;
@@ -46,7 +46,7 @@ SDXL_MID_UNET = {
     "attention_head_dim": [2, 4, 8],  # heads of 32 channels
     "block_out_channels": [64, 128, 256],
     "transformer_layers_per_block": [1, 1, 1],
-    "sample_size": 32,
+    "sample_size": 16,
 }
 COGVIDEOX_2B = {  # THUDM/CogVideoX-2b, transformer/config.json
     "activation_fn": "gelu-approximate",
@@ -102,7 +102,7 @@ def spec(family: str, size: str) -> Spec:
         config = SDXL_UNET if size == "full" else SDXL_MID_UNET
         side = config["sample_size"]
         embeds = {"prompt_embeds": (77, 2048), "pooled_prompt_embeds": (1280,)}
-        label = "SDXL UNet 1024 px" if size == "full" else "SDXL-architecture UNet 256 px"
+        label = "SDXL UNet 1024 px" if size == "full" else "SDXL-architecture UNet 128 px"
         return Spec("sdxl", config, (4, side, side), embeds, 8, label)
     if family == "cogvideox":
         config = COGVIDEOX_2B if size == "full" else COGVIDEOX_MID
