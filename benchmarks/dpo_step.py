@@ -14,7 +14,9 @@ dtype (full), time ids rebuilt from host lists every step, the default ``torch.o
 example's per-step ``.item()`` logging. The project's step is :func:`mpo.train.micro_step` on a
 trainer from :func:`mpo.train.prepare_step`, around the same denoiser (a copy of the same weights).
 
-Both steps run alternately, in rounds, after a warm-up; the table gives medians. Printed per row:
+Both steps run alternately, in rounds, after a warm-up (at full size on a GPU one after the other,
+each on a fresh copy of the weights: two full fine-tuning states of SDXL do not fit in one GPU); the
+table gives medians. Printed per row:
 pairs/s of each, their ratio (project / plain: above 1 is faster), host reads per step (``.item()``
 and friends: each one a sync on a GPU), and memory: on a GPU the peak allocated; on a CPU the
 training state (weights, gradients, optimizer moments, reference copy) plus what autograd saved for
@@ -306,49 +308,69 @@ def step_flops(step, batch) -> int:
     return counter.get_total_flops()
 
 
+def time_blocks(side: Any, data: list[dict], steps: int, device: torch.device) -> float:
+    """Seconds per step over one block of ``steps`` steps (synchronised at both ends)."""
+    sync(device)
+    start = time.perf_counter()
+    for k in range(steps):
+        side.step(data[k % len(data)])
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def describe(name: str, side: Any, data: list[dict], device: torch.device, row: dict[str, Any]) -> None:
+    """Host reads of one step, and memory (peak on a GPU; state + saved activations on a CPU)."""
+    mode = HostReads()
+    with mode:
+        side.step(data[0])
+    row[f"{name} host reads"] = mode.count
+    if device.type == "cuda":
+        row[f"{name} peak GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        saved = saved_activation_bytes(side.step, data[0])
+        row[f"{name} state+saved GiB"] = (side.state_bytes() + saved) / 2**30
+
+
 def measure(s: Spec, args: argparse.Namespace, batch_size: int, acc: Any) -> dict[str, Any]:
+    """One row. Both sides live together and alternate block by block, unless they cannot both fit
+    (``--full-size`` on a GPU: two SDXL full fine-tuning states do not fit in 80 GB); then one side
+    at a time, each on a fresh copy of the same weights."""
     device = acc.device
     base = denoiser(s)
-    params = sum(p.numel() for p in base.parameters())
-    project = ProjectStep(s, copy.deepcopy(base), acc, args, batch_size)
-    plain = PlainStep(s, copy.deepcopy(base), acc, args)
-    del base
+    row: dict[str, Any] = {"batch": batch_size, "M params": sum(p.numel() for p in base.parameters()) / 1e6}
     data = batches(s, batch_size, 4, device)
-    sides = {"project": project, "plain": plain}
-    for side in sides.values():  # warm-up (and lazy allocations)
-        for batch in data[:2]:
-            side.step(batch)
-    times: dict[str, list[float]] = {name: [] for name in sides}
-    peaks: dict[str, int] = {}
-    for round_ in range(args.rounds):
-        order = list(sides) if round_ % 2 == 0 else list(reversed(sides))
-        for name in order:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            sync(device)
-            start = time.perf_counter()
-            for k in range(args.steps):
-                sides[name].step(data[k % len(data)])
-            sync(device)
-            times[name].append((time.perf_counter() - start) / args.steps)
-            if device.type == "cuda":
-                peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated(device))
-    row: dict[str, Any] = {"batch": batch_size, "M params": params / 1e6}
-    for name, side in sides.items():
+    makers = {
+        "project": lambda: ProjectStep(s, copy.deepcopy(base), acc, args, batch_size),
+        "plain": lambda: PlainStep(s, copy.deepcopy(base), acc, args),
+    }
+    times: dict[str, list[float]] = {name: [] for name in makers}
+    flops = None
+    if args.full_size and device.type == "cuda":  # one at a time
+        for name, make in makers.items():
+            side = make()
+            for batch in data[:2]:  # warm-up (and lazy allocations)
+                side.step(batch)
+            torch.cuda.reset_peak_memory_stats(device)
+            times[name] = [time_blocks(side, data, args.steps, device) for _ in range(args.rounds)]
+            describe(name, side, data, device, row)
+            if name == "project":
+                flops = step_flops(side.step, data[0])
+            del side
+            torch.cuda.empty_cache()
+    else:
+        sides = {name: make() for name, make in makers.items()}
+        for side in sides.values():
+            for batch in data[:2]:
+                side.step(batch)
+        for round_ in range(args.rounds):
+            for name in list(sides) if round_ % 2 == 0 else list(reversed(sides)):
+                times[name].append(time_blocks(sides[name], data, args.steps, device))
+        for name, side in sides.items():
+            describe(name, side, data, device, row)
+    for name in makers:
         row[f"{name} pairs/s"] = batch_size / statistics.median(times[name])
-        mode = HostReads()
-        with mode:
-            side.step(data[0])
-        row[f"{name} host reads"] = mode.count
-        if device.type == "cuda":
-            row[f"{name} peak GiB"] = peaks[name] / 2**30
-        else:
-            row[f"{name} state+saved GiB"] = (
-                side.state_bytes() + saved_activation_bytes(side.step, data[0])
-            ) / 2**30
     row["ratio"] = row["project pairs/s"] / row["plain pairs/s"]
-    if args.full_size and device.type == "cuda":
-        flops = step_flops(project.step, data[0])
+    if flops is not None:
         peak = matmul_peak(device, DTYPES[args.precision] if args.precision != "no" else torch.float32)
         row["TFLOP/step"] = flops / 1e12
         row["% of peak"] = 100 * flops * row["project pairs/s"] / batch_size / peak
