@@ -27,7 +27,7 @@ class Killed(Exception):
     """Stands in for the job being killed."""
 
 
-def _train(run: Path, models: Path, extra: list[str], monkeypatch) -> tuple[dict, object, list]:
+def _train(run: Path, models: Path, extra: list[str], monkeypatch=None) -> tuple[dict, object, list]:
     """Train; returns the summary, the trainer and what setup_model returned as the frozen copy."""
     kept, frozen = [], []
     loop, setup_model = mpo.train.train_loop, mpo.train.setup_model
@@ -41,7 +41,7 @@ def _train(run: Path, models: Path, extra: list[str], monkeypatch) -> tuple[dict
         frozen.append(out[2])
         return out
 
-    with monkeypatch.context() as m:
+    with pytest.MonkeyPatch.context() as m:
         m.setattr(mpo.train, "train_loop", keep)
         m.setattr(mpo.train, "setup_model", remember)
         summary = train_stage(recipe_for(run, models, extra=[*COMMON, *extra]))
@@ -133,3 +133,50 @@ def test_precomputed_reference_resumes_and_refuses_to_outrun_its_plan(
 
     with pytest.raises(StoreError, match=r"reference.*train\.reference=live"):
         _train(run, models, [*extra, "train.max_steps=5"], monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("launch", ["ddp", "zero2"])
+def test_precomputed_reference_on_two_processes_gives_the_one_process_losses(
+    prepared, models, tmp_path, launch
+):
+    """Each process computes the errors of its own positions, all read every part; the 2-process run
+    logs the losses of a 1-process live run over the same pairs."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.scripts.tiny_runs import ROOT, SDXL, SDXL_SMALL
+
+    extra = [*FINETUNE["full"], "train.beta=500", "train.max_steps=2", "train.checkpoint_every=0"]
+    extra += ["tracking.log_every=1", "eval.every=0"]
+    two = copy_run(prepared, tmp_path / "two")
+    overrides = [*SDXL_SMALL, f"output_dir={two}", f"model.path={models / 'sdxl'}", "eval.num_prompts=2"]
+    overrides += [*extra, "train.batch_size=1", "train.reference=precomputed"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    if launch == "ddp":
+        env["ACCELERATE_USE_CPU"] = "true"
+    config = ROOT / "launch" / ("cpu_ddp.yaml" if launch == "ddp" else "cpu_deepspeed_zero2.yaml")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+        "--main_process_port", str(port), str(ROOT / "tests" / "scripts" / "train_run.py"), str(SDXL), *overrides,
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-4000:]
+    parts = sorted(p.name for p in (two / "reference").glob("part-*.safetensors"))
+    assert len(parts) == 2 and "w2r0" in parts[0] and "w2r1" in parts[1]
+    ranks = [json.loads((two / "ranks" / f"rank-{i}.json").read_text()) for i in range(2)]
+
+    one = copy_run(prepared, tmp_path / "one")
+    _, live, _ = _train(one, models, [*extra, "train.batch_size=2", "train.reference=live"], None)
+    for rank in ranks:
+        for a, b in zip(live.history, rank["history"], strict=True):
+            for key in ("train/loss", "train/reward_margin", "train/ref_diff", "train/model_diff"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (a["step"], key)

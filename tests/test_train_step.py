@@ -292,6 +292,26 @@ def test_micro_steps_read_nothing_on_the_host_and_walk_no_modules(prepared, mode
     )
 
 
+def test_training_throughput_leaves_out_eval_and_checkpoint_time(prepared, models, tmp_path, monkeypatch):
+    import time
+
+    run = copy_run(prepared, tmp_path / "run")
+    slow_eval = mpo.train.run_eval
+
+    def run_eval(t, step):
+        time.sleep(0.5)
+        slow_eval(t, step)
+
+    monkeypatch.setattr(mpo.train, "run_eval", run_eval)
+    extra = ["train.batch_size=2", "train.max_steps=2", "eval.every=1", "train.checkpoint_every=0"]
+    summary = train_stage(recipe_for(run, models, extra=extra))
+    aside = summary["seconds in eval and checkpoints"]
+    assert aside >= 1.0  # evals after steps 1 and 2 (the one before step 1 is not in the loop's time)
+    training = summary["pairs / s (training steps)"]
+    assert training == pytest.approx(4 / (summary["seconds"] - aside), rel=0.05)
+    assert summary["pairs / s (with eval and checkpoints)"] == pytest.approx(4 / summary["seconds"], rel=0.05)
+
+
 def test_bf16_weights_without_mixed_precision_still_train(prepared, models, tmp_path, monkeypatch):
     """model.dtype=bfloat16 with train.mixed_precision=no: the trained weights are float32 masters,
     so AdamW's steps at the paper's SDXL lr (1.28e-6) change nearly all of them (in bf16 weights 1.5%
