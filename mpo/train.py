@@ -264,8 +264,8 @@ def setup_optimizer(
 
 def setup_scheduler(recipe: Any, optimizer: torch.optim.Optimizer) -> Any:
     """diffusers' schedule, counted in optimizer steps and stepped by the loop itself (not prepared:
-    accelerate would step it once per process). Built on the prepared optimizer, whose ``step``
-    accelerate has already wrapped."""
+    accelerate would step it once per process). Built on the optimizer object whose ``step`` the
+    trainer calls (:func:`stepped_optimizer`), so that torch sees the optimizer step before it."""
     from diffusers.optimization import get_scheduler
 
     cfg = recipe.train
@@ -273,6 +273,16 @@ def setup_scheduler(recipe: Any, optimizer: torch.optim.Optimizer) -> Any:
     if name == "constant" and cfg.warmup_steps > 0:
         name = "constant_with_warmup"
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+
+
+def stepped_optimizer(acc: Accelerator, optimizer: Any) -> Any:
+    """What the step calls ``step()`` / ``zero_grad()`` on: the torch optimizer itself where
+    accelerate's wrapper would only forward the call (no DeepSpeed, no GradScaler), after a
+    file-system lookup for an optional package and a signature inspection on every call (1-2 ms a
+    step); the wrapper otherwise."""
+    if is_deepspeed(acc) or getattr(acc, "scaler", None) is not None:
+        return optimizer
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def fill_deepspeed_config(recipe: Any, acc: Accelerator) -> None:
@@ -313,7 +323,7 @@ def prepare_step(recipe: Any, acc: Accelerator, backbone: Backbone | None = None
     optimizer = setup_optimizer(recipe, denoiser, acc.num_processes, fused=not is_deepspeed(acc))
     fill_deepspeed_config(recipe, acc)
     model, optimizer = acc.prepare(denoiser, optimizer)
-    scheduler = setup_scheduler(recipe, optimizer)
+    scheduler = setup_scheduler(recipe, stepped_optimizer(acc, optimizer))
     policy = acc.unwrap_model(model)
     backbone.set_denoiser(policy)
     if frozen is not None:
@@ -519,9 +529,10 @@ def micro_step(t: Trainer, batch: dict[str, Any], step: int, step_pairs: list[to
         out = dpo_step(t, batch)
         t.guard.loss(step, batch["pair"], out.per_pair_loss)
         acc.backward(out.loss)  # under DeepSpeed this also steps, at the last micro-step
-        # Only at the last micro-step: accelerate's optimizer wrapper is a no-op before it, and its
-        # step() probes for an optional package (a file-system lookup) on every call.
-        if acc.sync_gradients and not cfg.deepspeed:
+        if not acc.sync_gradients:
+            return out  # the optimizer acts at the last micro-step only
+        optimizer = stepped_optimizer(acc, t.optimizer)
+        if not cfg.deepspeed:  # (DeepSpeed clipped and stepped inside backward)
             t.grad_norm = acc.clip_grad_norm_(t.trainable, cfg.max_grad_norm)
             skip = t.guard.found_inf(step, torch.cat(step_pairs), t.grad_norm)
             inner = getattr(t.optimizer, "optimizer", t.optimizer)
@@ -530,9 +541,9 @@ def micro_step(t: Trainer, batch: dict[str, Any], step: int, step_pairs: list[to
             elif getattr(inner, "_step_supports_amp_scaling", False):
                 inner.found_inf = skip  # fused AdamW leaves everything untouched when it is 1
             elif bool(skip):  # no fused kernel: one host read per optimizer step
-                t.optimizer.zero_grad(set_to_none=True)
-            t.optimizer.step()
-            t.optimizer.zero_grad(set_to_none=True)
+                inner.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return out
 
 

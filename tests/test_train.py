@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -67,12 +68,12 @@ class Capture:
             optimizer = original(recipe, denoiser, world_size, **kwargs)
             step = optimizer.step
 
-            def recording_step(*args, **kwargs):
+            def recording_step(opt, *args, **kwargs):
                 self.grads.append({n: p.grad.detach().clone() for n, p in named})
-                self.lrs.append(optimizer.param_groups[0]["lr"])
+                self.lrs.append(opt.param_groups[0]["lr"])
                 return step(*args, **kwargs)
 
-            optimizer.step = recording_step
+            optimizer.step = types.MethodType(recording_step, optimizer)  # bound, as lr schedulers expect
             return optimizer
 
         monkeypatch.setattr(mpo.train, "setup_optimizer", wrapped)
