@@ -201,8 +201,8 @@ def precompute_reference(
             inputs = inputs_of(batch)
             with autocast():
                 ref_w, ref_l = reference.errors(batch, inputs)
-            errors.append(torch.stack([ref_w, ref_l], dim=1).float().cpu())
-        got = torch.cat(errors)
+            errors.append(torch.stack([ref_w, ref_l], dim=1).float())  # on the device until the chunk ends
+        got = torch.cat(errors).cpu()
         metadata = {"fingerprint": fingerprint, "chunk": str(chunk)}
         with atomic_write(folder / part_name(digest, plan, chunk)) as tmp:
             save_file({"positions": wanted.contiguous(), "errors": got.contiguous()}, str(tmp), metadata)

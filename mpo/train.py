@@ -407,9 +407,16 @@ def setup_precomputed_reference(t: Trainer, pairs: pd.DataFrame) -> PrecomputedR
 
     def batches_from(micro_step: int) -> Iterator[dict[str, Any]]:
         pairs_seen = micro_step * cfg.batch_size * acc.num_processes
-        return iter(
-            make_dataloader(dataset, cfg.batch_size, acc.process_index, acc.num_processes, pairs_seen, 0)
+        loader = make_dataloader(
+            dataset,
+            cfg.batch_size,
+            acc.process_index,
+            acc.num_processes,
+            pairs_seen,
+            0,
+            acc.device.type == "cuda",
         )
+        return iter(loader)
 
     switch = t.switch
     at_base = switch is not None or t.progress.step == 0
