@@ -14,13 +14,13 @@ dtype (full), time ids rebuilt from host lists every step, the default ``torch.o
 example's per-step ``.item()`` logging. The project's step is :func:`mpo.train.micro_step` on a
 trainer from :func:`mpo.train.prepare_step`, around the same denoiser (a copy of the same weights).
 
-Both steps run alternately, in rounds, after a warm-up (at full size on a GPU one after the other,
-each on a fresh copy of the weights: two full fine-tuning states of SDXL do not fit in one GPU); the
-table gives medians. Printed per row:
-pairs/s of each, their ratio (project / plain: above 1 is faster), host reads per step (``.item()``
-and friends: each one a sync on a GPU), and memory: on a GPU the peak allocated; on a CPU the
-training state (weights, gradients, optimizer moments, reference copy) plus what autograd saved for
-the backward pass of one step. With ``--full-size`` on a GPU also the step's FLOPs
+Both steps run alternately, in rounds of blocks of a few steps, after a warm-up (at full size on a
+GPU one after the other, each on a fresh copy of the weights: two full fine-tuning states of SDXL do
+not fit in one GPU). Printed per row: pairs/s of each (medians), their ratio (project / plain speed,
+the median over neighbouring blocks, which share the machine's load: above 1 is faster), host reads
+per step (``.item()`` and friends: each one a sync on a GPU), and memory: on a GPU the peak allocated;
+on a CPU the training state (weights, gradients, optimizer moments, reference copy) plus what autograd
+saved for the backward pass of one step. With ``--full-size`` on a GPU also the step's FLOPs
 (``torch.utils.flop_counter``) and the share of the bf16 matmul peak measured in this process.
 """
 
@@ -369,7 +369,8 @@ def measure(s: Spec, args: argparse.Namespace, batch_size: int, acc: Any) -> dic
             describe(name, side, data, device, row)
     for name in makers:
         row[f"{name} pairs/s"] = batch_size / statistics.median(times[name])
-    row["ratio"] = row["project pairs/s"] / row["plain pairs/s"]
+    # The median of the block-by-block ratios: neighbouring blocks share the machine's load.
+    row["ratio"] = statistics.median(b / a for a, b in zip(times["project"], times["plain"]))
     if flops is not None:
         peak = matmul_peak(device, DTYPES[args.precision] if args.precision != "no" else torch.float32)
         row["TFLOP/step"] = flops / 1e12
@@ -398,13 +399,18 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--reference", default="live", choices=["live", "precomputed"])
     parser.add_argument("--beta", type=float, default=5000.0)
-    parser.add_argument("--steps", type=int, default=3, help="steps per timed block")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating timed blocks per side")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=2, help="steps per timed block")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating timed blocks per side")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default on a CPU: 1; more than the free cores is 10x slower)",
+    )
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "no")
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
