@@ -43,6 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from mpo.distributed import gather, wait_for_everyone
 from mpo.loss import per_sample_mse
 from mpo.store import StoreError, atomic_write
 from mpo.weights import LoraSwitch
@@ -175,11 +176,11 @@ def precompute_reference(
     """
     folder.mkdir(parents=True, exist_ok=True)
     _, covered = read_parts(folder, digest, plan.positions)
-    missing = torch.tensor(
-        [not bool(covered[plan.chunk_positions(k)].all()) for k in range(plan.chunks)], dtype=torch.float32
-    )
-    missing = accelerator.reduce(missing.to(accelerator.device), reduction="sum").cpu() > 0
-    todo = [k for k in range(plan.chunks) if missing[k]]
+    mine = [not bool(covered[plan.chunk_positions(k)].all()) for k in range(plan.chunks)]
+    # An exchange, not a collective of the training group: an error on any process (an unreadable
+    # part) reaches every process here (:mod:`mpo.distributed`).
+    each = gather(accelerator, mine)
+    todo = [k for k in range(plan.chunks) if any(m[k] for m in each)]
     if todo and reference is None:
         raise StoreError(
             f"{folder}: no stored reference errors for {len(todo)} chunk(s) of the planned steps (the run "
@@ -208,7 +209,7 @@ def precompute_reference(
             save_file({"positions": wanted.contiguous(), "errors": got.contiguous()}, str(tmp), metadata)
         if progress is not None:
             progress(done + 1, len(todo))
-    accelerator.wait_for_everyone()
+    wait_for_everyone(accelerator)  # every part written, or every process stops with the error
     table, covered = read_parts(folder, digest, plan.positions)
     if not bool(covered.all()):
         first = int((~covered).nonzero()[0])

@@ -71,3 +71,58 @@ def test_a_weighting_the_family_does_not_define_is_refused(monkeypatch):
     monkeypatch.setattr(SDXLBackbone, "supported_weightings", ("none",))
     (line,) = _lines(["train.weighting=min_snr"])
     assert line.startswith("train.weighting='min_snr'") and "model.family='sdxl'" in line
+
+
+NEW_KEYS = {
+    "loss_type": "hinge",
+    "sft_weight": 0.5,
+    "weighting": "min_snr",
+    "snr_gamma": 2.0,
+    "reference": "precomputed",
+}
+
+
+def _settings(monkeypatch, overrides: list[str]) -> dict:
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    import mpo.score
+    import mpo.train
+    from mpo.store import RunDir
+
+    monkeypatch.setattr(mpo.train, "parquet_hash", lambda path: "h")
+    monkeypatch.setattr(mpo.train, "candidates_hash", lambda run: "c")
+    monkeypatch.setattr(mpo.score, "reward_fingerprint", lambda recipe: {})
+    recipe = load_recipe(TINY, overrides)
+    acc = SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO)
+    return mpo.train.run_settings(recipe, acc, RunDir.from_recipe(recipe))
+
+
+@pytest.mark.parametrize("key", sorted(NEW_KEYS))
+def test_the_objective_and_reference_keys_decide_the_result(key, monkeypatch):
+    """Each changes the weights: a checkpoint made with another value is refused (or redone with
+    --force), so each must be in the result settings, not in the layout or left out."""
+    from mpo.train import result_settings
+
+    before = result_settings(_settings(monkeypatch, []))
+    after = result_settings(_settings(monkeypatch, [f"train.{key}={NEW_KEYS[key]}"]))
+    assert before["train"][key] != after["train"][key]
+    assert {k: v for k, v in before["train"].items() if k != key} == {
+        k: v for k, v in after["train"].items() if k != key
+    }
+
+
+def test_the_reference_errors_depend_on_the_base_and_the_data_not_on_the_objective(monkeypatch):
+    from mpo.train import reference_settings
+
+    backbone = type("B", (), {"num_train_timesteps": 1000})()
+    base = reference_settings(_settings(monkeypatch, []), backbone)
+    for same in (
+        [f"train.{k}={v}" for k, v in NEW_KEYS.items()],
+        ["train.learning_rate=3e-4", "train.beta=100", "train.max_steps=7"],
+        ["model.finetune=full"],
+    ):
+        assert reference_settings(_settings(monkeypatch, same), backbone) == base, same
+    for other in (["train.seed=7"], ["train.timestep_range=[0.1,0.9]"], ["train.mixed_precision=bf16"]):
+        assert reference_settings(_settings(monkeypatch, other), backbone) != base, other
