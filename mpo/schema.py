@@ -36,6 +36,9 @@ ATTENTION = ("sdpa", "xformers")
 TRACKERS = ("wandb", "tensorboard", "none")
 TRACKER_MODES = ("online", "offline")
 EXPORT_WHICH = ("best", "last")
+LOSS_TYPES = ("sigmoid", "hinge", "ipo")  # mpo.loss
+WEIGHTINGS = ("none", "min_snr")  # timestep weightings; a backbone says which it supports
+REFERENCES = ("live", "precomputed")
 
 
 LORA_FORMATS = ("diffusers", "comfyui")
@@ -63,7 +66,12 @@ class ModelConfig:
     path: str = opt("???", "local folder or hub id, loaded with from_pretrained")
     revision: str | None = opt(None, "hub revision (branch, tag or commit) of model.path")
     variant: str | None = opt(None, 'weight-file variant on the hub, e.g. "fp16"')
-    dtype: str = opt("float32", "dtype of the frozen parts (VAE, text encoders) and of sampling", MODEL_DTYPES)
+    dtype: str = opt(
+        "float32",
+        "dtype of the frozen weights (VAE, text encoders, LoRA's base denoiser) and of sampling; what trains is "
+        "float32 whatever this says (LoRA under mixed precision: the compute dtype)",
+        MODEL_DTYPES,
+    )
     finetune: str = opt("lora", "what trains: LoRA adapters on the denoiser, or all of its weights", FINETUNE_MODES)
     lora_rank: int = opt(8, "LoRA rank r")
     lora_alpha: int = opt(8, "LoRA alpha (the adapter's scale is alpha / r)")
@@ -163,6 +171,11 @@ class TrainConfig:
     ema: bool = opt(False, "keep an exponential moving average of the trainable weights (diffusers' EMAModel)")
     ema_decay: float = opt(0.9999, "EMA decay per optimizer step")
     resume_from: str = opt("latest", "latest (the newest checkpoint of this run), none (start from the base model), or a checkpoint folder")
+    loss_type: str = opt("sigmoid", "sigmoid (Diffusion-DPO), hinge or ipo (formulas in mpo/loss.py)", LOSS_TYPES)
+    sft_weight: float = opt(0.0, "weight of the winner's plain denoising loss added to the DPO loss")
+    weighting: str = opt("none", "timestep weight of the errors: none | min_snr (epsilon / v families)", WEIGHTINGS)
+    snr_gamma: float = opt(5.0, "gamma of min_snr")
+    reference: str = opt("live", "live (frozen copy / adapters off) or precomputed (one pass before training)", REFERENCES)
 
 
 @dataclass

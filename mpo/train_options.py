@@ -46,7 +46,9 @@ def apply_tf32(recipe: Any) -> None:
     torch.backends.cudnn.allow_tf32 = enabled
 
 
-def make_optimizer(recipe: Any, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+def make_optimizer(recipe: Any, params: list[nn.Parameter], lr: float, fused: bool = False) -> torch.optim.Optimizer:
+    """``train.optimizer``: torch's AdamW (``fused``: the one-kernel one where the device has it, which
+    also takes the device-side ``found_inf`` skip of :mod:`mpo.finite`) or bitsandbytes' AdamW8bit."""
     cfg = recipe.train
     kwargs = {"lr": lr, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon, "weight_decay": cfg.weight_decay}
     if cfg.optimizer == "adamw_8bit":
@@ -57,6 +59,11 @@ def make_optimizer(recipe: Any, params: list[nn.Parameter], lr: float) -> torch.
                 "train.optimizer='adamw_8bit' needs bitsandbytes: pip install 'mpo-trainer[bnb]' (or use adamw)"
             ) from err
         return bnb.optim.AdamW8bit(params, **kwargs)
+    if fused:
+        try:
+            return torch.optim.AdamW(params, fused=True, **kwargs)
+        except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
+            pass
     return torch.optim.AdamW(params, **kwargs)
 
 
