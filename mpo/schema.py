@@ -21,6 +21,7 @@ ATTENTION = ("sdpa", "xformers")
 TRACKERS = ("wandb", "tensorboard", "none")
 TRACKER_MODES = ("online", "offline")
 EXPORT_WHICH = ("best", "last")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode")
 
 
 @dataclass
@@ -108,6 +109,11 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     timestep_range: list[float] = field(default_factory=lambda: [0.0, 1.0])  # fraction of the schedule
+    timestep_sampling: str = "uniform"  # uniform | logit_normal | mode (SD3 paper 3.1), over timestep_range
+    logit_mean: float = 0.0  # logit_normal: mean of the normal whose sigmoid is the timestep fraction
+    logit_std: float = 1.0  # logit_normal: its standard deviation
+    mode_scale: float = 1.29  # mode: the SD3 paper's s
+    loss_weighting: str = "none"  # per-sample weight from the schedule; flow families: sigma_sqrt | cosmap
 
 
 @dataclass
