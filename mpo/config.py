@@ -40,6 +40,7 @@ from mpo.schema import (  # noqa: F401  (re-exported: the schema is part of this
     MODEL_DTYPES,
     SELECT_LEVELS,
     SELECT_RULES,
+    TIMESTEP_SAMPLING,
     TRACKER_MODES,
     TRACKERS,
     EvalConfig,
@@ -300,6 +301,8 @@ RULES: tuple[_Rule, ...] = (
     _at_least("train.keep_checkpoints", 1),
     _at_least("train.num_workers", 0),
     _Rule("train.timestep_range", _unit_interval, "[low, high] with 0 <= low < high <= 1"),
+    _one_of("train.timestep_sampling", TIMESTEP_SAMPLING),
+    _positive("train.logit_std"),
     _at_least("eval.every", 0, why="0 = only before and after training"),
     _at_least("eval.num_prompts", 1, optional=True),
     _at_least("eval.samples_per_prompt", 1),
@@ -388,18 +391,25 @@ class _Checker:
         """The backbone class, after its own checks of the generate section (None if unknown)."""
         if not self.wanted("model.family"):
             return None
-        from mpo.backbones import base
+        from mpo.backbones import registry
 
         try:
-            backbone = base.get_backbone_class(self.cfg.model.family)
-        except KeyError:
-            self.add("model.family", f"must be a known backbone family: {sorted(base._REGISTRY)}")
+            backbone = registry.get_backbone_class(self.cfg.model.family)
+        except ImportError as err:  # an entry point that does not import
+            self.add("model.family", f"cannot be imported: {err}")
             return None
-        if any(key.startswith("generate.") for key in self.skip):
-            return backbone  # its checks would see a value that was already reported as wrong
-        for key, message in backbone.check_generate_config(self.cfg.generate):
-            full = key if key.startswith("generate.") else f"generate.{key}"
-            self.add(full, f"{message} (model.family={self.cfg.model.family!r})")
+        except KeyError:
+            self.add("model.family", f"must be a known backbone family: {registry.known_families()}")
+            return None
+        for section, check in (
+            ("generate", backbone.check_generate_config),
+            ("train", backbone.check_train_config),
+        ):
+            if any(key.startswith(f"{section}.") for key in self.skip):
+                continue  # its checks would see a value that was already reported as wrong
+            for key, message in check(getattr(self.cfg, section)):
+                full = key if key.startswith(f"{section}.") else f"{section}.{key}"
+                self.add(full, f"{message} (model.family={self.cfg.model.family!r})")
         return backbone
 
     def check_checklist(self) -> str | None:

@@ -33,7 +33,8 @@ import torch
 from accelerate import Accelerator
 from omegaconf import OmegaConf
 
-from mpo.backbones.base import Backbone, load_backbone, torch_dtype
+from mpo.backbones.base import Backbone, torch_dtype
+from mpo.backbones.registry import load_backbone
 from mpo.distributed import is_main, wait_for_everyone, whole_model_loading
 from mpo.store import RunDir, read_parquet
 from mpo.train_state import chosen_checkpoint

@@ -47,7 +47,8 @@ from accelerate.utils import gather_object
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from mpo.backbones.base import Backbone, Embeddings, load_backbone, repeat_rows, torch_dtype
+from mpo.backbones.base import Backbone, Embeddings, repeat_rows, torch_dtype
+from mpo.backbones.registry import load_backbone
 from mpo.config import resolve_paths, save_resolved
 from mpo.distributed import (
     is_main,
@@ -241,7 +242,7 @@ def generate_stage(recipe: Any, accelerator: Accelerator | None = None) -> dict[
         with acc.main_process_first(), whole_model_loading():  # the first load may build a tiny model
             backbone = load_backbone(recipe.model, acc.device)
         with torch.no_grad():
-            negative = {k: v.cpu() for k, v in backbone.encode_prompts([""]).items()}
+            negative = {k: v.cpu() for k, v in backbone.encode_negative().items()}
         if is_main(acc) and not run.negative.exists():
             with atomic_write(run.negative) as tmp:
                 save_file({k: v.contiguous() for k, v in negative.items()}, str(tmp))

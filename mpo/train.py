@@ -46,11 +46,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mpo import evaluate as ev
-from mpo.backbones.base import Backbone, load_backbone
+from mpo.backbones.base import Backbone
+from mpo.backbones.registry import load_backbone
 from mpo.distributed import make_accelerator, whole_model_loading
 from mpo.loss import DPOOutput, diffusion_dpo_loss, split_pairs
 from mpo.store import RunDir, read_parquet
-from mpo.train_data import PairDataset, load_train_pairs, make_dataloader, timestep_bounds
+from mpo.train_data import PairDataset, load_train_pairs, make_dataloader
 from mpo.train_state import (
     TrainProgress,
     check_settings,
@@ -145,6 +146,7 @@ def setup_model(recipe: Any, acc: Accelerator) -> tuple[Backbone, nn.Module, nn.
     # The first load may build and save a tiny model; ZeRO-3 partitions the denoiser at prepare().
     with acc.main_process_first(), whole_model_loading():
         backbone = load_backbone(recipe.model, acc.device)
+    backbone.use_generation_settings(recipe.generate)  # e.g. FLUX.1-dev's embedded guidance scale
     backbone.set_attention(recipe.train.attention)
     denoiser = backbone.denoiser
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.train.mixed_precision)
@@ -219,6 +221,7 @@ def run_settings(recipe: Any, acc: Accelerator) -> dict[str, Any]:
         "model.lora (rank, alpha, targets)": list(lora) if lora else None,
         "train.seed": t.seed,
         "train.timestep_range": [float(x) for x in t.timestep_range],
+        "train.timestep_sampling": t.timestep_sampling,
         "deepspeed": is_deepspeed(acc),
     }
 
@@ -246,9 +249,8 @@ def setup(recipe: Any, acc: Accelerator, run: RunDir) -> Trainer:
         remove_incomplete(run)
     acc.wait_for_everyone()
     progress = resume(acc, run, run_settings(recipe, acc))
-    bounds = timestep_bounds(recipe.train.timestep_range, backbone.num_train_timesteps)
     loader = make_dataloader(
-        PairDataset(run, pairs, recipe.train.seed, bounds),
+        PairDataset(run, pairs, recipe.train.seed, backbone.timestep_sampler(recipe.train)),
         recipe.train.batch_size,
         acc.process_index,
         acc.num_processes,
@@ -340,8 +342,10 @@ def dpo_step(t: Trainer, batch: dict[str, Any]) -> DPOOutput:
         with torch.no_grad(), reference_model(t) as reference:
             ref_pred = t.backbone.predict(reference, noisy.to(_dtype_of(reference)), timesteps, embeds)
         pred = t.backbone.predict(t.model, noisy, timesteps, embeds)
+    # The schedule's per-pair weight (train.loss_weighting; None: constant, the paper's choice).
+    weighting = t.backbone.loss_weight(batch["timestep"].to(device), t.recipe.train.loss_weighting)
     return diffusion_dpo_loss(
-        *split_pairs(pred), *split_pairs(ref_pred), *split_pairs(target), t.recipe.train.beta
+        *split_pairs(pred), *split_pairs(ref_pred), *split_pairs(target), t.recipe.train.beta, weighting
     )
 
 

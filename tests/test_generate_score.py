@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from mpo.backbones.tiny import tiny_cogvideox_pipeline, tiny_sdxl_pipeline
+from mpo.backbones.cogvideox import CogVideoXBackbone
+from mpo.backbones.sdxl import SDXLBackbone
 from mpo.config import load_recipe
 from mpo.generate import generate_stage
 from mpo.score import score_stage
@@ -59,8 +60,8 @@ def models(tmp_path_factory) -> Path:
     """The tiny pipelines, saved with save_pretrained and loaded back by every run through the recipe's
     loader. Their brief denoiser pretraining is skipped: these tests check plumbing, not samples."""
     root = tmp_path_factory.mktemp("models")
-    tiny_sdxl_pipeline().save_pretrained(root / "sdxl")
-    tiny_cogvideox_pipeline().save_pretrained(root / "cogvideox")
+    SDXLBackbone.tiny_pipeline().save_pretrained(root / "sdxl")
+    CogVideoXBackbone.tiny_pipeline().save_pretrained(root / "cogvideox")
     return root
 
 

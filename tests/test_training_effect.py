@@ -20,14 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpo.backbones.tiny import SDXL_SIZE
 from mpo.config import load_recipe
 from mpo.generate import generate_stage
 from mpo.score import score_stage
 from mpo.select import select_stage
 from mpo.store import read_parquet
 from mpo.train import train_stage
-from tests.scripts.tiny_runs import SDXL, shared_models
+from tests.scripts.tiny_runs import SDXL, SDXL_SIZE, shared_models
 
 CHECKLIST = """\
 name: {name}

@@ -13,13 +13,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from mpo.backbones.tiny import COGVIDEOX_SIZE, SDXL_SIZE
+from mpo.backbones import get_backbone_class
 from mpo.config import load_recipe
 from mpo.generate import generate_stage
 from mpo.score import score_stage
 from mpo.select import select_stage
 
 ROOT = Path(__file__).resolve().parents[2]
+SDXL_SIZE = get_backbone_class("sdxl").tiny_size
+COGVIDEOX_SIZE = get_backbone_class("cogvideox").tiny_size
 SDXL = ROOT / "recipes" / "tiny" / "sdxl.yaml"
 COGVIDEOX = ROOT / "recipes" / "tiny" / "cogvideox.yaml"
 # Generated data shared by a test module; training copies never touch these folders.
