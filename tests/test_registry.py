@@ -22,7 +22,7 @@ from mpo.backbones.registry import (
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "mpo" / "backbones"
-FAMILIES = ("sdxl", "cogvideox")
+FAMILIES = ("sdxl", "cogvideox", "wan", "sd3", "flux")
 
 
 def _imports(path: Path) -> set[str]:

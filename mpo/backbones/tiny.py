@@ -133,6 +133,46 @@ def pretrain_tiny_denoiser(
     return losses
 
 
+def fit_tiny_decoder(
+    vae: torch.nn.Module, latent_shape: tuple[int, ...], steps: int = 40, seed: int = 0, lr: float = 3e-3
+) -> list[float]:
+    """Fit a random VAE's decoder, briefly, to a fixed linear colour map of its latents.
+
+    A random decoder's norms wash out most of the per-channel latent offsets that the pretrained tiny
+    denoiser puts in its samples (the Wan VAE's RMS norms all of them): candidates would decode to
+    nearly the same colours. After this fit, decoded colour and brightness follow the latents' channel
+    means, as a real VAE's do. ``latent_shape`` is ``[C, h, w]`` or ``[C, F, h, w]``, small (the fit
+    takes seconds on CPU);
+    deterministic given ``seed``; the caller's RNG is untouched. Returns the loss per step.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    channels = latent_shape[0]
+    # Each latent channel moves every colour channel together (brightness) and each apart (hue).
+    colours = (
+        torch.randn(3, channels, generator=generator) + torch.randn(1, channels, generator=generator)
+    ) / 2
+    params = list(vae.decoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True)
+    was_training = vae.training
+    vae.train()
+    losses = []
+    try:
+        for _ in range(steps):
+            offset = torch.randn(4, channels, *[1] * (len(latent_shape) - 1), generator=generator)
+            z = 0.5 * torch.randn(4, *latent_shape, generator=generator) + offset
+            pixels = vae.decode(z, return_dict=False)[0]
+            rgb = torch.einsum("oc,bc...->bo...", colours, z)
+            target = torch.tanh(torch.nn.functional.interpolate(rgb, size=pixels.shape[2:], mode="nearest"))
+            loss = torch.nn.functional.mse_loss(pixels, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    finally:
+        vae.train(was_training)
+    return losses
+
+
 # ---- building and saving --------------------------------------------------------------------------------
 def is_model_dir(path: str | Path) -> bool:
     """A complete diffusers folder: builds appear by renaming a finished folder into place."""
