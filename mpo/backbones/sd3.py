@@ -55,7 +55,8 @@ class SD3Backbone(DiffusersBackbone):
         if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
             pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
         super().__init__(pipe, device)
-        pipe.vae.enable_slicing()
+        if pipe.vae is not None:  # None: a training-only load (``from_pretrained(..., vae=None)``)
+            pipe.vae.enable_slicing()
         self._schedule = FlowMatchSchedule.from_scheduler_config(pipe.scheduler.config)
 
     # ---- the tiny variant ------------------------------------------------------------------------

@@ -153,8 +153,9 @@ def fit_tiny_decoder(
     ) / 2
     params = list(vae.decoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True)
-    was_training = vae.training
+    was_training, threads = vae.training, torch.get_num_threads()
     vae.train()
+    torch.set_num_threads(1)  # tiny tensors: a thread pool only adds contention (see _one_thread)
     losses = []
     try:
         for _ in range(steps):
@@ -170,6 +171,7 @@ def fit_tiny_decoder(
             losses.append(loss.item())
     finally:
         vae.train(was_training)
+        torch.set_num_threads(threads)
     return losses
 
 

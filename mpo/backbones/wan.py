@@ -68,8 +68,9 @@ class WanBackbone(DiffusersBackbone):
         if pipe.scheduler.__class__.__name__ not in _DETERMINISTIC_SCHEDULERS:
             pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
         super().__init__(pipe, device)
-        pipe.vae.enable_slicing()
-        pipe.vae.enable_tiling()  # 81 x 480 x 832 decodes in spatial tiles, as the release's own code does
+        if pipe.vae is not None:  # None: a training-only load (``from_pretrained(..., vae=None)``)
+            pipe.vae.enable_slicing()
+            pipe.vae.enable_tiling()  # 81 x 480 x 832 decodes in spatial tiles, as the release's code does
         self._schedule = FlowMatchSchedule.from_scheduler_config(pipe.scheduler.config)
 
     # ---- the tiny variant ------------------------------------------------------------------------
