@@ -402,6 +402,7 @@ class _Checker:
             self.add("model.family", f"must be a known backbone family: {registry.known_families()}")
             return None
         for section, check in (
+            ("model", backbone.check_model_config),
             ("generate", backbone.check_generate_config),
             ("train", backbone.check_train_config),
         ):

@@ -167,10 +167,12 @@ def model_card(recipe: Any, run: RunDir, backbone: Backbone, record: dict[str, A
         + ("  # LoRA merged in" if lora and record["merge_lora"] else ""),
     ]
     if lora:
+        # e.g. load_into_transformer_2=True for the low-noise expert of Wan 2.2 A14B
+        extra = "".join(f", {k}={v!r}" for k, v in backbone.lora_load_kwargs.items())
         lines += [
             "# or the adapter on the base model:",
             f'pipe = DiffusionPipeline.from_pretrained("{recipe.model.path}")',
-            f'pipe.load_lora_weights("{LORA_DIR}")',
+            f'pipe.load_lora_weights("{LORA_DIR}"{extra})',
         ]
     lines += ["```", "", "## Held-out reward per dimension", ""]
     if scores.empty:

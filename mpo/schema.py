@@ -36,6 +36,7 @@ class ModelConfig:
     lora_alpha: int = 8
     lora_dropout: float = 0.0
     lora_target_modules: list[str] | None = None  # None: the backbone's default attention projections
+    expert: str | None = None  # two-expert models (Wan 2.2 A14B): which trains, high_noise | low_noise
     tiny: bool = False  # build the tiny random-initialised variant at `path` if it does not exist
 
 

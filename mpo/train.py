@@ -218,6 +218,7 @@ def run_settings(recipe: Any, acc: Accelerator) -> dict[str, Any]:
         "model.family": m.family,
         "model.path": str(m.path),
         "model.finetune": m.finetune,
+        "model.expert": m.expert,
         "model.lora (rank, alpha, targets)": list(lora) if lora else None,
         "train.seed": t.seed,
         "train.timestep_range": [float(x) for x in t.timestep_range],

@@ -91,7 +91,7 @@ def save_weights(
     from peft.utils import get_peft_model_state_dict
 
     pipe = backbone.pipeline()
-    name = denoiser_component(pipe, denoiser)
+    name = backbone.lora_component or denoiser_component(pipe, denoiser)
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser, state_dict=state_dict))
     out = folder / LORA_DIR
     type(pipe).save_lora_weights(
@@ -126,7 +126,7 @@ def load_weights_into(backbone: Backbone, denoiser: nn.Module, finetune: str, fo
     path = folder / LORA_DIR / LORA_FILE
     if not path.exists():
         raise WeightsError(f"{path}: missing")
-    prefix = denoiser_component(backbone.pipeline(), denoiser) + "."
+    prefix = (backbone.lora_component or denoiser_component(backbone.pipeline(), denoiser)) + "."
     state = {k[len(prefix) :]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
     result = set_peft_model_state_dict(denoiser, convert_unet_state_dict_to_peft(state), adapter_name=ADAPTER)
     unexpected = getattr(result, "unexpected_keys", None)
@@ -147,4 +147,4 @@ def load_trained(backbone: Backbone, finetune: str, folder: Path, dtype: torch.d
         return
     if not (folder / LORA_DIR / LORA_FILE).exists():
         raise WeightsError(f"{folder / LORA_DIR / LORA_FILE}: missing")
-    backbone.pipeline().load_lora_weights(folder / LORA_DIR)
+    backbone.pipeline().load_lora_weights(folder / LORA_DIR, **backbone.lora_load_kwargs)

@@ -315,6 +315,10 @@ class _FakeVideo:
         return [("fps", "must be 16 for this model")] if gen.fps != 16 else []
 
     @classmethod
+    def check_model_config(cls, model) -> list[tuple[str, str]]:
+        return []
+
+    @classmethod
     def check_train_config(cls, train) -> list[tuple[str, str]]:
         return []
 

@@ -330,3 +330,117 @@ def test_killed_generate_and_train_resume_to_the_uninterrupted_result(family, mo
     assert a.keys() == b.keys() and a
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+
+
+# ---- Wan 2.2 A14B: two experts, one trained per run ------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_experts(models, tmp_path_factory) -> Path:
+    """The tiny Wan made two-expert the way Wan 2.2 A14B is: transformer (high noise) and transformer_2
+    (low noise, here a perturbed copy so that the two differ) switched at boundary_ratio 0.875."""
+    import copy
+
+    from mpo.backbones import load_backbone
+    from mpo.schema import ModelConfig
+
+    base = load_backbone(ModelConfig(family="wan", path=str(models / "wan"), tiny=True)).pipeline()
+    low = copy.deepcopy(base.transformer)
+    with torch.no_grad():
+        for param in low.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
+    pipe = WanPipeline(
+        tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
+        transformer=base.transformer, transformer_2=low, boundary_ratio=0.875,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("wan22") / "model"
+    pipe.save_pretrained(path)
+    return path
+
+
+def _expert_recipe(path: Path, out: Path, expert: str | None, extra=()):
+    expert_key = [] if expert is None else [f"model.expert={expert}"]
+    return load_recipe(
+        str(RECIPES["wan"]),
+        [*SMALL, f"output_dir={out}", f"model.path={path}", "model.tiny=false", *expert_key, *extra],
+    )
+
+
+def test_wan_two_experts_need_a_named_expert_and_sample_with_both(two_experts, tmp_path):
+    from mpo.backbones import load_backbone
+    from mpo.config import RecipeError
+
+    with pytest.raises(ValueError, match=r"two-expert Wan 2\.2 .*set model\.expert"):
+        load_backbone(_expert_recipe(two_experts, tmp_path / "a", None).model)
+    with pytest.raises(RecipeError, match=r"model\.expert='middle'.*'high_noise', 'low_noise'"):
+        _expert_recipe(two_experts, tmp_path / "b", "middle")
+    with pytest.raises(RecipeError, match=r"model\.expert='high_noise'.*one denoiser"):
+        load_recipe(str(RECIPES["sd3"]), ["model.expert=high_noise"])
+
+    high = load_backbone(_expert_recipe(two_experts, tmp_path / "c", "high_noise").model)
+    low = load_backbone(_expert_recipe(two_experts, tmp_path / "d", "low_noise").model)
+    assert high.denoiser is high.pipeline().transformer and low.denoiser is low.pipeline().transformer_2
+    train = load_recipe(str(RECIPES["wan"])).train
+    a, b = high.timestep_sampler(train), low.timestep_sampler(train)
+    assert (a.high, b.low) == (1000, 0) and a.low == b.high  # the two sides of the boundary
+    assert (
+        high.schedule.model_timesteps(torch.tensor([a.low - 1, a.low])).tolist()[0]
+        < 875
+        <= float(high.schedule.model_timesteps(torch.tensor([a.low])))
+    )
+    calls = {"transformer": 0, "transformer_2": 0}
+    pipe = high.pipeline()
+    hooks = [
+        getattr(pipe, name).register_forward_hook(
+            lambda *_, name=name: calls.__setitem__(name, calls[name] + 1)
+        )
+        for name in calls
+    ]
+    try:
+        gen = load_recipe(str(RECIPES["wan"]), ["generate.num_inference_steps=8"]).generate
+        high.sample(
+            high.encode_prompts(["a cat"]),
+            high.encode_negative(),
+            torch.randn(1, *high.latent_shape(gen)),
+            gen,
+        )
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls["transformer"] > 0 and calls["transformer_2"] > 0
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_wan_low_noise_expert_trains_alone_and_exports_in_the_diffusers_layout(
+    two_experts, finetune, tmp_path
+):
+    out = tmp_path / "run"
+    extra = [*FINETUNE[finetune], "train.lr_schedule=constant", "train.warmup_steps=0", "train.max_steps=2",
+             "train.batch_size=2", "train.checkpoint_every=2", "export.which=last"]  # fmt: skip
+    recipe = _expert_recipe(two_experts, out, "low_noise", extra)
+    generate_stage(recipe)
+    score_stage(recipe)
+    select_stage(recipe)
+    train_stage(recipe)
+    export_stage(recipe)
+    base = WanPipeline.from_pretrained(two_experts)
+    exported = WanPipeline.from_pretrained(out / "export" / "pipeline")
+    state = lambda module: module.state_dict()  # noqa: E731
+    untouched = state(base.transformer)
+    assert all(
+        torch.equal(v, state(exported.transformer)[k]) for k, v in untouched.items()
+    )  # high: as it was
+    moved = max(
+        (v - state(base.transformer_2)[k]).abs().max().item()
+        for k, v in state(exported.transformer_2).items()
+    )
+    assert moved > 1e-5  # the low-noise expert trained
+    if finetune == "lora":
+        keys = list(load_file(str(out / "export" / "lora" / "pytorch_lora_weights.safetensors")))
+        assert keys and all(k.startswith("transformer.") for k in keys)  # diffusers' Wan 2.2 layout
+        base.load_lora_weights(out / "export" / "lora", load_into_transformer_2=True)
+        x = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        text = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            merged = exported.transformer_2(x, torch.tensor([100.0]), text, return_dict=False)[0]
+            adapted = base.transformer_2(x, torch.tensor([100.0]), text, return_dict=False)[0]
+        torch.testing.assert_close(adapted, merged, rtol=0, atol=1e-5)
+        assert "load_into_transformer_2=True" in (out / "export" / "README.md").read_text()

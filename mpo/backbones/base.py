@@ -47,6 +47,12 @@ class Backbone(ABC):
     # The schedule kind the family trains with, known before any weight is loaded (recipe checks).
     schedule_class: ClassVar[type[TrainingSchedule] | None] = None
     channel_dim: ClassVar[int] = 0  # the channel axis of one latent ([C, h, w]: 0; [F, C, h, w]: 1)
+    # Names ``model.expert`` may take (a model with several denoisers, e.g. Wan 2.2 A14B); () for one.
+    experts: ClassVar[tuple[str, ...]] = ()
+    # LoRA weights: the pipeline component their keys are prefixed with, and what
+    # ``pipe.load_lora_weights`` needs to put them back (None / {}: the component holding the denoiser).
+    lora_component: str | None = None
+    lora_load_kwargs: ClassVar[dict[str, object]] = {}
     # generate.* sizes of the tiny variant (what its denoiser was pretrained at); None: no tiny variant.
     tiny_size: ClassVar[dict[str, int] | None] = None
 
@@ -75,6 +81,18 @@ class Backbone(ABC):
     def lora_target_modules(self) -> list[str]:
         """Default module names that receive LoRA adapters."""
         return ["to_q", "to_k", "to_v", "to_out.0"]
+
+    @classmethod
+    def check_model_config(cls, model: ModelConfig) -> list[tuple[str, str]]:
+        """Family-specific checks of the model section; by default that ``model.expert`` names one of
+        the family's denoisers (or is unset)."""
+        expert = getattr(model, "expert", None)
+        if expert is not None and expert not in cls.experts:
+            allowed = (
+                f"one of {list(cls.experts)} or null" if cls.experts else "null: this family has one denoiser"
+            )
+            return [("model.expert", f"must be {allowed}")]
+        return []
 
     @classmethod
     def check_generate_config(cls, gen: GenerateConfig) -> list[tuple[str, str]]:

@@ -15,11 +15,13 @@ Conventions that the generate and train stages rely on
 - Training is rectified flow (:class:`~mpo.backbones.schedules.FlowMatchSchedule`) with the scheduler's
   ``flow_shift`` (3.0 for the 480p releases); the transformer receives ``sigma * 1000`` as the
   pipeline's sampler passes its timesteps (TI2V-5B, ``expand_timesteps``: one per latent token).
-- Two experts (Wan 2.2 A14B): the pipeline samples with ``transformer`` above the timestep boundary
-  (``boundary_ratio * 1000``, high noise) and ``transformer_2`` below it. The trainer trains
-  ``transformer`` and draws its timesteps from the high-noise side of the boundary only, where that
-  expert is the one that runs; training the low-noise expert is a second run with the experts'
-  roles swapped in the checkpoint folder, which the trainer cannot do for you yet.
+- Two experts (Wan 2.2 A14B): the pipeline samples with ``transformer`` at timesteps at or above the
+  boundary (``boundary_ratio * 1000``, high noise) and ``transformer_2`` below it. A run trains the
+  expert ``model.expert`` names (``high_noise`` or ``low_noise``; required for such a checkpoint) and
+  draws its training timesteps from that expert's side of the boundary only, where it is the one that
+  samples; both experts are two runs on the same candidates. The low-noise expert's LoRA is saved the
+  way diffusers' Wan 2.2 LoRAs are (``transformer.`` keys) and loads back with
+  ``pipe.load_lora_weights(folder, load_into_transformer_2=True)``.
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ import torch
 from diffusers import UniPCMultistepScheduler, WanPipeline
 from torch import nn
 
-from mpo.backbones.base import DiffusersBackbone, Embeddings, repeat_rows
+from mpo.backbones.base import DiffusersBackbone, Embeddings, load_pipeline, repeat_rows
 from mpo.backbones.registry import register_backbone
 from mpo.backbones.schedules import FlowMatchSchedule, TimestepSampler
 
 if TYPE_CHECKING:
-    from mpo.schema import GenerateConfig, TrainConfig
+    from mpo.schema import GenerateConfig, ModelConfig, TrainConfig
 
 # Every Wan VAE compresses time by 4; space by 8 (2.1, 2.2 A14B) or 16 (2.2 TI2V-5B), and the
 # transformers use 1 x 2 x 2 patches. The recipe check runs before any model is loaded, so it uses
@@ -50,6 +52,8 @@ _DETERMINISTIC_SCHEDULERS = {
     "FlowMatchEulerDiscreteScheduler",
     "FlowMatchHeunDiscreteScheduler",
 }
+# model.expert -> the pipeline component it names (Wan 2.2 A14B: high noise first, as the pipeline).
+EXPERTS = {"high_noise": "transformer", "low_noise": "transformer_2"}
 
 
 @register_backbone("wan")
@@ -62,9 +66,28 @@ class WanBackbone(DiffusersBackbone):
     # The tiny VAE compresses space by 4 and time by 4: 3 latent frames of 8 x 8.
     tiny_size: ClassVar[dict[str, int]] = {"height": 32, "width": 32, "num_frames": 9}
     tiny_pretrain_steps: ClassVar[int] = 150
+    experts: ClassVar[tuple[str, ...]] = tuple(EXPERTS)
 
-    def __init__(self, pipe: WanPipeline, device: torch.device | str = "cpu") -> None:
-        """A stochastic sampler is replaced by UniPC; the VAE decodes per video, in tiles when large."""
+    def __init__(
+        self, pipe: WanPipeline, device: torch.device | str = "cpu", expert: str | None = None
+    ) -> None:
+        """A stochastic sampler is replaced by UniPC; the VAE decodes per video, in tiles when large.
+        ``expert`` picks the trained transformer of a two-expert model (default: the high-noise one)."""
+        expert = expert or "high_noise"
+        if expert not in EXPERTS:
+            raise ValueError(f"model.expert={expert!r}: must be one of {list(EXPERTS)}")
+        if expert == "low_noise" and not self.has_two_experts(pipe):
+            raise ValueError(
+                "model.expert='low_noise' needs a two-expert Wan 2.2 checkpoint (transformer_2 and "
+                "boundary_ratio); this one has a single transformer"
+            )
+        self.expert = expert
+        self.denoiser_attr = EXPERTS[expert]
+        if (
+            expert == "low_noise"
+        ):  # diffusers' Wan 2.2 LoRA layout: transformer_2's adapter under "transformer"
+            self.lora_component = "transformer"
+            self.lora_load_kwargs = {"load_into_transformer_2": True}
         if pipe.scheduler.__class__.__name__ not in _DETERMINISTIC_SCHEDULERS:
             pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
         super().__init__(pipe, device)
@@ -72,6 +95,22 @@ class WanBackbone(DiffusersBackbone):
             pipe.vae.enable_slicing()
             pipe.vae.enable_tiling()  # 81 x 480 x 832 decodes in spatial tiles, as the release's code does
         self._schedule = FlowMatchSchedule.from_scheduler_config(pipe.scheduler.config)
+
+    @classmethod
+    def load(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> WanBackbone:
+        pipe = load_pipeline(cls.pipeline_class, cfg)
+        if cls.has_two_experts(pipe) and cfg.expert is None:
+            raise ValueError(
+                f"model.path={cfg.path!r} is a two-expert Wan 2.2 model (transformer: high noise, "
+                "transformer_2: low noise); set model.expert to the one this run trains: high_noise or low_noise"
+            )
+        return cls(pipe, device, cfg.expert)
+
+    @staticmethod
+    def has_two_experts(pipe: WanPipeline) -> bool:
+        return (
+            pipe.config.get("boundary_ratio") is not None and getattr(pipe, "transformer_2", None) is not None
+        )
 
     # ---- the tiny variant ------------------------------------------------------------------------
     @classmethod
@@ -251,14 +290,14 @@ class WanBackbone(DiffusersBackbone):
 
     # ---- training ---------------------------------------------------------------------------------
     def timestep_sampler(self, train: TrainConfig) -> TimestepSampler:
-        """Two experts: only the high-noise side of the boundary, where ``transformer`` samples."""
-        ratio = self._pipe.config.get("boundary_ratio", None)
-        if ratio is None or getattr(self._pipe, "transformer_2", None) is None:
+        """Two experts: only the trained expert's side of the boundary, where it is the one that samples."""
+        if not self.has_two_experts(self._pipe):
             return self._schedule.timestep_sampler(train)
         n = self._schedule.num_train_timesteps
-        boundary = ratio * n  # the pipeline runs `transformer` for t >= boundary
+        boundary = self._pipe.config.boundary_ratio * n  # the pipeline runs `transformer` for t >= boundary
         first = int((self._schedule.model_timesteps(torch.arange(n)) >= boundary).nonzero()[0])
-        return self._schedule.timestep_sampler(train, bounds=(first, n))
+        bounds = (first, n) if self.expert == "high_noise" else (0, first)
+        return self._schedule.timestep_sampler(train, bounds=bounds)
 
     def call_denoiser(
         self, denoiser: nn.Module, noisy: torch.Tensor, model_timesteps: torch.Tensor, embeds: Embeddings
