@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -397,3 +398,39 @@ def test_set_denoiser_changes_what_samples(backbones):
     finally:
         backbone.set_denoiser(original)
     assert torch.equal(backbone.sample(embeds, negative, noise, GEN["sdxl"]), before)
+
+
+def test_flux_training_repeats_the_generation_guidance_and_sampling_shift(model_paths):
+    """use_generation_settings: the training forward gets the embedded guidance the candidates were
+    sampled with, and the training sigmas are the pipeline's own, shifted for this resolution."""
+    flux = load_backbone(ModelConfig(family="flux", path=str(model_paths["flux"])))
+    gen = GenerateConfig(**flux.tiny_size, num_inference_steps=10, guidance_scale=2.0)
+    flux.use_generation_settings(gen)
+    pipe = flux.pipeline()
+    calls = []
+    handle = flux.denoiser.register_forward_hook(
+        lambda m, a, kw, out: calls.append((kw, out[0])), with_kwargs=True
+    )
+    try:
+        flux.sample(flux.encode_prompts(["a red car"]), {}, _noise(flux, "flux", 1), gen)
+    finally:
+        handle.remove()
+    kwargs, output = calls[0]
+    assert kwargs["guidance"].tolist() == [2.0]
+    latents, timestep, output = _replay("flux", flux, (), kwargs, output)
+    with torch.no_grad():
+        replayed = flux.call_denoiser(flux.denoiser, latents, timestep, flux.encode_prompts(["a red car"]))
+    torch.testing.assert_close(replayed, output, rtol=0, atol=1e-5)
+
+    # The sampler's sigmas at this size (dynamic shift mu) are the training table's at s = 1.0, 0.9, ...
+    sigmas = [1 - i / 10 for i in range(10)]
+    pipe.scheduler.set_timesteps(sigmas=sigmas, mu=math.log(flux.schedule.shift))
+    indices = torch.tensor([round(s * 1000) - 1 for s in sigmas])
+    torch.testing.assert_close(
+        flux.schedule.sigmas[indices], pipe.scheduler.sigmas[:-1].float(), rtol=0, atol=1e-6
+    )
+    seq = (gen.height // 2 // 2) * (gen.width // 2 // 2)  # packed tokens of the tiny VAE's latents
+    config = pipe.scheduler.config
+    slope = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
+    mu = config.base_shift + slope * (seq - config.base_image_seq_len)
+    assert flux.schedule.shift == pytest.approx(math.exp(mu))
