@@ -434,3 +434,72 @@ def test_flux_training_repeats_the_generation_guidance_and_sampling_shift(model_
     slope = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
     mu = config.base_shift + slope * (seq - config.base_image_seq_len)
     assert flux.schedule.shift == pytest.approx(math.exp(mu))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sample_and_decode_give_the_pipelines_own_output(family, backbones):
+    """sample() then decode() is what the pipeline itself returns for the same initial noise (its own
+    latent normalisation, packing, frame layout and post-processing to [0, 1])."""
+    backbone = backbones[family]
+    pipe, gen = backbone.pipeline(), GEN[family]
+    noise = _noise(backbone, family, 1)
+    embeds, negative = backbone.encode_prompts(["a red car in the city"]), backbone.encode_negative()
+    ours = backbone.decode(backbone.sample(embeds, negative, noise, gen))
+    size = {k: getattr(gen, k) for k in backbone.tiny_size}
+    initial = backbone._pack(noise) if family == "flux" else noise
+    # The tiny text encoders are shorter than the releases' (where the adapters use the pipelines' own
+    # default lengths): the pipeline is told the adapter's length. Its default negative prompt is ours.
+    length = getattr(backbone, "max_text_length", None)
+    kwargs = {} if length is None else {"max_sequence_length": length}
+    out = pipe(
+        "a red car in the city", **kwargs, **size, num_inference_steps=gen.num_inference_steps,
+        guidance_scale=gen.guidance_scale, latents=initial, output_type="pt",
+    )  # fmt: skip
+    theirs = out.frames if backbone.modality == "video" else out.images
+    if family == "cogvideox":
+        theirs = theirs.float()
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs.float(), rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_default_lora_targets_adapt_every_attention_projection(family, model_paths):
+    from mpo.weights import add_lora
+
+    backbone = load_backbone(ModelConfig(family=family, path=str(model_paths[family])))
+    targets = backbone.lora_target_modules
+    linear = {n for n, m in backbone.denoiser.named_modules() if isinstance(m, torch.nn.Linear)}
+    attention = {n for n in linear if ".attn" in n and n.rsplit(".", 1)[-1] in {"to_q", "to_k", "to_v"}}
+    add_lora(backbone.denoiser, ModelConfig(lora_rank=2), targets)
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in backbone.denoiser.named_parameters() if ".lora_A" in n}
+    for target in targets:  # each default name matches modules of this architecture
+        assert any(name.endswith(target) for name in adapted), f"{family}: {target} adapts nothing"
+    assert attention and attention <= adapted  # every attention's q / k / v (both streams of joint ones)
+
+
+@pytest.mark.parametrize("family", FLOW)
+def test_gradient_checkpointing_gives_the_same_gradients(family, model_paths):
+    from mpo.weights import add_lora
+
+    grads = []
+    for checkpointing in (False, True):
+        backbone = load_backbone(ModelConfig(family=family, path=str(model_paths[family])))
+        torch.manual_seed(0)  # the same LoRA A initialisation in both
+        add_lora(backbone.denoiser, ModelConfig(lora_rank=2), backbone.lora_target_modules)
+        with torch.no_grad():
+            for name, param in backbone.denoiser.named_parameters():
+                if "lora_B" in name:
+                    param.fill_(0.01)
+        if checkpointing:
+            backbone.enable_gradient_checkpointing()
+            assert backbone.denoiser.is_gradient_checkpointing
+        backbone.denoiser.train()
+        noisy = _noise(backbone, family, 2)
+        embeds = backbone.encode_prompts(["a cat", "a dog"])
+        backbone.predict(
+            backbone.denoiser, noisy, torch.tensor([100, 800]), embeds
+        ).square().mean().backward()
+        grads.append({n: p.grad for n, p in backbone.denoiser.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)

@@ -198,6 +198,30 @@ def test_train_export_and_reload_in_diffusers(family, finetune, prepared, models
     assert ("text-to-video" if family == "wan" else "text-to-image") in card and "| total |" in card
 
 
+def test_trainer_draws_timesteps_from_the_recipe_density(prepared, models, tmp_path, monkeypatch):
+    """train.timestep_sampling reaches the data stream: logit-normal(1.5, 0.1) puts every index near
+    sigmoid(1.5) = 0.82 of the schedule (uniform would spread them over all 1000)."""
+    run = copy_run(prepared("sd3"), tmp_path / "run")
+    seen: list[int] = []
+    original = mpo.train.dpo_step
+
+    def recording(t, batch):
+        seen.extend(batch["timestep"].tolist())
+        return original(t, batch)
+
+    monkeypatch.setattr(mpo.train, "dpo_step", recording)
+    density = ["train.timestep_sampling=logit_normal", "train.logit_mean=1.5", "train.logit_std=0.1"]
+    train_stage(
+        _recipe(
+            "sd3",
+            run,
+            models,
+            [*density, "train.max_steps=4", "train.batch_size=2", "train.checkpoint_every=4"],
+        )
+    )
+    assert len(seen) == 8 and all(760 <= t <= 870 for t in seen), seen  # sigmoid(1.5 +- 3 x 0.1) x 1000
+
+
 # ---- mpo run ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mpo_run_tiny_recipe_end_to_end_then_rerun_skips_everything(family, models, tmp_path, capsys):
