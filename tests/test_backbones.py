@@ -469,7 +469,8 @@ def test_default_lora_targets_adapt_every_attention_projection(family, model_pat
     backbone = load_backbone(ModelConfig(family=family, path=str(model_paths[family])))
     targets = backbone.lora_target_modules
     linear = {n for n, m in backbone.denoiser.named_modules() if isinstance(m, torch.nn.Linear)}
-    attention = {n for n in linear if ".attn" in n and n.rsplit(".", 1)[-1] in {"to_q", "to_k", "to_v"}}
+    projections = {"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"}  # add_*: the text stream
+    attention = {n for n in linear if ".attn" in n and n.rsplit(".", 1)[-1] in projections}
     add_lora(backbone.denoiser, ModelConfig(lora_rank=2), targets)
     adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in backbone.denoiser.named_parameters() if ".lora_A" in n}
     for target in targets:  # each default name matches modules of this architecture
