@@ -129,3 +129,15 @@ def test_entry_points_add_families_and_broken_ones_say_which(tmp_path, monkeypat
         ImportError, match=r"model\.family='toy-broken': entry point toy-broken = .*cannot be imported"
     ):
         get_backbone_class("toy-broken")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_production_loading_never_builds_a_tiny_model(family, tmp_path):
+    """Only the registry's load_backbone builds for model.tiny; a family's own load() is what real
+    checkpoints go through, and it fails on a missing folder without writing anything."""
+    from mpo.schema import ModelConfig
+
+    missing = tmp_path / "missing"
+    with pytest.raises(OSError, match=r"model\.path=.*missing"):
+        get_backbone_class(family).load(ModelConfig(family=family, path=str(missing), tiny=True))
+    assert not missing.exists()
