@@ -49,10 +49,6 @@ class Backbone(ABC):
     channel_dim: ClassVar[int] = 0  # the channel axis of one latent ([C, h, w]: 0; [F, C, h, w]: 1)
     # Names ``model.expert`` may take (a model with several denoisers, e.g. Wan 2.2 A14B); () for one.
     experts: ClassVar[tuple[str, ...]] = ()
-    # LoRA weights: the pipeline component their keys are prefixed with, and what
-    # ``pipe.load_lora_weights`` needs to put them back (None / {}: the component holding the denoiser).
-    lora_component: str | None = None
-    lora_load_kwargs: ClassVar[dict[str, object]] = {}
     # generate.* sizes of the tiny variant (what its denoiser was pretrained at); None: no tiny variant.
     tiny_size: ClassVar[dict[str, int] | None] = None
 
@@ -81,6 +77,17 @@ class Backbone(ABC):
     def lora_target_modules(self) -> list[str]:
         """Default module names that receive LoRA adapters."""
         return ["to_q", "to_k", "to_v", "to_out.0"]
+
+    @property
+    def lora_component(self) -> str | None:
+        """The pipeline component the saved LoRA keys are prefixed with (None: the one holding the
+        denoiser; Wan 2.2's low-noise expert is saved under ``transformer``, as diffusers does)."""
+        return None
+
+    @property
+    def lora_load_kwargs(self) -> dict[str, object]:
+        """What ``pipe.load_lora_weights`` needs to put this denoiser's adapter back."""
+        return {}
 
     @classmethod
     def check_model_config(cls, model: ModelConfig) -> list[tuple[str, str]]:
@@ -221,7 +228,7 @@ class DiffusersBackbone(Backbone):
     implements the conditioning, sampling and denoiser-call methods."""
 
     pipeline_class: ClassVar[type]
-    denoiser_attr: ClassVar[str]  # "unet" or "transformer"
+    denoiser_attr: str  # "unet" or "transformer" (a family may pick another per instance: transformer_2)
     tiny_pretrain_steps: ClassVar[int] = 100
 
     def __init__(self, pipe, device: torch.device | str = "cpu") -> None:

@@ -11,10 +11,10 @@ Two kinds cover the field:
   target is the velocity ``eps - x0``, and the denoiser is fed ``sigma * N``, as in diffusers'
   flow-matching pipelines. The training sigmas are the checkpoint scheduler's, shifted by its
   ``shift`` (SD3: 3.0; Wan: ``flow_shift``, 3.0 at 480p) as diffusers' ``FlowMatchEulerDiscreteScheduler``
-  shifts them: ``sigma = shift s / (1 + (shift - 1) s)`` with ``s = (k + 1) / N``. Schedulers that shift
-  by resolution at sampling time (FLUX.1: ``use_dynamic_shifting``) train on the unshifted sigmas, as
-  diffusers' own FLUX training scripts do. Sampling never uses this table: each pipeline samples with
-  its own scheduler and its own sigmas.
+  shifts them: ``sigma = shift s / (1 + (shift - 1) s)`` with ``s = (k + 1) / N``. A scheduler that
+  shifts by resolution at sampling time (FLUX.1: ``use_dynamic_shifting``) gives the unshifted table
+  here; the FLUX family then trains with the shift its pipeline samples the recipe's resolution with.
+  Sampling never uses this table: each pipeline samples with its own scheduler and its own sigmas.
 
 Conventions shared by both
 - A training timestep is an integer index ``k`` in ``[0, N)``, N = ``num_train_timesteps``; larger is

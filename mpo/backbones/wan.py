@@ -83,11 +83,6 @@ class WanBackbone(DiffusersBackbone):
             )
         self.expert = expert
         self.denoiser_attr = EXPERTS[expert]
-        if (
-            expert == "low_noise"
-        ):  # diffusers' Wan 2.2 LoRA layout: transformer_2's adapter under "transformer"
-            self.lora_component = "transformer"
-            self.lora_load_kwargs = {"load_into_transformer_2": True}
         if pipe.scheduler.__class__.__name__ not in _DETERMINISTIC_SCHEDULERS:
             pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
         super().__init__(pipe, device)
@@ -219,6 +214,14 @@ class WanBackbone(DiffusersBackbone):
     def lora_target_modules(self) -> list[str]:
         """Self- and cross-attention projections of every block (what the public Wan LoRAs adapt)."""
         return ["to_q", "to_k", "to_v", "to_out.0"]
+
+    @property
+    def lora_component(self) -> str:
+        return "transformer"  # diffusers' Wan 2.2 layout: either expert's adapter has transformer. keys
+
+    @property
+    def lora_load_kwargs(self) -> dict[str, object]:
+        return {"load_into_transformer_2": True} if self.expert == "low_noise" else {}
 
     # ---- conditioning ----------------------------------------------------------------------------
     @property
