@@ -87,12 +87,11 @@ def save_weights(
         denoiser.save_config(out)
         save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(out / DENOISER_FILE))
         return out
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     pipe = backbone.pipeline()
     name = backbone.lora_component or denoiser_component(pipe, denoiser)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser, state_dict=state_dict))
+    layers = get_peft_model_state_dict(denoiser, state_dict=state_dict)
     out = folder / LORA_DIR
     type(pipe).save_lora_weights(
         out,
