@@ -3,7 +3,8 @@
 Every checkpoint holds the trainable weights under ``weights/`` in the format the export ships:
 
 - LoRA: ``weights/lora/pytorch_lora_weights.safetensors``, written by the backbone pipeline class's own
-  ``save_lora_weights`` (diffusers key layout, adapter config as metadata), so
+  ``save_lora_weights`` (peft's ``lora_A`` / ``lora_B`` keys under the component's prefix, adapter config
+  as metadata: the layout diffusers' transformer training scripts write and every loader reads), so
   ``pipe.load_lora_weights(folder)`` accepts it as it is;
 - full fine-tuning: ``weights/denoiser/`` (the denoiser's config and one safetensors file), which the
   denoiser class's ``from_pretrained`` loads.
