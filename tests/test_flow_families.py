@@ -42,6 +42,8 @@ from tests.scripts.tiny_runs import (
 )
 
 FAMILIES = ("wan", "sd3", "flux")
+# `mpo run` end to end: the video family in the default tier, the image ones (the same stages) slow.
+RUN_FAMILIES = ("wan", *(pytest.param(f, marks=pytest.mark.slow) for f in ("sd3", "flux")))
 PIPELINES = {"wan": WanPipeline, "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
 RECIPES = {f: ROOT / "recipes" / "tiny" / f"{f}.yaml" for f in FAMILIES}
 SMALL = [
@@ -223,7 +225,7 @@ def test_trainer_draws_timesteps_from_the_recipe_density(prepared, models, tmp_p
 
 
 # ---- mpo run ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", RUN_FAMILIES)
 def test_mpo_run_tiny_recipe_end_to_end_then_rerun_skips_everything(family, models, tmp_path, capsys):
     out = tmp_path / "run"
     overrides = [
