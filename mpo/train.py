@@ -210,6 +210,16 @@ def fill_deepspeed_config(recipe: Any, acc: Accelerator) -> None:
             config[key] = value
 
 
+def _timestep_density(t: Any) -> str | list[Any]:
+    """The timestep density with the parameters that shape it (they change the drawn stream)."""
+    if t.timestep_sampling == "uniform":
+        return "uniform"
+    shape = (
+        [float(t.mode_scale)] if t.timestep_sampling == "mode" else [float(t.logit_mean), float(t.logit_std)]
+    )
+    return [t.timestep_sampling, *shape]
+
+
 def run_settings(recipe: Any, acc: Accelerator) -> dict[str, Any]:
     """What a checkpoint's meaning depends on; a resume with other values is refused."""
     m, t = recipe.model, recipe.train
@@ -222,7 +232,7 @@ def run_settings(recipe: Any, acc: Accelerator) -> dict[str, Any]:
         "model.lora (rank, alpha, targets)": list(lora) if lora else None,
         "train.seed": t.seed,
         "train.timestep_range": [float(x) for x in t.timestep_range],
-        "train.timestep_sampling": t.timestep_sampling,
+        "train.timestep_sampling": _timestep_density(t),
         "deepspeed": is_deepspeed(acc),
     }
 

@@ -224,6 +224,25 @@ def test_trainer_draws_timesteps_from_the_recipe_density(prepared, models, tmp_p
     assert len(seen) == 8 and all(760 <= t <= 870 for t in seen), seen  # sigmoid(1.5 +- 3 x 0.1) x 1000
 
 
+def test_resume_check_covers_the_timestep_density_and_its_parameters():
+    """A run resumed with another density (or other logit-normal / mode parameters) would draw another
+    stream of timesteps: the settings the resume check compares must differ."""
+    from mpo.schema import TrainConfig
+
+    def density(**kw):
+        return mpo.train._timestep_density(TrainConfig(**kw))
+
+    assert density() == density(logit_std=3.0) == "uniform"  # the parameters do not shape uniform draws
+    assert density(timestep_sampling="logit_normal") != density(
+        timestep_sampling="logit_normal", logit_std=0.5
+    )
+    assert density(timestep_sampling="logit_normal") != density(
+        timestep_sampling="logit_normal", logit_mean=1.0
+    )
+    assert density(timestep_sampling="mode") != density(timestep_sampling="mode", mode_scale=0.5)
+    assert density(timestep_sampling="mode") != density()
+
+
 # ---- mpo run ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", RUN_FAMILIES)
 def test_mpo_run_tiny_recipe_end_to_end_then_rerun_skips_everything(family, models, tmp_path, capsys):
