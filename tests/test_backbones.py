@@ -61,7 +61,10 @@ def _components(pipe) -> dict[str, torch.nn.Module]:
 
 
 # ---- building and loading -------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", FAMILIES)
+# Two builds and a save per family: the Wan and SD3 ones (about 10 s each) run in the slow tier.
+@pytest.mark.parametrize(
+    "family", [pytest.param(f, marks=pytest.mark.slow) if f in ("wan", "sd3") else f for f in FAMILIES]
+)
 def test_saved_model_loads_back_with_identical_weights(family, tmp_path):
     adapter = get_backbone_class(family)
     built = adapter(adapter.tiny_pipeline(seed=0))

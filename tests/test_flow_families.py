@@ -157,8 +157,14 @@ def _sample(pipe, family: str) -> torch.Tensor:
     return out.frames if family == "wan" else out.images
 
 
-@pytest.mark.parametrize("finetune", ["lora", "full"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    ("family", "finetune"),
+    [
+        *((f, "lora") for f in FAMILIES),
+        ("wan", "full"),  # full weights of the image families: the same code path, slow tier
+        *(pytest.param(f, "full", marks=pytest.mark.slow) for f in ("sd3", "flux")),
+    ],
+)
 def test_train_export_and_reload_in_diffusers(family, finetune, prepared, models, tmp_path):
     run = copy_run(prepared(family), tmp_path / "run")
     extra = [
@@ -453,7 +459,7 @@ def test_wan_two_experts_need_a_named_expert_and_sample_with_both(two_experts, t
     assert calls["transformer"] > 0 and calls["transformer_2"] > 0
 
 
-@pytest.mark.parametrize("finetune", ["lora", "full"])
+@pytest.mark.parametrize("finetune", ["lora", pytest.param("full", marks=pytest.mark.slow)])
 def test_wan_low_noise_expert_trains_alone_and_exports_in_the_diffusers_layout(
     two_experts, finetune, tmp_path
 ):
