@@ -4,7 +4,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup setup-dev run test lint
+.PHONY: setup setup-dev run test lint test-floor
 
 setup:
 	scripts/setup.sh
@@ -18,3 +18,11 @@ run: setup
 test: setup-dev
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q -p no:cacheprovider
+
+# The reward's model tests on the lowest transformers that pyproject admits, in a throwaway venv.
+FLOOR = $(shell sed -n 's/.*"transformers>=\([0-9.]*\)".*/\1/p' pyproject.toml)
+test-floor:
+	$(PYTHON) -m venv --system-site-packages .venv-floor
+	.venv-floor/bin/pip install -q "transformers==$(FLOOR).0"
+	PYTHONPATH=$(CURDIR) .venv-floor/bin/python -m pytest -q -p no:cacheprovider tests/test_vlm_families.py \
+		tests/test_vqascore.py tests/test_vlm_backend.py tests/test_video_frames.py

@@ -5,6 +5,7 @@
     python benchmarks/reward_scoring.py                                  # tiny Qwen2-VL, CPU, seconds
     python benchmarks/reward_scoring.py --device cuda --full-size        # Qwen2-VL-2B-sized, bf16
     python benchmarks/reward_scoring.py --device cuda --full-size --image-size 1024
+    python benchmarks/reward_scoring.py --backend cogvlm2          # the official VisionReward architecture
 
 The baseline is the release's way: for every question, ``generate(max_new_tokens=1)`` over the full
 prompt, the image re-encoded each time (``VLMBackend.answer_naive(use_generate=True)``). The fast
@@ -22,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
+import reward_scoring_cogvlm2
 import torch
+from timing import timed
 
 from reward.backends.tiny_vlm import build_tiny_qwen2_vl
 from reward.backends.vlm import VLMBackend, load_processor, parse_dtype
@@ -96,20 +97,6 @@ def build_backend(args: argparse.Namespace, workdir: Path) -> VLMBackend:
     return VLMBackend(model, processor, source="random qwen2-vl-2b-sized")
 
 
-def timed(fn, device: str, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs (the caller has warmed it up)."""
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -127,7 +114,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     parser.add_argument("--naive-repeats", type=int, default=1, help="timed runs of the slow baseline")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: steady on a shared machine)")
+    parser.add_argument(
+        "--backend", default="vlm", choices=["vlm", "cogvlm2"], help="see reward_scoring_cogvlm2.py"
+    )
+    reward_scoring_cogvlm2.add_arguments(parser)
     args = parser.parse_args()
+    if args.backend == "cogvlm2":
+        reward_scoring_cogvlm2.run(args)
+        return
     torch.set_grad_enabled(False)
     torch.set_num_threads(args.threads)
     side = args.image_size or (448 if args.full_size else 112)

@@ -15,22 +15,32 @@ Many GPUs, one or several nodes (the recipe's header names its launch config)::
 
     accelerate launch --config_file launch/deepspeed_zero2.yaml -m mpo.cli run recipes/cogvideox-2b/mpo.yaml
 
-Exit status: 0 when the stage finished; 2 for bad input (command line, recipe, files, checklist, run
-directory), with a message naming the key, value and file and no traceback; 1 when a run cannot go
-on (e.g. a non-finite loss; the last good checkpoint is kept); any other error propagates with its
-traceback (non-zero), so that a scheduler sees the job fail. Stages are imported only when asked for, so that ``mpo recipe``
-and argument errors answer at once.
+Exit status (:mod:`mpo.errors`): 0 when the stage finished; 2 for bad input (command line, recipe,
+files, checklist, run directory) and for a file system that refuses (disk full, read-only), with one
+line naming the key, value or file and no traceback; 1 when a run cannot go on (e.g. a non-finite
+loss; the last good checkpoint is kept); 143 / 130 when SIGTERM / SIGINT stopped it (training writes
+a checkpoint first and says where it resumes); any other error propagates with its traceback
+(non-zero), so that a scheduler sees the job fail. Under ``accelerate launch`` every process ends
+with the same status and message (:mod:`mpo.distributed`).
+
+A command owns its session: it builds the Accelerator, holds the run directory's lock
+(:mod:`mpo.lock`: a second command on the same output_dir refuses), runs the stage(s) and tears the
+process group down once at the end. ``--force`` redoes a finished stage made with other settings
+(and, through the content hashes each later stage checks, everything after it) instead of refusing.
+Stages are imported only when asked for, so that ``mpo recipe`` and argument errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from mpo.config import load_recipe, load_select_config, to_yaml
+from mpo.errors import errors_reach_every_rank, exit_status, message
 
 # command -> (module, function); each function takes the loaded recipe.
 STAGES: dict[str, tuple[str, str]] = {
@@ -52,6 +62,12 @@ HELP = {
     "export": "the aligned checkpoint as a diffusers folder / LoRA weights",
 }
 OVERRIDES_HELP = "key=value recipe overrides, e.g. train.max_steps=10 select.level=sub_dimension"
+FORCE_HELP = (
+    "where a finished stage was made with other settings, redo it and every stage after it "
+    "(default: refuse, naming the key)"
+)
+# The commands that train (or may) get the training Accelerator: mixed precision is fixed once set.
+TRAINING_COMMANDS = ("run", "train")
 
 
 def _stage(command: str) -> Callable[..., Any]:
@@ -72,7 +88,22 @@ def _quiet_libraries() -> None:
 def _run_stage(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     _quiet_libraries()
-    _stage(args.command)(recipe)
+    _locked_stage(args.command, recipe, bool(getattr(args, "force", False)))
+
+
+@errors_reach_every_rank
+def _locked_stage(command: str, recipe: Any, force: bool) -> Any:
+    """Build the session, hold the run lock (main process), run the stage, end the session."""
+    from mpo.distributed import end_session, make_accelerator, make_training_accelerator, wait_for_everyone
+    from mpo.lock import run_lock
+
+    build = make_training_accelerator if command in TRAINING_COMMANDS else make_accelerator
+    acc = build(recipe)
+    with run_lock(recipe.output_dir, main=acc.is_main_process):
+        wait_for_everyone(acc)  # the lock is held, or its error stops every process here
+        result = _stage(command)(recipe, acc, force=force)
+        end_session(acc)
+    return result
 
 
 def _print_recipe(args: argparse.Namespace) -> None:
@@ -110,10 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("items", nargs="*", metavar="RECIPE [key=value ...]", help=OVERRIDES_HELP)
             sub.add_argument("--scores", help="a scores.parquet to select from, without a recipe")
             sub.add_argument("--out", help="the pairs parquet to write (with --scores)")
+            sub.add_argument("--force", action="store_true", help=FORCE_HELP)
             sub.set_defaults(handler=_select, parser=sub)
         else:
             sub.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny/sdxl.yaml")
             sub.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+            sub.add_argument("--force", action="store_true", help=FORCE_HELP)
             sub.set_defaults(handler=_run_stage)
     sub = commands.add_parser(
         "recipe", help="print the resolved recipe", description="print the resolved recipe"
@@ -126,29 +159,74 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mpo`` console script; returns the exit status."""
+    import signal
+
+    from mpo.interrupt import raise_on_sigterm
+
     args = build_parser().parse_args(argv)
+    previous = signal.getsignal(signal.SIGTERM)
+    raise_on_sigterm()
     try:
         args.handler(args)
+    except KeyboardInterrupt:
+        _end_progress_bars()
+        print(
+            f"mpo {args.command}: interrupted (SIGINT); everything finished so far is kept: run the same "
+            "command again to resume",
+            file=sys.stderr,
+        )
+        return _leave(130)
     except Exception as err:
-        status = _exit_status(err)
+        status = exit_status(err)
         if status is None:
-            raise
-        print(f"mpo {args.command}: {err}", file=sys.stderr)
-        return status
+            cause = _peer_failure(err)
+            if cause is None:
+                raise
+            err, status = cause, cause.exit_status
+        _end_progress_bars()
+        print(f"mpo {args.command}: {message(err)}", file=sys.stderr)
+        return _leave(status)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
-def _exit_status(err: Exception) -> int | None:
-    """The project's own errors end the command with their message instead of a traceback: bad input
-    (recipe, files, checklists, run directory; the ValueError subclasses) exits 2, a run that cannot go
-    on (e.g. a non-finite loss; the last good checkpoint is kept) exits 1. Anything else propagates."""
-    if type(err).__module__.split(".")[0] not in ("mpo", "reward"):
+def _leave(status: int) -> int:
+    """Under a launcher, a failed command ends its process here, with its status: its process group
+    was not torn down (its peers may be gone), and tearing it down at interpreter exit can abort the
+    process (SIGABRT) and hide the status. Output is flushed first; the stages' cleanup has run."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+def _end_progress_bars() -> None:
+    """Close the bars a failed stage left open, so that its message starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _peer_failure(err: Exception) -> Any:
+    """When a collective broke because another process died, the failure that process left behind
+    (:func:`mpo.distributed.posted_failure`); None for anything else, which keeps its traceback."""
+    import torch
+
+    text = str(err)
+    broken = isinstance(err, getattr(torch.distributed, "DistError", ())) or any(
+        t in text for t in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    )
+    if not broken:
         return None
-    if isinstance(err, ValueError):
-        return 2
-    if isinstance(err, RuntimeError):
-        return 1
-    return None
+    from mpo.distributed import posted_failure
+
+    return posted_failure()
 
 
 if __name__ == "__main__":

@@ -114,6 +114,8 @@ def _read_yaml(path: Path, included_from: Path | None) -> dict[str, Any]:
         raise RecipeError(f"{where}: no such recipe file")
     try:
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{where}: not UTF-8 text (byte {err.start}: {err.reason})") from err
     except (OSError, yaml.YAMLError, OmegaConfBaseException) as err:
         raise RecipeError(f"{where}: not valid YAML: {err}") from err
     if data is None:
@@ -146,29 +148,33 @@ def _read_chain(path: Path, stack: tuple[Path, ...] = ()) -> list[tuple[Path, di
 
 
 # ---- merging ----------------------------------------------------------------------------------------
-def _leaves(data: dict[Any, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+def _leaves(
+    data: dict[Any, Any], prefix: str = "", schema: dict[str, bool] | None = None
+) -> Iterator[tuple[str, Any]]:
     """Dotted (key, value) pairs of a nested mapping. It descends into schema sections and unknown
     mappings (reported key by key) but not into leaves, so that a list, or a mapping given to a leaf,
     arrives whole at the key that must accept or refuse it."""
+    schema = SCHEMA if schema is None else schema
     for name, value in data.items():
         key = f"{prefix}{name}"
-        section = SCHEMA.get(key, False)
+        section = schema.get(key, False)
         if section and (value is None or value == {}):
             continue  # an empty section (every key commented out) changes nothing
-        if isinstance(value, dict) and value and (section or key not in SCHEMA):
-            yield from _leaves(value, key + ".")
+        if isinstance(value, dict) and value and (section or key not in schema):
+            yield from _leaves(value, key + ".", schema)
         else:
             yield key, value
 
 
-def _unknown_key(key: str, value: Any, source: str) -> Problem:
-    close = difflib.get_close_matches(key, list(SCHEMA), n=1, cutoff=0.6)
+def _unknown_key(key: str, value: Any, source: str, schema: dict[str, bool] | None = None) -> Problem:
+    schema = SCHEMA if schema is None else schema
+    close = difflib.get_close_matches(key, list(schema), n=1, cutoff=0.6)
     if close:
         hint = f"did you mean {close[0]}?"
     else:
         section = key.rpartition(".")[0]
-        siblings = [k for k in SCHEMA if k.rpartition(".")[0] == section] if SCHEMA.get(section) else []
-        siblings = siblings or [k for k in SCHEMA if "." not in k]
+        siblings = [k for k in schema if k.rpartition(".")[0] == section] if schema.get(section) else []
+        siblings = siblings or [k for k in schema if "." not in k]
         hint = "known keys here: " + ", ".join(siblings)
     return Problem(key, f"unknown key; {hint}", source, value)
 
@@ -177,16 +183,17 @@ class _Builder:
     """Applies layers (files, then overrides) key by key, so that every bad key is reported, and
     remembers which layer set each key (the error names the file a bad value came from)."""
 
-    def __init__(self) -> None:
-        self.cfg: DictConfig = OmegaConf.structured(Recipe)
+    def __init__(self, schema_class: type = Recipe) -> None:
+        self.cfg: DictConfig = OmegaConf.structured(schema_class)
+        self.schema = SCHEMA if schema_class is Recipe else _schema(schema_class)
         self.sources: dict[str, str] = {}
         self.unknown: list[Problem] = []
         self.mistyped: dict[str, Problem] = {}  # a later layer that sets the key cleanly clears it
 
     def apply(self, data: dict[str, Any], source: str) -> None:
-        for key, value in _leaves(data):
-            if key not in SCHEMA:
-                self.unknown.append(_unknown_key(key, value, source))
+        for key, value in _leaves(data, schema=self.schema):
+            if key not in self.schema:
+                self.unknown.append(_unknown_key(key, value, source, self.schema))
                 continue
             try:
                 OmegaConf.update(self.cfg, key, value, merge=False)
@@ -321,6 +328,9 @@ def _article(word: str) -> str:
 class _Checker:
     """Value and cross-field checks on a fully merged config whose types are already right."""
 
+    rules: tuple[_Rule, ...] = RULES
+    leaf_keys: tuple[str, ...] = LEAF_KEYS
+
     def __init__(self, cfg: DictConfig, sources: dict[str, str], skip: set[str], prefix: str = "") -> None:
         self.cfg, self.sources, self.skip, self.prefix = cfg, sources, set(skip), prefix
         self.problems: list[Problem] = []
@@ -338,7 +348,7 @@ class _Checker:
 
     def run(self, cross: bool) -> list[Problem]:
         self.check_missing_and_interpolations()
-        for rule in RULES:
+        for rule in self.rules:
             if self.wanted(rule.key) and not rule.ok(self.value(rule.key)):
                 self.add(rule.key, f"must be {rule.allowed}")
         if cross:
@@ -346,7 +356,7 @@ class _Checker:
         return self.problems
 
     def check_missing_and_interpolations(self) -> None:
-        for key in LEAF_KEYS:
+        for key in self.leaf_keys:
             if not self.wanted(key):
                 continue
             parent, _, name = key.rpartition(".")
@@ -372,12 +382,24 @@ class _Checker:
     def check_cross_fields(self) -> None:
         c = self.cfg
         if self.wanted("reward.backend"):
-            from reward.backends import BACKENDS
+            from reward.backends import BACKENDS, MODEL_BACKENDS
 
             if c.reward.backend not in BACKENDS:
                 self.add("reward.backend", f"must be one of {list(BACKENDS)}")
-            elif c.reward.backend == "vlm" and not c.reward.model_path and self.wanted("reward.model_path"):
-                self.add("reward.model_path", "required when reward.backend='vlm' (a local folder or hub id)")
+            elif (
+                c.reward.backend in MODEL_BACKENDS
+                and not c.reward.model_path
+                and self.wanted("reward.model_path")
+            ):
+                self.add(
+                    "reward.model_path",
+                    f"required when reward.backend={c.reward.backend!r} (a local folder or hub id)",
+                )
+        if self.wanted("train.attention") and c.train.attention == "xformers":
+            import importlib.util
+
+            if importlib.util.find_spec("xformers") is None:
+                self.add("train.attention", "needs the xformers package: pip install 'mpo-trainer[xformers]'")
         backbone = self.check_family()
         modality = self.check_checklist()
         if backbone is not None and modality is not None and modality != backbone.modality:
@@ -459,6 +481,24 @@ def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> DictC
     builder.apply_overrides(overrides)
     problems = builder.problems()
     problems += _Checker(builder.cfg, builder.sources, {p.key for p in problems}).run(cross=True)
+    if problems:
+        raise _report(str(path), problems)
+    return builder.cfg
+
+
+def load_config(
+    path: str | os.PathLike, overrides: Iterable[str], schema_class: type, checker: type[_Checker]
+) -> DictConfig:
+    """:func:`load_recipe` for another schema (e.g. the reward trainer's): the same layering, override
+    syntax and error report. ``checker`` is a :class:`_Checker` subclass whose ``rules`` and
+    ``leaf_keys`` describe ``schema_class`` and whose ``check_cross_fields`` holds its own rules."""
+    path = Path(path)
+    builder = _Builder(schema_class)
+    for layer_path, data in _read_chain(path):
+        builder.apply(data, str(layer_path))
+    builder.apply_overrides(overrides)
+    problems = builder.problems()
+    problems += checker(builder.cfg, builder.sources, {p.key for p in problems}).run(cross=True)
     if problems:
         raise _report(str(path), problems)
     return builder.cfg

@@ -32,12 +32,14 @@ import numpy as np
 import pandas as pd
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 
 from mpo.backbones.base import Backbone, Embeddings, torch_dtype
 from mpo.backbones.registry import load_backbone
 from mpo.distributed import (
+    errors_reach_every_rank,
+    gather,
     is_main,
+    main_process_first,
     make_accelerator,
     process_rank_and_count,
     wait_for_everyone,
@@ -144,8 +146,8 @@ def evaluate(
             rows.append({"prompt_id": p, "sample_idx": i, **values})
             if (p, i) in grid_keys:
                 previews.append(((p, i), _first_frame(pixels[k])))
-    all_rows = [r for part in gather_object([rows]) for r in part]
-    all_previews = [x for part in gather_object([previews]) for x in part]
+    all_rows = [r for part in gather(accelerator, rows) for r in part]
+    all_previews = [x for part in gather(accelerator, previews) for x in part]
     return _summarise(all_rows, all_previews, accelerator)
 
 
@@ -204,8 +206,22 @@ def log(accelerator: Accelerator, step: int, result: dict[str, Any]) -> None:
             tracker.log_images({"eval/samples": grid[None]}, step=step, dataformats="NHWC")
 
 
-def eval_stage(recipe: Any, accelerator: Accelerator | None = None) -> dict[str, Any]:
-    """Evaluate the checkpoint ``export.which`` names (best, else last) and record its row."""
+def _evaluated_alike(run: RunDir, step: int, checkpoint: Any, recipe: Any, acc: Accelerator) -> bool:
+    """eval.parquet already has the row of ``step``, measured by the training run with the eval
+    settings (and reward) of this recipe: the eval stage has nothing to do."""
+    from mpo.train import run_settings
+    from mpo.train_state import read_progress
+
+    if not run.eval_parquet.exists() or not (read_parquet(run.eval_parquet)["step"] == step).any():
+        return False
+    stored, now = read_progress(checkpoint).settings, run_settings(recipe, acc, run)
+    return all(stored.get(k) == now.get(k) for k in ("eval", "eval sampling", "reward"))
+
+
+@errors_reach_every_rank
+def eval_stage(recipe: Any, accelerator: Accelerator | None = None, force: bool = False) -> dict[str, Any]:
+    """Evaluate the checkpoint ``export.which`` names (best, else last) and record its row; nothing
+    to do when that row was measured with these eval settings (``force`` measures it again)."""
     from mpo.train_state import chosen_checkpoint
     from mpo.weights import load_trained
     from reward.visionreward import VisionReward
@@ -214,8 +230,15 @@ def eval_stage(recipe: Any, accelerator: Accelerator | None = None) -> dict[str,
     run = RunDir.from_recipe(recipe)
     start = time.perf_counter()
     step, path = chosen_checkpoint(run, recipe.export.which)
+    if not force and _evaluated_alike(run, step, path, recipe, acc):
+        summary = {"checkpoint": str(path), "step": step, "evaluated now": False}
+        if is_main(acc):
+            from mpo.summary import print_summary
+
+            print_summary("eval (up to date)", summary)
+        return summary
     prompts = eval_prompts(run, recipe)
-    with acc.main_process_first(), whole_model_loading():
+    with main_process_first(acc), whole_model_loading():
         backbone = load_backbone(recipe.model, acc.device)
     load_trained(backbone, recipe.model.finetune, path / "weights", torch_dtype(recipe.model.dtype))
     backbone.denoiser.eval()
@@ -232,7 +255,7 @@ def eval_stage(recipe: Any, accelerator: Accelerator | None = None) -> dict[str,
             save_grid(run, step, result["grid"])
         summary = {"checkpoint": str(path), "step": step, **{k: v for k, v in result.items() if k != "grid"}}
         summary["seconds"] = round(time.perf_counter() - start, 2)
-        from mpo.generate import print_summary
+        from mpo.summary import print_summary
 
         print_summary("eval", summary)
     wait_for_everyone(acc)

@@ -15,7 +15,9 @@ Writes ``<output_dir>/export/``::
     export.json                         which checkpoint this is (a rerun with the same one is skipped)
 
 The folder is assembled under a temporary name and renamed into place, so a killed export never
-leaves a half-written ``export/``.
+leaves a half-written ``export/``; the next export removes what a killed one left
+(``.export.tmp-*``, ``.export.old-*``). The record names the checkpoint by its unique id, so a
+checkpoint trained again (same step, new weights) is exported again; a finished export writes nothing.
 """
 
 from __future__ import annotations
@@ -29,15 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 from accelerate import Accelerator
 from omegaconf import OmegaConf
 
 from mpo.backbones.base import Backbone, torch_dtype
 from mpo.backbones.registry import load_backbone
 from mpo.distributed import is_main, wait_for_everyone, whole_model_loading
-from mpo.store import RunDir, read_parquet
-from mpo.train_state import chosen_checkpoint
+from mpo.errors import errors_reach_every_rank
+from mpo.store import RunDir, StoreError, read_parquet
+from mpo.train_state import chosen_checkpoint, read_progress
 from mpo.weights import LORA_DIR, denoiser_component, load_trained
 
 MARKER = "export.json"
@@ -47,25 +49,59 @@ STATS_NAME = "select_stats.json"
 
 def export_record(recipe: Any, step: int, checkpoint: Path) -> dict[str, Any]:
     """What an export is made from; an existing export with the same record is up to date."""
+    from mpo.config import resolve_paths
+
     return {
         "checkpoint": checkpoint.name,
+        "checkpoint id": read_progress(checkpoint).id,
         "step": int(step),
         "which": recipe.export.which,
         "finetune": recipe.model.finetune,
         "merge_lora": bool(recipe.export.merge_lora),
-        "base": str(recipe.model.path),
+        "base": str(resolve_paths(recipe).model.path),
     }
 
 
-def export_stage(recipe: Any, accelerator: Accelerator | None = None) -> dict[str, Any]:
-    """Export the checkpoint ``export.which`` names (main process; the others wait)."""
+def read_record(run: RunDir) -> dict[str, Any] | None:
+    """The record of the export in place (None when there is none)."""
+    marker = run.export / MARKER
+    if not marker.exists():
+        return None
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+        if not isinstance(record, dict):
+            raise ValueError(f"a JSON object expected, got {type(record).__name__}")
+    except (OSError, ValueError) as err:
+        raise StoreError(
+            f"{marker}: unreadable ({err}); the export cannot be trusted: delete {run.export} to export again"
+        ) from err
+    return record
+
+
+def remove_leftovers(run: RunDir) -> list[Path]:
+    """The temporary folders of killed exports (main process, under the run lock: nobody else
+    exports into this run directory)."""
+    leftovers = sorted(run.root.glob(f".{run.export.name}.tmp-*")) + sorted(
+        run.root.glob(f".{run.export.name}.old-*")
+    )
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return leftovers
+
+
+@errors_reach_every_rank
+def export_stage(recipe: Any, accelerator: Accelerator | None = None, force: bool = False) -> dict[str, Any]:
+    """Export the checkpoint ``export.which`` names (main process; the others wait). Exported again
+    whenever the checkpoint or the export settings differ from the export in place (it is derived
+    from the checkpoint alone, so nothing is lost); ``force`` is accepted for symmetry."""
     run = RunDir.from_recipe(recipe)
     started = time.perf_counter()
     step, checkpoint = chosen_checkpoint(run, recipe.export.which)
     record = export_record(recipe, step, checkpoint)
-    marker = run.export / MARKER
     summary: dict[str, Any] = {"export": str(run.export), "checkpoint": str(checkpoint), "step": step}
-    if marker.exists() and json.loads(marker.read_text()) == record:
+    if is_main(accelerator):
+        remove_leftovers(run)
+    if read_record(run) == record:
         summary["exported"] = False
     elif is_main(accelerator):
         write_export(recipe, run, checkpoint, record)
@@ -73,7 +109,7 @@ def export_stage(recipe: Any, accelerator: Accelerator | None = None) -> dict[st
     wait_for_everyone(accelerator)
     summary["seconds"] = round(time.perf_counter() - started, 2)
     if is_main(accelerator):
-        from mpo.generate import print_summary
+        from mpo.summary import print_summary
 
         print_summary("export" if summary.get("exported", True) else "export (up to date)", summary)
     return summary
@@ -219,10 +255,3 @@ def _short(value: Any) -> str:
     else:
         text = f"{value:.4g}" if isinstance(value, float) else str(value)
     return text if len(text) <= 120 else text[:117] + "..."
-
-
-def load_exported(run: RunDir, dtype: torch.dtype = torch.float32):
-    """The exported pipeline, loaded the way a user would (``DiffusionPipeline.from_pretrained``)."""
-    from diffusers import DiffusionPipeline
-
-    return DiffusionPipeline.from_pretrained(run.export / PIPELINE_DIR, torch_dtype=dtype)

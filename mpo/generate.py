@@ -23,10 +23,13 @@ numerical reproducibility (``MKL_CBWR=AUTO`` in the environment), since MKL othe
 memory alignment and results can differ in the last bit from process to process.
 
 Resume: a shard file with its final name is complete (written atomically) and is skipped after its
-metadata is checked against the recipe (a mismatch is an error, never a silent mix of two recipes).
-Temporary files of killed writers are deleted. candidates.parquet is rebuilt from the shards'
-metadata at the end, never appended to, so a killed and resumed run ends with exactly the manifest
-of an uninterrupted one.
+metadata is checked against the recipe (a mismatch is an error naming the changed key, never a silent
+mix of two recipes; ``--force`` deletes the mismatched shards and makes them again) and its bytes
+against its content hash (each process checks its share). Temporary files of killed writers are
+deleted. candidates.parquet is rebuilt from the shards' metadata at the end, never appended to, so a
+killed and resumed run ends with exactly the manifest of an uninterrupted one; a finished run writes
+nothing. Before the first candidate, a lower bound on the memory of one batch is checked against the
+device (:mod:`mpo.memory`).
 
 Departure from the paper: none in substance; the paper samples with the released pipelines' own
 schedulers, here each backbone's ``sample`` does, with classifier-free guidance against the empty
@@ -35,6 +38,7 @@ prompt.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,20 +47,23 @@ from typing import Any
 import pandas as pd
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from mpo.backbones.base import Backbone, Embeddings, repeat_rows, torch_dtype
 from mpo.backbones.registry import load_backbone
-from mpo.config import resolve_paths, save_resolved
+from mpo.config import resolve_paths, save_resolved, to_yaml
 from mpo.distributed import (
+    errors_reach_every_rank,
+    gather,
     is_main,
+    main_process_first,
     make_accelerator,
     split_for_process,
     wait_for_everyone,
     whole_model_loading,
 )
+from mpo.memory import check_generate_and_score
 from mpo.seeds import candidate_noise, candidate_seed
 from mpo.store import (
     RunDir,
@@ -66,11 +73,15 @@ from mpo.store import (
     build_manifest,
     describe_changes,
     prepare_prompts,
+    read_parquet,
     read_shard_info,
     remove_temp_files,
+    shard_index,
+    verify_shard,
     write_parquet,
     write_shard,
 )
+from mpo.summary import print_summary
 
 
 @dataclass(frozen=True)
@@ -197,52 +208,81 @@ def generate_shard(
     write_shard(run.shard(plan.index), torch.cat(latents), stacked, plan.prompt_ids, candidates, fingerprint)
 
 
-def save_recipe(recipe: Any, run: RunDir) -> None:
-    """Write the resolved recipe once; a resumed run keeps the original (shards check the settings)."""
-    if not run.recipe_yaml.exists():
+def save_recipe(recipe: Any, run: RunDir, force: bool = False) -> None:
+    """Write the resolved recipe once; a resumed run keeps the original (shards check the settings),
+    a forced one records the recipe that redid the work."""
+    if not run.recipe_yaml.exists() or force:
+        if run.recipe_yaml.exists() and to_yaml(resolve_paths(recipe)) in run.recipe_yaml.read_text():
+            return  # the same recipe: a finished run writes nothing
         save_resolved(recipe, run.recipe_yaml)
 
 
-def print_summary(title: str, summary: dict[str, Any]) -> None:
-    """The end-of-stage table (main process only)."""
-    from rich.console import Console
-    from rich.table import Table
+def discard_mismatched(
+    run: RunDir, plans: Sequence[ShardPlan], recipe: Any, fingerprint: dict[str, Any]
+) -> int:
+    """``--force``: delete the shards made by other settings (or for other prompts) and the ones the
+    plan no longer has, so that they are made again; returns how many. Main process only."""
+    planned = {p.index for p in plans}
+    removed = 0
+    for plan in plans:
+        try:
+            existing_shard(run, plan, recipe, fingerprint)
+        except StoreError:
+            run.shard(plan.index).unlink(missing_ok=True)
+            removed += 1
+    for path in sorted(run.candidates_dir.glob("shard-*.safetensors")):
+        if shard_index(path) not in planned:
+            path.unlink()
+            removed += 1
+    return removed
 
-    table = Table(title=title, show_header=False)
-    for key, value in summary.items():
-        if isinstance(value, float):
-            text = "n/a" if value != value else f"{value:.4g}"  # NaN: nothing the reward could judge
-        else:
-            text = str(value)
-        table.add_row(key, text)
-    Console().print(table)
 
-
-def generate_stage(recipe: Any, accelerator: Accelerator | None = None) -> dict[str, Any]:
-    """Generate (or finish generating) every shard of the run, then rebuild candidates.parquet."""
+@errors_reach_every_rank
+def generate_stage(
+    recipe: Any, accelerator: Accelerator | None = None, force: bool = False
+) -> dict[str, Any]:
+    """Generate (or finish generating) every shard of the run, then rebuild candidates.parquet.
+    ``force``: shards made by other settings are made again instead of refused."""
     acc = accelerator if accelerator is not None else make_accelerator(recipe)
     run = RunDir.from_recipe(recipe)
     start = time.perf_counter()
-    prompts = prepare_prompts(recipe, write=is_main(acc))
+    prompts = prepare_prompts(recipe, write=is_main(acc), force=force)
+    wait_for_everyone(acc)  # a forced new prompt table is written before anyone reads it
+    prompts = prepare_prompts(recipe, write=False)
     plans = plan_shards(prompts, recipe.generate.prompts_per_shard)
     fingerprint = generation_fingerprint(recipe)
     if is_main(acc):
+        if force and run.candidates_dir.is_dir():
+            discard_mismatched(run, plans, recipe, fingerprint)
         run.make_dirs()
-        save_recipe(recipe, run)
+        save_recipe(recipe, run, force)
         remove_temp_files(run.candidates_dir)  # nobody writes before the barrier below
         remove_temp_files(run.previews_dir)
     wait_for_everyone(acc)
 
     # Every process sees the same files here (no shard is written before this point), so all agree
-    # on whether any model is needed and take the same collective steps below.
+    # on whether any model is needed and take the same collective steps below. Each checks the bytes
+    # of its share of the finished shards.
     pending = [p for p in plans if existing_shard(run, p, recipe, fingerprint) is None]
+    done = [p for p in plans if p not in pending]
+    for plan in split_for_process(done, acc):
+        verify_shard(run.shard(plan.index))
+    wait_for_everyone(acc)
     mine = split_for_process(pending, acc)
     n = recipe.generate.num_candidates
     if pending:
-        with acc.main_process_first(), whole_model_loading():  # the first load may build a tiny model
+        with main_process_first(acc), whole_model_loading():  # the first load may build a tiny model
             backbone = load_backbone(recipe.model, acc.device)
         with torch.no_grad():
             negative = {k: v.cpu() for k, v in backbone.encode_negative().items()}
+        check_generate_and_score(
+            recipe,
+            backbone.latent_shape(recipe.generate),
+            torch_dtype(recipe.model.dtype),
+            negative,
+            backbone.modality == "video",
+            acc.device,
+        )
         if is_main(acc) and not run.negative.exists():
             with atomic_write(run.negative) as tmp:
                 save_file({k: v.contiguous() for k, v in negative.items()}, str(tmp))
@@ -257,8 +297,7 @@ def generate_stage(recipe: Any, accelerator: Accelerator | None = None) -> dict[
             generate_shard(backbone, plan, negative, recipe, run, fingerprint, acc.device, progress)
         progress.close()
         del backbone
-    generated = sum(gather_object([sum(len(p.prompt_ids) for p in mine) * n]))
-    wait_for_everyone(acc)
+    generated = sum(gather(acc, sum(len(p.prompt_ids) for p in mine) * n))
 
     # The same on every process (run_all reads it wherever it runs); the main one prints it.
     summary = {
@@ -288,7 +327,8 @@ def generate_stage(recipe: Any, accelerator: Accelerator | None = None) -> dict[
 def rebuild_manifest(
     run: RunDir, plans: Sequence[ShardPlan], recipe: Any, fingerprint: dict[str, Any]
 ) -> pd.DataFrame:
-    """candidates.parquet from the shards' metadata (every planned shard must be complete)."""
+    """candidates.parquet from the shards' metadata (every planned shard must be complete); written
+    only when it changes, so that a finished run (even on a read-only disk) writes nothing."""
     infos = [existing_shard(run, p, recipe, fingerprint) for p in plans]
     missing = [str(run.shard(p.index)) for p, info in zip(plans, infos) if info is None]
     if missing:
@@ -296,5 +336,9 @@ def rebuild_manifest(
             f"shards missing after generation: {missing[:5]}{' ...' if len(missing) > 5 else ''}"
         )
     manifest = build_manifest(infos)
+    if run.candidates_parquet.exists():
+        with contextlib.suppress(StoreError):  # a damaged manifest is simply written again
+            if read_parquet(run.candidates_parquet).equals(manifest):
+                return manifest
     write_parquet(manifest, run.candidates_parquet)
     return manifest

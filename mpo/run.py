@@ -8,8 +8,14 @@
 generate -> score -> select -> train (with eval) -> export. Each stage decides for itself what is
 already done (complete shards, score files, an up-to-date pairs file, a checkpoint at
 ``train.max_steps``, an export of the chosen checkpoint), so a rerun after a kill picks up where the
-job stopped and a rerun of a finished run does nothing. One Accelerator serves every stage: accelerate
-cannot change mixed precision once set, and training needs the recipe's.
+job stopped and a rerun of a finished run does nothing. A stage whose finished work was made with other
+settings refuses, naming the key; ``force`` redoes it and, through the content hashes each later stage
+checks, everything after it.
+
+One Accelerator serves every stage: accelerate cannot change mixed precision once set, and training
+needs the recipe's. Its process group lives for the whole command and is torn down once, at the end
+(:func:`mpo.distributed.end_session`), so that under ``accelerate launch`` the export after training
+and the closing tables run on a live group and every rank exits 0.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from mpo.distributed import is_main
+from mpo.distributed import end_session, errors_reach_every_rank, is_main
 from mpo.store import RunDir
 
 
@@ -33,44 +39,44 @@ class StageReport:
     summary: Any
 
 
-def _generate(recipe: Any, acc: Accelerator) -> tuple[bool, Any]:
+def _generate(recipe: Any, acc: Accelerator, force: bool) -> tuple[bool, Any]:
     from mpo.generate import generate_stage
 
-    summary = generate_stage(recipe, acc)
+    summary = generate_stage(recipe, acc, force=force)
     return summary.get("shards generated now", 0) > 0, summary
 
 
-def _score(recipe: Any, acc: Accelerator) -> tuple[bool, Any]:
+def _score(recipe: Any, acc: Accelerator, force: bool) -> tuple[bool, Any]:
     from mpo.score import score_stage
 
-    summary = score_stage(recipe, acc)
+    summary = score_stage(recipe, acc, force=force)
     return summary.get("shards scored now", 0) > 0, summary
 
 
-def _select(recipe: Any, acc: Accelerator) -> tuple[bool, Any]:
+def _select(recipe: Any, acc: Accelerator, force: bool) -> tuple[bool, Any]:
     from mpo.select import select_stage
 
     pairs = RunDir.from_recipe(recipe).pairs_parquet
     before = pairs.stat().st_mtime_ns if pairs.exists() else None
-    stats = select_stage(recipe, acc)
+    stats = select_stage(recipe, acc, force=force)
     return pairs.stat().st_mtime_ns != before, stats
 
 
-def _train(recipe: Any, acc: Accelerator) -> tuple[bool, Any]:
+def _train(recipe: Any, acc: Accelerator, force: bool) -> tuple[bool, Any]:
     from mpo.train import train_stage
 
-    summary = train_stage(recipe, acc)
+    summary = train_stage(recipe, acc, force=force)
     return summary.get("steps trained now", 0) > 0, summary
 
 
-def _export(recipe: Any, acc: Accelerator) -> tuple[bool, Any]:
+def _export(recipe: Any, acc: Accelerator, force: bool) -> tuple[bool, Any]:
     from mpo.export import export_stage
 
-    summary = export_stage(recipe, acc)
+    summary = export_stage(recipe, acc, force=force)
     return bool(summary.get("exported")), summary
 
 
-STAGES: list[tuple[str, Callable[[Any, Accelerator], tuple[bool, Any]]]] = [
+STAGES: list[tuple[str, Callable[[Any, Accelerator, bool], tuple[bool, Any]]]] = [
     ("generate", _generate),
     ("score", _score),
     ("select", _select),
@@ -79,18 +85,22 @@ STAGES: list[tuple[str, Callable[[Any, Accelerator], tuple[bool, Any]]]] = [
 ]
 
 
-def run_all(recipe: Any, accelerator: Accelerator | None = None) -> list[StageReport]:
-    """Run (or finish) every stage; returns what each did and how long it took."""
+@errors_reach_every_rank
+def run_all(recipe: Any, accelerator: Accelerator | None = None, force: bool = False) -> list[StageReport]:
+    """Run (or finish) every stage; returns what each did and how long it took. With ``force``, a
+    stage made with other settings is redone (and so is everything after it) instead of refused."""
     from mpo.train import setup_accelerator
 
     acc = accelerator if accelerator is not None else setup_accelerator(recipe)
     reports = []
     for name, stage in STAGES:
         started = time.perf_counter()
-        did_work, summary = stage(recipe, acc)
+        did_work, summary = stage(recipe, acc, force)
         reports.append(StageReport(name, did_work, round(time.perf_counter() - started, 2), summary))
     if is_main(acc):
         print_run_summary(RunDir.from_recipe(recipe), reports)
+    if accelerator is None:  # built here: the session ends here, once, after every stage
+        end_session(acc)
     return reports
 
 

@@ -67,9 +67,9 @@ class GenerateConfig:
 class RewardConfig:
     checklist: str = "image-full"  # a bundled checklist name or a YAML path
     weights: str | None = None  # weights file from `reward fit` (replaces the checklist's weights)
-    backend: str = "pixel-stats"  # vlm | pixel-stats
+    backend: str = "pixel-stats"  # vlm | cogvlm2 | pixel-stats (vlm picks cogvlm2 for a CogVLM2 checkpoint)
     model_path: str | None = None  # VLM path or hub id (backend=vlm)
-    alignment_model_path: str | None = None  # separate VLM for the alignment term (optional)
+    alignment_model_path: str | None = None  # alignment term: CLIP-FlanT5 (VQAScore) or a VLM (optional)
     batch_size: int = 8  # samples scored per forward
     dtype: str = "bfloat16"
     max_frames: int = 24  # video: one frame per second, at most this many

@@ -11,7 +11,9 @@ per process from ``recipe.reward``; the backbone is used only for ``decode``.
 
 Work is split by shard, as in generate (shard g on rank g % world). Each shard's scores go to
 candidates/score-<g>.parquet atomically: that file is the unit of resume, and carries the reward
-settings that produced it, so a resumed run never mixes two rewards. The main process then
+settings that produced it, so a resumed run never mixes two rewards (other settings are refused,
+naming the key, or with ``--force`` scored again), and the content hash of the candidate shard it
+scored (a shard made again is scored again). The main process then
 concatenates them into scores.parquet (prompt_id, sample_idx, split, total, dim.*, sub.*, q.*,
 source), one row per candidate, sorted by (prompt_id, sample_idx).
 """
@@ -32,13 +34,15 @@ from mpo.backbones.base import Backbone
 from mpo.backbones.registry import load_backbone
 from mpo.config import resolve_paths
 from mpo.distributed import (
+    errors_reach_every_rank,
     is_main,
+    main_process_first,
     make_accelerator,
     split_for_process,
     wait_for_everyone,
     whole_model_loading,
 )
-from mpo.generate import print_summary
+from mpo.memory import check_fits, pixel_bytes
 from mpo.store import (
     CandidateStore,
     RunDir,
@@ -47,9 +51,11 @@ from mpo.store import (
     parquet_metadata,
     read_parquet,
     remove_temp_files,
+    shard_hash,
     shard_index,
     write_parquet,
 )
+from mpo.summary import print_summary
 from reward.types import Sample
 
 KEY_COLUMNS = ["prompt_id", "sample_idx", "split"]
@@ -63,19 +69,36 @@ def reward_fingerprint(recipe: Any) -> dict[str, Any]:
     return {"reward": {k: getattr(r, k) for k in fields}, "fps": recipe.generate.fps}
 
 
-def score_is_done(run: RunDir, index: int, fingerprint: dict[str, Any]) -> bool:
-    """True when score-<index>.parquet exists for this reward; raises if it was made by another."""
+def shard_fingerprint(run: RunDir, index: int, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The reward settings plus the content hash of the candidate shard being scored."""
+    return {**fingerprint, "candidates": shard_hash(run.shard(index))}
+
+
+def score_is_done(run: RunDir, index: int, fingerprint: dict[str, Any], force: bool = False) -> bool:
+    """True when score-<index>.parquet exists for this reward and this candidate shard (a shard made
+    again is scored again); raises if it was made by other reward settings, unless ``force``."""
     path = run.score_shard(index)
     if not path.exists():
         return False
-    stored = json.loads(parquet_metadata(path).get("fingerprint", "{}"))
-    if stored != fingerprint:
-        changes = "; ".join(describe_changes(stored, fingerprint))
-        raise StoreError(
-            f"{path} was scored by other reward settings than this recipe's ({changes}); delete "
-            f"{run.candidates_dir}/score-*.parquet to score again with this recipe"
-        )
-    return True
+    try:
+        stored = json.loads(parquet_metadata(path).get("fingerprint", "{}"))
+    except ValueError as err:
+        raise StoreError(f"{path}: damaged ({err}); delete it to score the shard again") from err
+    want = shard_fingerprint(run, index, fingerprint)
+    if stored == want:
+        return True
+    if stored.get("candidates") != want["candidates"] and {**stored, "candidates": None} == {
+        **want,
+        "candidates": None,
+    }:
+        return False  # the same reward, a new candidate shard
+    if force:
+        return False
+    changes = "; ".join(describe_changes(stored, want))
+    raise StoreError(
+        f"{path} was scored by other reward settings than this recipe's ({changes}); restore them, use "
+        "a new output_dir, or add --force to score again with this recipe"
+    )
 
 
 def order_columns(frame: pd.DataFrame) -> pd.DataFrame:
@@ -121,7 +144,8 @@ def score_shard(
     return order_columns(pd.DataFrame(results))
 
 
-def score_stage(recipe: Any, accelerator: Accelerator | None = None) -> dict[str, Any]:
+@errors_reach_every_rank
+def score_stage(recipe: Any, accelerator: Accelerator | None = None, force: bool = False) -> dict[str, Any]:
     """Score every shard not scored yet, then write scores.parquet."""
     acc = accelerator if accelerator is not None else make_accelerator(recipe)
     run = RunDir.from_recipe(recipe)
@@ -142,13 +166,21 @@ def score_stage(recipe: Any, accelerator: Accelerator | None = None) -> dict[str
         remove_temp_files(run.candidates_dir)  # nobody writes before the barrier below
     wait_for_everyone(acc)
 
-    pending = [s for s in shards if not score_is_done(run, shard_index(s), fingerprint)]
+    pending = [s for s in shards if not score_is_done(run, shard_index(s), fingerprint, force)]
     mine = split_for_process(pending, acc)
     if pending:
         from reward.visionreward import VisionReward
 
-        with acc.main_process_first(), whole_model_loading():
+        with main_process_first(acc), whole_model_loading():
             backbone = load_backbone(recipe.model, acc.device)
+        g = recipe.generate
+        frames = g.num_frames if backbone.modality == "video" else 1
+        check_fits(
+            pixel_bytes(recipe.reward.batch_size, g.height, g.width, frames),
+            "decoding one batch for the reward",
+            ["reward.batch_size", "generate.height / width / num_frames"],
+            acc.device,
+        )
         reward = VisionReward.from_config(recipe.reward, device=acc.device)
         store = CandidateStore(run)
         groups = {name: rows.sort_values("offset") for name, rows in manifest.groupby("shard")}
@@ -160,7 +192,8 @@ def score_stage(recipe: Any, accelerator: Accelerator | None = None) -> dict[str
         )
         for name in mine:
             frame = score_shard(backbone, reward, store, groups[name], recipe, acc.device, progress)
-            write_parquet(frame, run.score_shard(shard_index(name)), {"fingerprint": json.dumps(fingerprint)})
+            stamp = shard_fingerprint(run, shard_index(name), fingerprint)
+            write_parquet(frame, run.score_shard(shard_index(name)), {"fingerprint": json.dumps(stamp)})
         progress.close()
         del backbone, reward
     wait_for_everyone(acc)

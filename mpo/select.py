@@ -49,8 +49,17 @@ import numpy as np
 import pandas as pd
 
 from mpo.config import RecipeError
+from mpo.errors import errors_reach_every_rank
 from mpo.schema import CAP_STRATEGIES, SELECT_LEVELS, SELECT_RULES, SelectConfig
-from mpo.store import RunDir, StoreError, read_parquet, write_parquet, write_text
+from mpo.store import (
+    RunDir,
+    StoreError,
+    describe_changes,
+    parquet_hash,
+    read_parquet,
+    write_parquet,
+    write_text,
+)
 
 LEVEL_PREFIX = {"dimension": "dim.", "sub_dimension": "sub.", "question": "q."}
 REQUIRED_COLUMNS = ("prompt_id", "sample_idx", "total")
@@ -429,9 +438,16 @@ def default_stats_path(out_path: str | os.PathLike) -> Path:
 
 
 def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
-    """Identifies the scores file a selection was computed from (a rescored run has a new one)."""
-    info = Path(path).stat()
-    return {"path": str(Path(path).resolve()), "size": info.st_size, "mtime_ns": info.st_mtime_ns}
+    """Identifies the scores file a selection was computed from by its content (a rescored run has a
+    new one): the content hash the project's parquet files carry, else the file's sha256."""
+    stored = parquet_hash(path)
+    if stored is None:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        stored = f"sha256:{digest.hexdigest()}"
+    return {"path": str(Path(path).resolve()), "content_hash": stored}
 
 
 def select_from_file(
@@ -503,26 +519,37 @@ def print_stats(stats: SelectionStats, title: str = "select") -> None:
 
 
 # ---- the stage ----------------------------------------------------------------------------------
-def _up_to_date(run: RunDir, stats_path: Path, cfg: SelectConfig) -> SelectionStats | None:
-    """The stored statistics when pairs.parquet was made from this scores file with this config."""
+def _up_to_date(run: RunDir, stats_path: Path, cfg: SelectConfig, force: bool) -> SelectionStats | None:
+    """The stored statistics when pairs.parquet was made from this scores file with this config; None
+    when it must be made (again): missing, or new scores. Made with another config: refused, naming
+    the keys, unless ``force``."""
     if not (run.pairs_parquet.exists() and stats_path.exists()):
         return None
     try:
         stored = json.loads(stats_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    same_config = stored.get("config") == dataclasses.asdict(cfg)
-    same_scores = stored.get("source") == file_fingerprint(run.scores_parquet)
-    return SelectionStats.from_dict(stored) if same_config and same_scores else None
+    except (OSError, ValueError):
+        return None  # a damaged statistics file: the pairs are made again
+    changes = describe_changes(stored.get("config") or {}, dataclasses.asdict(cfg), "select.")
+    if changes and not force:
+        raise SelectionError(
+            f"{run.pairs_parquet} was selected with other settings ({'; '.join(changes)}); restore "
+            "them, use a new output_dir, or add --force to select again (training then starts over)"
+        )
+    same_scores = (stored.get("source") or {}).get("content_hash") == file_fingerprint(run.scores_parquet)[
+        "content_hash"
+    ]
+    return SelectionStats.from_dict(stored) if not changes and same_scores else None
 
 
-def select_stage(recipe: Any, accelerator: Any = None) -> SelectionStats:
+@errors_reach_every_rank
+def select_stage(recipe: Any, accelerator: Any = None, force: bool = False) -> SelectionStats:
     """Select pairs for the run: ``<output_dir>/scores.parquet`` -> ``pairs.parquet`` and
     ``select_stats.json``, from the train split only (held-out prompts feed eval, not training).
 
     Skipped (the stored statistics are returned) when both files exist and were made from the same
-    scores file with the same ``select`` config. Under ``accelerate launch`` the main process selects
-    and the others wait and read its statistics.
+    scores (by content) with the same ``select`` config; made again from new scores; refused when made
+    with another config, unless ``force``. Under ``accelerate launch`` the main process selects and
+    the others wait and read its statistics.
     """
     from mpo.distributed import is_main, wait_for_everyone
 
@@ -532,7 +559,7 @@ def select_stage(recipe: Any, accelerator: Any = None) -> SelectionStats:
     if not run.scores_parquet.exists():
         raise SelectionError(f"{run.scores_parquet}: missing; run the score stage first")
     if is_main(accelerator):
-        stats = _up_to_date(run, stats_path, cfg)
+        stats = _up_to_date(run, stats_path, cfg, force)
         if stats is not None:
             print_stats(stats, title=f"select (up to date) -> {run.pairs_parquet}")
         else:

@@ -26,14 +26,21 @@ at most a temporary file, which no reader trusts and the next run deletes.
 Shard format (safetensors): ``latents`` [n, *latent_shape] in candidate order; ``embeds.<key>``
 [p, ...] one row per prompt of the shard; string metadata ``format``, ``candidates`` (JSON list of
 [prompt_id, sample_idx, seed], one per latent row), ``prompt_index`` (JSON {prompt_id: embeds row})
-and ``fingerprint`` (JSON of the settings that produced it, checked on resume).
+``fingerprint`` (JSON of the settings that produced it, checked on resume) and ``content_hash``
+(sha256 over every tensor's name, dtype, shape and bytes and the other metadata), verified when a
+stage reads the shard: a bit flip or a truncated copy is refused, naming the shard, instead of
+turning into NaN scores. Every parquet file the stages write carries a ``content_hash`` of its table
+in its schema metadata, verified by :func:`read_parquet` in the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import mmap
 import os
+import struct
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -49,13 +56,50 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from mpo.errors import is_environment_error
+
 SHARD_FORMAT = "mpo-candidates/1"
 TMP_MARK = ".tmp-"
 SPLITS = ("train", "val")
+HASH_KEY = "content_hash"
+# safetensors' dtype codes, as its header spells them
+_DTYPE_CODES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 class StoreError(ValueError):
     """A run directory that cannot be used as it is; the message names the file."""
+
+
+KEPT = "nothing half-written was kept and finished work is intact: fix it and rerun to resume"
+
+
+def cannot_write_reason(err: BaseException) -> str:
+    """Why a write failed, in words (disk full, read-only, ...), from an OSError or a library's text."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = str(err)
+    for needle, words in (
+        ("No space left", "No space left on device"),
+        ("StorageFull", "No space left on device"),
+        ("quota", "Disk quota exceeded"),
+        ("Read-only", "Read-only file system"),
+        ("ReadOnly", "Read-only file system"),
+        ("ermission", "Permission denied"),
+    ):
+        if needle in text:
+            return words
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 # ---- layout -------------------------------------------------------------------------------------
@@ -117,11 +161,11 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # The original suffix is repeated at the end so that writers that infer the format from the name
     # (PIL, imageio) still can.
     tmp = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         if not tmp.exists():
             raise StoreError(f"{path}: nothing was written to the temporary file {tmp.name}")
@@ -129,8 +173,12 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except Exception as err:
+        if is_environment_error(err) and not isinstance(err, StoreError):
+            raise StoreError(f"{path}: cannot write ({cannot_write_reason(err)}); {KEPT}") from err
+        raise
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             tmp.unlink()
 
 
@@ -172,32 +220,62 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def frame_hash(frame: pd.DataFrame) -> str:
+    """sha256 of a table's column names, dtypes and values (row order included, index not)."""
+    digest = hashlib.sha256(json.dumps([[str(c), str(t)] for c, t in frame.dtypes.items()]).encode())
+    digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    return f"sha256:{digest.hexdigest()}"
+
+
 def write_parquet(
     frame: pd.DataFrame, path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> None:
-    """Atomically write ``frame`` (index dropped); ``metadata`` goes into the parquet schema."""
+    """Atomically write ``frame`` (index dropped); ``metadata`` goes into the parquet schema, with the
+    table's :func:`frame_hash` (of the frame as it will read back), which :func:`read_parquet` checks."""
     table = pa.Table.from_pandas(frame, preserve_index=False)
-    if metadata:
-        merged = dict(table.schema.metadata or {})
-        merged.update({k.encode(): v.encode() for k, v in metadata.items()})
-        table = table.replace_schema_metadata(merged)
+    merged = dict(table.schema.metadata or {})
+    merged.update({k.encode(): v.encode() for k, v in (metadata or {}).items()})
+    merged[HASH_KEY.encode()] = frame_hash(table.to_pandas()).encode()
+    table = table.replace_schema_metadata(merged)
     with atomic_write(path) as tmp:
         pq.write_table(table, tmp)
 
 
 def read_parquet(path: str | os.PathLike) -> pd.DataFrame:
+    """A parquet file as a frame; one written by :func:`write_parquet` must match its content hash."""
     path = Path(path)
     if not path.exists():
         raise StoreError(f"{path}: not found")
     try:
-        return pq.read_table(path).to_pandas()
-    except (pa.ArrowInvalid, OSError) as err:
-        raise StoreError(f"{path}: cannot read parquet ({err})") from err
+        table = pq.read_table(path)
+        frame = table.to_pandas()
+    except Exception as err:  # pyarrow's errors for a damaged file are of several types
+        raise StoreError(f"{path}: cannot read parquet ({str(err).splitlines()[0]})") from err
+    stored = (table.schema.metadata or {}).get(HASH_KEY.encode())
+    if stored is not None and stored.decode() != frame_hash(frame):
+        raise StoreError(
+            f"{path}: its content does not match its content hash (the file is damaged); delete it "
+            "and rerun the stage that writes it"
+        )
+    return frame
+
+
+def parquet_hash(path: str | os.PathLike) -> str | None:
+    """The content hash stored in a parquet file's metadata (header only), or None."""
+    try:
+        raw = pq.read_schema(path).metadata or {}
+    except Exception as err:
+        raise StoreError(f"{path}: cannot read parquet ({str(err).splitlines()[0]})") from err
+    value = raw.get(HASH_KEY.encode())
+    return value.decode() if value is not None else None
 
 
 def parquet_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The string metadata written by :func:`write_parquet` (pandas' own entry left out)."""
-    raw = pq.read_schema(path).metadata or {}
+    try:
+        raw = pq.read_schema(path).metadata or {}
+    except Exception as err:
+        raise StoreError(f"{path}: cannot read parquet ({str(err).splitlines()[0]})") from err
     return {k.decode(): v.decode() for k, v in raw.items() if k != b"pandas"}
 
 
@@ -208,6 +286,15 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
     if not path.is_file():
         raise StoreError(f"prompts.file={str(path)!r}: no such file (relative to {Path.cwd()})")
     suffix = path.suffix.lower()
+    try:
+        return _read_prompts(path, suffix)
+    except UnicodeDecodeError as err:
+        raise StoreError(
+            f"prompts.file={str(path)!r}: not UTF-8 text (byte {err.start}: {err.reason})"
+        ) from err
+
+
+def _read_prompts(path: Path, suffix: str) -> list[str]:
     if suffix == ".txt":
         prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
         return [p for p in prompts if p]
@@ -239,14 +326,17 @@ def split_prompts(
 ) -> pd.DataFrame:
     """prompt_id (position in the file), prompt and a seeded train / val split.
 
-    With two or more prompts and a positive val_fraction at least one prompt is held out (the eval
-    curves need one) and at least one is kept for training.
+    The split is drawn over the *unique* prompt texts: a prompt that appears several times in the file
+    lands in one split with all its copies, so the held-out prompts are really held out. Fractions
+    and counts are of unique prompts. With two or more of them and a positive val_fraction at least
+    one is held out (the eval curves need one) and at least one is kept for training.
     """
-    n = len(prompts)
+    texts = list(dict.fromkeys(prompts))  # unique, in order of first appearance
+    n = len(texts)
     if val_count is not None:
         if not 0 <= val_count < max(n, 1):
             raise StoreError(
-                f"prompts.val_count={val_count}: must be in [0, {max(n - 1, 0)}] for {n} prompts"
+                f"prompts.val_count={val_count}: must be in [0, {max(n - 1, 0)}] for {n} unique prompts"
             )
         n_val = val_count
     else:
@@ -256,19 +346,24 @@ def split_prompts(
         if n >= 2 and val_fraction > 0:
             n_val = min(max(n_val, 1), n - 1)
     order = np.random.default_rng(split_seed).permutation(n)
-    split = np.full(n, "train", dtype=object)
-    split[order[:n_val]] = "val"
+    held_out = {texts[i] for i in order[:n_val]}
+    split = np.array(["val" if p in held_out else "train" for p in prompts], dtype=object)
     return pd.DataFrame(
-        {"prompt_id": np.arange(n, dtype=np.int64), "prompt": list(prompts), "split": split.astype(str)}
+        {
+            "prompt_id": np.arange(len(prompts), dtype=np.int64),
+            "prompt": list(prompts),
+            "split": split.astype(str),
+        }
     )
 
 
-def prepare_prompts(recipe: Any, write: bool = True) -> pd.DataFrame:
+def prepare_prompts(recipe: Any, write: bool = True, force: bool = False) -> pd.DataFrame:
     """The run's prompt table, written to prompts.parquet on first use.
 
     Later runs read it back; if the recipe would now give a different table (another file, limit,
-    split seed or fraction) this raises instead of silently changing which prompts are held out.
-    Every process may call this; pass ``write=False`` on all but one.
+    split seed or fraction) this raises instead of silently changing which prompts are held out, or
+    with ``force`` replaces it (every later stage then sees new inputs). Every process may call this;
+    pass ``write=False`` on all but one.
     """
     cfg = recipe.prompts
     if not cfg.file or cfg.file == "???":
@@ -283,12 +378,14 @@ def prepare_prompts(recipe: Any, write: bool = True) -> pd.DataFrame:
     if path.exists():
         existing = read_parquet(path)
         difference = _describe_difference(existing, frame)
-        if difference:
+        if not difference:
+            return existing
+        if not force:
             raise StoreError(
                 f"{path} exists and differs from what the recipe gives now ({difference}); the split "
-                "of a run cannot change: use a new output_dir or restore the recipe's prompts section"
+                "of a run cannot change: use a new output_dir, restore the recipe's prompts section, or "
+                "add --force to generate again from the new prompts"
             )
-        return existing
     if write:
         write_parquet(frame, path)
     return frame
@@ -357,20 +454,85 @@ def write_shard(
         "prompt_index": json.dumps({str(int(p)): row for row, p in enumerate(prompt_ids)}),
         "fingerprint": json.dumps(fingerprint, sort_keys=True),
     }
+    metadata[HASH_KEY] = _tensors_hash(
+        {
+            k: (_DTYPE_CODES[v.dtype], list(v.shape), v.view(-1).view(torch.uint8).numpy())
+            for k, v in tensors.items()
+        },
+        metadata,
+    )
     with atomic_write(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
 
-def read_shard_info(path: str | os.PathLike) -> ShardInfo:
-    """Parse a shard's metadata (header only). Raises :class:`StoreError` naming the file if it is
-    not a complete shard of this format."""
+def _tensors_hash(tensors: dict[str, tuple[str, list[int], Any]], metadata: dict[str, str]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every tensor, by name, then the metadata but the hash."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        dtype, shape, data = tensors[name]
+        digest.update(json.dumps([name, dtype, shape]).encode())
+        digest.update(data)
+    digest.update(json.dumps({k: v for k, v in metadata.items() if k != HASH_KEY}, sort_keys=True).encode())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def verify_shard(path: str | os.PathLike) -> None:
+    """Check a shard's bytes against the content hash in its metadata; raise :class:`StoreError`
+    naming the shard if they differ or the file is cut short. Reads the whole file once."""
     path = Path(path)
+    damaged = f"{path}: damaged"
+    remedy = "delete it and rerun the generate stage to make it again"
+    if not path.is_file():
+        raise StoreError(f"{path}: missing; rerun the generate stage to make it again")
+    try:
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if len(data) < 8:
+                raise StoreError(f"{damaged} (only {len(data)} bytes); {remedy}")
+            (length,) = struct.unpack("<Q", data[:8])
+            if 8 + length > len(data):
+                raise StoreError(f"{damaged} (cut short inside its header); {remedy}")
+            header = json.loads(bytes(data[8 : 8 + length]))
+            metadata = header.pop("__metadata__", None) or {}
+            start, view, tensors = 8 + length, memoryview(data), {}
+            try:
+                for name, entry in header.items():
+                    begin, end = (start + int(x) for x in entry["data_offsets"])
+                    if end > len(data):
+                        raise StoreError(f"{damaged} (cut short: tensor {name!r} is incomplete); {remedy}")
+                    tensors[name] = (entry["dtype"], list(entry["shape"]), view[begin:end])
+                stored = metadata.get(HASH_KEY)
+                if stored is None:
+                    raise StoreError(f"{path}: has no {HASH_KEY} in its metadata; {remedy}")
+                if _tensors_hash(tensors, metadata) != stored:
+                    raise StoreError(
+                        f"{damaged}: its content does not match its content hash (bit flip or a bad "
+                        f"copy); {remedy}"
+                    )
+            finally:
+                tensors.clear()
+                view.release()
+    except StoreError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise StoreError(f"{damaged} ({err}); {remedy}") from err
+
+
+def read_shard_info(path: str | os.PathLike, verify: bool = False) -> ShardInfo:
+    """Parse a shard's metadata (header only; with ``verify``, the whole shard is checked against its
+    content hash first). Raises :class:`StoreError` naming the file if it is not a complete, intact
+    shard of this format."""
+    path = Path(path)
+    if verify:
+        verify_shard(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             meta = handle.metadata() or {}
             keys = set(handle.keys())
     except Exception as err:  # safetensors raises its own error types for corrupt headers
-        raise StoreError(f"{path}: not a readable safetensors shard ({err})") from err
+        raise StoreError(
+            f"{path}: damaged, not a readable safetensors shard ({err}); delete it and rerun the generate "
+            "stage to make it again"
+        ) from err
     if meta.get("format") != SHARD_FORMAT or "latents" not in keys:
         raise StoreError(
             f"{path}: not a candidate shard (format {meta.get('format')!r}, want {SHARD_FORMAT})"
@@ -382,6 +544,27 @@ def read_shard_info(path: str | os.PathLike) -> ShardInfo:
     except (KeyError, ValueError, TypeError) as err:
         raise StoreError(f"{path}: malformed shard metadata ({err})") from err
     return ShardInfo(path, candidates, prompt_index, fingerprint)
+
+
+def shard_hash(path: str | os.PathLike) -> str:
+    """The content hash a shard's header records (cheap: the header only)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return (handle.metadata() or {}).get(HASH_KEY, "")
+    except Exception as err:  # safetensors' own error type for a damaged header
+        raise StoreError(
+            f"{path}: damaged, not a readable safetensors shard ({err}); delete it and rerun the generate "
+            "stage to make it again"
+        ) from err
+
+
+def candidates_hash(run: RunDir) -> str:
+    """One hash for the whole candidate cache: the manifest's content hash and every shard's (read
+    from the shard headers, so cheap); what training and its checkpoints were made from."""
+    digest = hashlib.sha256(str(parquet_hash(run.candidates_parquet)).encode())
+    for name in sorted(read_parquet(run.candidates_parquet)["shard"].unique()):
+        digest.update(f"{name}={shard_hash(run.candidates_dir / f'{name}.safetensors')};".encode())
+    return f"sha256:{digest.hexdigest()}"
 
 
 def build_manifest(infos: Sequence[ShardInfo]) -> pd.DataFrame:
@@ -411,9 +594,17 @@ class CandidateStore:
     (DataLoader workers reopen their own).
     """
 
-    def __init__(self, run_dir: RunDir | str | os.PathLike, max_open_shards: int = 16) -> None:
+    def __init__(
+        self,
+        run_dir: RunDir | str | os.PathLike,
+        max_open_shards: int = 16,
+        verified: Sequence[str] = (),
+    ) -> None:
         self.run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         self.max_open_shards = max(1, int(max_open_shards))
+        # Shards already checked against their content hash (by name); the others are checked the
+        # first time this store opens them.
+        self.verified = set(verified)
         self.manifest = read_parquet(self.run_dir.candidates_parquet)
         m = self.manifest
         self._where = {
@@ -440,6 +631,9 @@ class CandidateStore:
         path = self.run_dir.candidates_dir / f"{shard}.safetensors"
         if not path.exists():
             raise StoreError(f"{path}: listed in {self.run_dir.candidates_parquet} but missing")
+        if shard not in self.verified:
+            verify_shard(path)
+            self.verified.add(shard)
         handle = safe_open(str(path), framework="pt", device="cpu")
         self._open[shard] = handle
         if shard not in self._prompt_rows:
@@ -487,5 +681,8 @@ class CandidateStore:
             path = self.run_dir.negative
             if not path.exists():
                 raise StoreError(f"{path}: missing (run the generate stage)")
-            self._negative = load_file(str(path))
+            try:
+                self._negative = load_file(str(path))
+            except Exception as err:  # safetensors' own error type for a damaged file
+                raise StoreError(f"{path}: damaged ({err}); delete it and rerun the generate stage") from err
         return {key: value.clone() for key, value in self._negative.items()}

@@ -18,7 +18,13 @@ The loop is step, log, eval, checkpoint. A run directory with checkpoints resume
 complete one (model, optimizer, scheduler, RNG, data position), and gives the weights an uninterrupted
 run would have given: pairs, noise and timesteps are functions of the data position
 (:mod:`mpo.train_data`). A non-finite loss stops training with an error naming the step and the pair;
-the checkpoints already written stay as they are.
+the checkpoints already written stay as they are. SIGTERM or SIGINT (SLURM's time limit, Ctrl-C)
+stops every process at the end of the current step with a checkpoint there (:mod:`mpo.interrupt`).
+
+A checkpoint records the settings and inputs its weights depend on (:func:`run_settings`: the model,
+every ``train`` key that changes the result, eval, the reward, the selection and the content hashes
+of pairs, prompts and candidates). A run with other ones is refused, naming each changed key, or
+with ``--force`` trains again from step 0.
 
 Where we depart from the paper: the paper trains the policy from the base with a fixed number of
 steps and reports the final model; here the held-out reward is measured every ``eval.every`` steps
@@ -34,13 +40,12 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
@@ -48,22 +53,40 @@ from tqdm.auto import tqdm
 from mpo import evaluate as ev
 from mpo.backbones.base import Backbone
 from mpo.backbones.registry import load_backbone
-from mpo.distributed import make_accelerator, whole_model_loading
+from mpo.config import resolve_paths
+from mpo.distributed import (
+    end_session,
+    errors_reach_every_rank,
+    is_main,
+    main_process_first,
+    make_training_accelerator,
+    wait_for_everyone,
+    whole_model_loading,
+)
+from mpo.interrupt import Interrupted, restore_signals, signal_name, stop_on_signals
 from mpo.loss import DPOOutput, diffusion_dpo_loss, split_pairs
-from mpo.store import RunDir, read_parquet
-from mpo.train_data import PairDataset, load_train_pairs, make_dataloader
+from mpo.store import RunDir, candidates_hash, parquet_hash, read_parquet
+from mpo.train_data import (
+    PairDataset,
+    load_train_pairs,
+    make_dataloader,
+    verify_candidates,
+)
 from mpo.train_state import (
+    Resumable,
     TrainProgress,
     check_settings,
     checkpoint_dir,
+    discard_training,
     is_deepspeed,
     latest_checkpoint,
+    load_checkpoint,
     prune_checkpoints,
     read_best,
     read_progress,
-    register_hooks,
     remove_incomplete,
     save_checkpoint,
+    verify_checkpoint,
     write_best,
 )
 from mpo.weights import adapters_disabled, add_lora, load_weights_into, save_weights
@@ -93,20 +116,14 @@ class Trainer:
     saved_step: int = -1
     resumed_from: int | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    resumable: Resumable | None = None  # what a checkpoint saves besides the progress
 
 
 # ---- setup ----------------------------------------------------------------------------------------
 def setup_accelerator(recipe: Any) -> Accelerator:
     """The training Accelerator (mixed precision, accumulation, the recipe's tracker). ``mpo run``
     builds it once for every stage: accelerate's state cannot change mixed precision later."""
-    tracker = recipe.tracking.tracker
-    run = RunDir.from_recipe(recipe)
-    return make_accelerator(
-        recipe,
-        training=True,
-        log_with=None if tracker == "none" else tracker,
-        project_config=ProjectConfiguration(project_dir=str(run.root), logging_dir=str(run.root / "logs")),
-    )
+    return make_training_accelerator(recipe)
 
 
 def init_tracking(recipe: Any, acc: Accelerator, run: RunDir) -> None:
@@ -144,7 +161,7 @@ def flat_config(recipe: Any, tracker: str) -> dict[str, Any]:
 def setup_model(recipe: Any, acc: Accelerator) -> tuple[Backbone, nn.Module, nn.Module | None]:
     """Load the backbone; make its denoiser trainable (LoRA or full); build the reference."""
     # The first load may build and save a tiny model; ZeRO-3 partitions the denoiser at prepare().
-    with acc.main_process_first(), whole_model_loading():
+    with main_process_first(acc), whole_model_loading():
         backbone = load_backbone(recipe.model, acc.device)
     backbone.use_generation_settings(recipe.generate)  # e.g. FLUX.1-dev's embedded guidance scale
     backbone.set_attention(recipe.train.attention)
@@ -210,36 +227,72 @@ def fill_deepspeed_config(recipe: Any, acc: Accelerator) -> None:
             config[key] = value
 
 
-def _timestep_density(t: Any) -> str | list[Any]:
-    """The timestep density with the parameters that shape it (they change the drawn stream)."""
-    if t.timestep_sampling == "uniform":
-        return "uniform"
-    shape = (
-        [float(t.mode_scale)] if t.timestep_sampling == "mode" else [float(t.logit_mean), float(t.logit_std)]
-    )
-    return [t.timestep_sampling, *shape]
+# train.* keys that do not change what training produces: how often to save and how many to keep,
+# data-loading workers, recomputation to save memory, and the attention kernel.
+UNFINGERPRINTED_TRAIN_KEYS = (
+    "checkpoint_every",
+    "keep_checkpoints",
+    "num_workers",
+    "gradient_checkpointing",
+    "attention",
+)
 
 
-def run_settings(recipe: Any, acc: Accelerator) -> dict[str, Any]:
-    """What a checkpoint's meaning depends on; a resume with other values is refused."""
-    m, t = recipe.model, recipe.train
-    lora = (m.lora_rank, m.lora_alpha, list(m.lora_target_modules or [])) if m.finetune == "lora" else None
-    return {
-        "model.family": m.family,
-        "model.path": str(m.path),
-        "model.finetune": m.finetune,
-        "model.expert": m.expert,
-        "model.lora (rank, alpha, targets)": list(lora) if lora else None,
-        "train.seed": t.seed,
-        "train.timestep_range": [float(x) for x in t.timestep_range],
-        "train.timestep_sampling": _timestep_density(t),
+def run_settings(recipe: Any, acc: Accelerator, run: RunDir) -> dict[str, Any]:
+    """What a checkpoint's weights (and the eval curve that picks the best one) depend on, and under
+    ``layout`` how its state is laid out (processes, DeepSpeed, the split of a step's pairs into
+    per-process micro-batches: the result depends only on the pairs per step). Another result is
+    refused, naming the key; another layout only when resuming. Paths are resolved once
+    (:func:`resolve_paths`), so the run directory's own recipe.yaml resumes it from anywhere."""
+    from mpo.score import reward_fingerprint
+    from mpo.select import config_dict
+
+    r = resolve_paths(recipe)
+    m, t, g = r.model, r.train, r.generate
+    train = {
+        k: v
+        for k, v in OmegaConf.to_container(t, resolve=True).items()
+        if k not in UNFINGERPRINTED_TRAIN_KEYS
+    }
+    if t.lr_schedule == "constant":
+        train.pop("max_steps")  # a constant schedule does not depend on it: training may be extended
+    layout = {
+        "processes": acc.num_processes,
         "deepspeed": is_deepspeed(acc),
+        "train.batch_size": train.pop("batch_size"),
+        "train.gradient_accumulation_steps": train.pop("gradient_accumulation_steps"),
+    }
+    train["pairs per step"] = t.batch_size * t.gradient_accumulation_steps * acc.num_processes
+    lora = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules") if m.finetune == "lora" else ()
+    model_keys = ("family", "path", "revision", "variant", "dtype", "finetune", "expert", *lora)
+    sampling = ("num_inference_steps", "guidance_scale", "height", "width", "num_frames", "fps")
+    model = OmegaConf.to_container(m, resolve=True)
+    return {
+        "model": {k: model[k] for k in model_keys},
+        "train": train,
+        "eval": {k: r.eval[k] for k in ("every", "num_prompts", "samples_per_prompt", "seed")},
+        "eval sampling": {f"generate.{k}": g[k] for k in sampling},
+        "reward": reward_fingerprint(r),
+        "select": config_dict(r.select),
+        "inputs": {
+            "prompts.parquet": parquet_hash(run.prompts_parquet),
+            "pairs.parquet": parquet_hash(run.pairs_parquet),
+            "candidates": candidates_hash(run),
+        },
+        "layout": layout,
     }
 
 
-def setup(recipe: Any, acc: Accelerator, run: RunDir) -> Trainer:
+def result_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` without its layout: what decides whether finished training is up to date."""
+    return {k: v for k, v in settings.items() if k != "layout"}
+
+
+def setup(recipe: Any, acc: Accelerator, run: RunDir, settings: dict[str, Any]) -> Trainer:
     """Build model, optimizer, data and eval inputs; resume from the latest checkpoint if any."""
     pairs = load_train_pairs(run)
+    verified = verify_candidates(run, acc.process_index, acc.num_processes)  # this rank's share
+    wait_for_everyone(acc)  # every share checked: all of them are
     set_seed(recipe.train.seed)  # LoRA's initial weights; a resume then restores every RNG state
     backbone, denoiser, reference = setup_model(recipe, acc)
     optimizer = setup_optimizer(recipe, denoiser, acc.num_processes)
@@ -247,21 +300,22 @@ def setup(recipe: Any, acc: Accelerator, run: RunDir) -> Trainer:
     model, optimizer = acc.prepare(denoiser, optimizer)
     scheduler = setup_scheduler(recipe, optimizer)
     backbone.set_denoiser(acc.unwrap_model(model))
-    acc.register_for_checkpointing(scheduler)
     finetune = recipe.model.finetune
-    register_hooks(
+    resumable = Resumable(
         acc,
-        save_weights=lambda folder: save_weights(
-            backbone, acc.unwrap_model(model), acc.get_state_dict(model), finetune, folder
+        model,
+        optimizer,
+        scheduler,
+        save_weights=lambda folder, state: save_weights(
+            backbone, acc.unwrap_model(model), state, finetune, folder
         ),
         load_weights=lambda folder: load_weights_into(backbone, acc.unwrap_model(model), finetune, folder),
     )
-    if acc.is_main_process:
-        remove_incomplete(run)
-    acc.wait_for_everyone()
-    progress = resume(acc, run, run_settings(recipe, acc))
+    progress = resume(resumable, run, settings)
     loader = make_dataloader(
-        PairDataset(run, pairs, recipe.train.seed, backbone.timestep_sampler(recipe.train)),
+        PairDataset(
+            run, pairs, recipe.train.seed, backbone.timestep_sampler(recipe.train), verified=verified
+        ),
         recipe.train.batch_size,
         acc.process_index,
         acc.num_processes,
@@ -284,12 +338,13 @@ def setup(recipe: Any, acc: Accelerator, run: RunDir) -> Trainer:
         eval_inputs=setup_eval(recipe, run, acc.device),
         resumed_from=resumed,
         saved_step=resumed if resumed is not None else -1,
+        resumable=resumable,
     )
     trainer.best_total = best_so_far(run, progress.step)
     return trainer
 
 
-def resume(acc: Accelerator, run: RunDir, settings: dict[str, Any]) -> TrainProgress:
+def resume(r: Resumable, run: RunDir, settings: dict[str, Any]) -> TrainProgress:
     """Load the latest complete checkpoint (weights, optimizer, scheduler, RNG) if there is one, after
     checking that it was made with the settings of this run; returns where training stands."""
     progress = TrainProgress(settings=settings)
@@ -299,8 +354,8 @@ def resume(acc: Accelerator, run: RunDir, settings: dict[str, Any]) -> TrainProg
     path = latest[1]
     stored = read_progress(path)
     check_settings(path, stored.settings, settings)
-    acc.load_state(str(path))
-    progress.step, progress.pairs_seen = stored.step, stored.pairs_seen
+    load_checkpoint(r, path, verified=True)  # train_stage checked every file already
+    progress.step, progress.pairs_seen, progress.id = stored.step, stored.pairs_seen, stored.id
     return progress
 
 
@@ -396,6 +451,7 @@ def train_loop(t: Trainer) -> dict[str, Any]:
         total=cfg.max_steps, initial=progress.step, desc="train", unit="step", disable=not acc.is_main_process
     )
     start_step, started, window, grad_norm = progress.step, time.perf_counter(), [], None
+    stop = stop_on_signals()  # undone by train_stage
     while progress.step < cfg.max_steps:
         step, step_pairs = progress.step + 1, []
         for _ in range(cfg.gradient_accumulation_steps):
@@ -426,6 +482,8 @@ def train_loop(t: Trainer) -> dict[str, Any]:
             run_eval(t, step)
         if (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or step == cfg.max_steps:
             checkpoint(t)
+        if step < cfg.max_steps and (signum := stop.agreed()) is not None:
+            stop_here(t, signum)
     bar.close()
     seconds = time.perf_counter() - started
     return {
@@ -482,45 +540,72 @@ def run_eval(t: Trainer, step: int) -> None:
         if t.acc.is_main_process:
             write_best(t.run, step, result["total"])
         t.best_total = result["total"]
-        t.acc.wait_for_everyone()
+        wait_for_everyone(t.acc)
 
 
 def checkpoint(t: Trainer) -> None:
     """Save ``step-<n>`` (once per step) and prune old ones, never the best."""
     if t.saved_step == t.progress.step:
         return
-    finetune = t.recipe.model.finetune
-
-    def write_weights(folder: Path) -> None:  # DeepSpeed: every process, ZeRO-3 gathers
-        state = t.acc.get_state_dict(t.model)
-        if t.acc.is_main_process:
-            save_weights(t.backbone, t.acc.unwrap_model(t.model), state, finetune, folder)
-
-    save_checkpoint(t.acc, t.run, t.progress, write_weights)
+    save_checkpoint(t.resumable, t.run, t.progress)
     t.saved_step = t.progress.step
     if t.acc.is_main_process:
         best = read_best(t.run)
         prune_checkpoints(t.run, t.recipe.train.keep_checkpoints, best["step"] if best else None)
-    t.acc.wait_for_everyone()
+    wait_for_everyone(t.acc)
+
+
+def stop_here(t: Trainer, signum: int) -> None:
+    """A signal reached a process: checkpoint this step on every process, then stop all of them."""
+    checkpoint(t)
+    step = t.progress.step
+    error = Interrupted(
+        f"stopped by {signal_name(signum)} after step {step} of {t.recipe.train.max_steps}: checkpoint "
+        f"{checkpoint_dir(t.run, step)} is written; run the same command again to resume from step {step}",
+        signum,
+    )
+    error.mpo_reported = True  # every process stops here with the same message
+    raise error
 
 
 # ---- the stage ---------------------------------------------------------------------------------------
-def train_stage(recipe: Any, accelerator: Accelerator | None = None) -> dict[str, Any]:
-    """Train (or finish training) the run; skipped when a checkpoint at ``train.max_steps`` exists."""
+@errors_reach_every_rank
+def train_stage(recipe: Any, accelerator: Accelerator | None = None, force: bool = False) -> dict[str, Any]:
+    """Train (or finish training) the run; skipped when a checkpoint at ``train.max_steps`` made with
+    this run's settings exists. Checkpoints made with other settings are refused, or with ``force``
+    discarded (with eval.parquet) and training starts again."""
     run = RunDir.from_recipe(recipe)
     started = time.perf_counter()
+    load_train_pairs(run)  # the inputs exist, or an error says which stage to run
+    acc = accelerator if accelerator is not None else setup_accelerator(recipe)
+    settings = run_settings(recipe, acc, run)
+    if is_main(acc):
+        remove_incomplete(run)  # of a killed run: nobody writes checkpoints before the exchange below
+    wait_for_everyone(acc)
     latest = latest_checkpoint(run)
+    if latest is not None and not _may_continue(latest, settings, recipe.train.max_steps, force):
+        if is_main(acc):
+            discard_training(run)
+        wait_for_everyone(acc)
+        latest = None
+    if latest is not None and latest[0] < recipe.train.max_steps:
+        verify_checkpoint(latest[1], acc.process_index, is_deepspeed(acc))  # before any model is built
+        wait_for_everyone(acc)
     if latest is not None and latest[0] >= recipe.train.max_steps:
         summary = {"output_dir": str(run.root), "steps": latest[0], "steps trained now": 0, "trained": False}
-        _print(accelerator, "train (up to date)", summary)
+        _print(acc, "train (up to date)", summary)
+        if accelerator is None:
+            end_session(acc)
         return summary
-    acc = accelerator if accelerator is not None else setup_accelerator(recipe)
     init_tracking(recipe, acc, run)
-    t = setup(recipe, acc, run)
     try:
+        t = setup(recipe, acc, run, settings)
         done = train_loop(t)
     finally:
-        acc.end_training()
+        restore_signals()
+        for tracker in acc.trackers:  # the process group lives on: ``mpo run`` exports next
+            tracker.finish()
+        acc.trackers = []
     best = read_best(run)
     summary = {
         "output_dir": str(run.root),
@@ -536,12 +621,22 @@ def train_stage(recipe: Any, accelerator: Accelerator | None = None) -> dict[str
         "trained": True,
     }
     _print(acc, "train", summary)
+    if accelerator is None:  # this stage built the Accelerator: it ends the session too
+        end_session(acc)
     return summary
 
 
+def _may_continue(latest: tuple[int, Any], settings: dict[str, Any], max_steps: int, force: bool) -> bool:
+    """Whether the latest checkpoint's training stands: its result settings are this run's (else
+    refused, or with ``force`` False: start over); to be resumed, its layout must be too."""
+    path, stored = latest[1], read_progress(latest[1]).settings
+    if not check_settings(path, result_settings(stored), result_settings(settings), force):
+        return False
+    return latest[0] >= max_steps or check_settings(path, stored, settings, force)
+
+
 def _print(acc: Accelerator | None, title: str, summary: dict[str, Any]) -> None:
-    from mpo.distributed import is_main
-    from mpo.generate import print_summary
+    from mpo.summary import print_summary
 
     if is_main(acc):
         print_summary(title, summary)

@@ -26,10 +26,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mpo.backbones.schedules import TimestepSampler, timestep_bounds
 from mpo.seeds import candidate_seed
-from mpo.store import CandidateStore, RunDir, StoreError, read_parquet
+from mpo.store import CandidateStore, RunDir, StoreError, read_parquet, verify_shard
 
 PAIR_KEYS = ("prompt_id", "win", "lose")
-__all__ = ["PairDataset", "load_train_pairs", "make_dataloader", "timestep_bounds"]
+__all__ = ["PairDataset", "load_train_pairs", "make_dataloader", "timestep_bounds", "verify_candidates"]
 
 
 def load_train_pairs(run: RunDir) -> pd.DataFrame:
@@ -55,6 +55,19 @@ def load_train_pairs(run: RunDir) -> pd.DataFrame:
     return train[list(PAIR_KEYS)].astype("int64")
 
 
+def verify_candidates(run: RunDir, rank: int, world_size: int) -> list[str]:
+    """Check this process's share of the candidate shards (every ``world_size``-th, from ``rank``)
+    against their content hashes; returns the names of all shards, which are verified once every
+    process has checked its share (the caller waits for that). Done before training, so that a damaged
+    shard stops every process with its name instead of one process in the middle of a step."""
+    if not run.candidates_parquet.exists():
+        raise StoreError(f"{run.candidates_parquet}: missing; run the generate stage first")
+    shards = sorted(read_parquet(run.candidates_parquet)["shard"].unique())
+    for name in shards[rank::world_size]:
+        verify_shard(run.candidates_dir / f"{name}.safetensors")
+    return [str(name) for name in shards]
+
+
 class PairDataset(Dataset):
     """Item ``i`` is stream position ``i``: its pair's cached tensors plus its noise and timestep.
 
@@ -68,8 +81,9 @@ class PairDataset(Dataset):
         pairs: pd.DataFrame,
         seed: int,
         timesteps: TimestepSampler | tuple[int, int],
+        verified: list[str] | None = None,
     ) -> None:
-        self.store = CandidateStore(run)
+        self.store = CandidateStore(run, verified=verified or ())
         self.pairs = pairs[list(PAIR_KEYS)].to_numpy()
         self.seed = int(seed)
         self.timesteps = timesteps if isinstance(timesteps, TimestepSampler) else TimestepSampler(*timesteps)

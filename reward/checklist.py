@@ -2,7 +2,7 @@
 
 A checklist file (YAML, in ``reward/checklists/`` or anywhere) declares:
 
-- ``scoring``: how answers become features (``answers``: soft p(yes) | binary 0/1 | signed ±1;
+- ``scoring``: how answers become features (``answers``: soft 2p(yes)-1 | binary 0/1 | signed ±1;
   ``gates``: soft | hard; ``reduction``: sum | mean) — the release's rules are two settings of these;
 - ``dimensions``: either nested (each sub-dimension lists its questions) or flat (a top-level
   ``questions`` list in which every question names its ``sub_dimension``, for lists whose order matters,
@@ -11,7 +11,9 @@ A checklist file (YAML, in ``reward/checklists/`` or anywhere) declares:
   ``presence: true`` for questions that are asked but only gate others, ``gate: <id>`` for questions
   that count only when that presence question says yes, or ``ref: <id>`` to score an already-listed
   question a second time in another sub-dimension (the paper's image table uses "Is there lighting and
-  shadow?" for two sub-dimensions; it is asked once);
+  shadow?" for two sub-dimensions; it is asked once), and ``aliases``: other wordings of the same
+  question (the release's lists word a few questions differently from the paper), accepted wherever a
+  question is named by its text (answers files) but never asked;
 - an optional ``alignment`` term (image-text match probability, asked by the backend as its own query);
 - ``weights`` (``values`` in feature order, or a mapping feature -> weight, and ``intercept``), or
   ``default_weight: equal`` for checklists without published weights.
@@ -31,6 +33,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from reward.errors import RewardInputError
+
 CHECKLIST_DIR = Path(__file__).parent / "checklists"
 ANSWER_MODES = ("soft", "binary", "signed")
 GATE_MODES = ("soft", "hard")
@@ -38,7 +42,7 @@ REDUCTIONS = ("sum", "mean")
 PROMPT_SLOT = "[[prompt]]"
 ALIGNMENT = "alignment"
 
-_QUESTION_KEYS = {"id", "text", "option", "presence", "gate", "ref", "sub_dimension", "dimension"}
+_QUESTION_KEYS = {"id", "text", "option", "presence", "gate", "ref", "sub_dimension", "dimension", "aliases"}
 _TOP_KEYS = {
     "name",
     "modality",
@@ -52,7 +56,7 @@ _TOP_KEYS = {
 }
 
 
-class ChecklistError(ValueError):
+class ChecklistError(RewardInputError):
     """A checklist or weights file that cannot be used; the message names the file and the entry."""
 
 
@@ -74,9 +78,15 @@ class Question:
     option: str | None = None
     presence: bool = False
     gate: str | None = None
+    aliases: tuple[str, ...] = ()
 
     def render(self, prompt: str) -> str:
         return self.text.replace(PROMPT_SLOT, prompt)
+
+    def names(self, prompt: str = "") -> list[str]:
+        """Every key that names this question: id, text, aliases (as written and with the prompt)."""
+        texts = [self.text, *self.aliases]
+        return [self.id, *texts, *(t.replace(PROMPT_SLOT, prompt) for t in texts)]
 
 
 @dataclass(frozen=True)
@@ -139,8 +149,8 @@ class Checklist:
     def _lookup(self) -> dict[str, int]:
         table: dict[str, int] = {}
         for i, q in enumerate(self.questions):
-            table[q.id] = i
-            table[q.text] = i
+            for name in q.names():
+                table[name] = i
         return table
 
     def describe(self) -> str:
@@ -226,7 +236,8 @@ def available_checklists() -> list[str]:
 
 def load_checklist(name_or_path: str | Path, weights: str | Path | None = None) -> Checklist:
     """A bundled checklist by name (``image-full``, ``image-official``, ``video-full``,
-    ``video-official``) or a YAML path; ``weights`` replaces its weights with a weights file."""
+    ``video-official``) or a YAML path; ``weights`` replaces its weights with a weights file (a path, or
+    the name of a bundled one, see :func:`weights_path`)."""
     path = Path(name_or_path)
     if not path.suffix:
         bundled = CHECKLIST_DIR / f"{name_or_path}.yaml"
@@ -240,7 +251,16 @@ def load_checklist(name_or_path: str | Path, weights: str | Path | None = None) 
     except (OSError, yaml.YAMLError) as err:
         raise ChecklistError(f"{path}: cannot read checklist ({err})") from err
     checklist = parse_checklist(data, str(path))
-    return checklist.with_weights(weights) if weights else checklist
+    return checklist.with_weights(weights_path(weights)) if weights else checklist
+
+
+def weights_path(weights: str | Path) -> Path:
+    """A weights file path, or the name of one bundled beside the checklists (``image-full.release-weights``)."""
+    path = Path(weights)
+    bundled = CHECKLIST_DIR / f"{path.name}.json"
+    if not path.exists() and path.suffix != ".json" and bundled.exists():
+        return bundled
+    return path
 
 
 def parse_checklist(data: Any, where: str) -> Checklist:
@@ -273,6 +293,14 @@ def parse_checklist(data: Any, where: str) -> Checklist:
             raise ChecklistError(
                 f"{entry_where}: duplicate question {text!r} (already asked as {by_text[text]!r}; use 'ref' to score it twice)"
             )
+        aliases = entry.get("aliases") or []
+        if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+            raise ChecklistError(f"{entry_where}: aliases: expected a list of question texts")
+        for alias in aliases:
+            if alias in by_text:
+                raise ChecklistError(
+                    f"{entry_where}: alias {alias!r} already names question {by_text[alias]!r}"
+                )
         if entry.get("dimension") not in (None, *sub_to_dim.values()):
             raise ChecklistError(
                 f"{entry_where}: unknown dimension {entry['dimension']!r}; known: {sorted(set(sub_to_dim.values()))}"
@@ -283,6 +311,7 @@ def parse_checklist(data: Any, where: str) -> Checklist:
             )
         by_id[qid] = len(questions)
         by_text[text] = qid
+        by_text.update(dict.fromkeys(aliases, qid))
         questions.append(
             Question(
                 id=str(qid),
@@ -292,6 +321,7 @@ def parse_checklist(data: Any, where: str) -> Checklist:
                 option=entry.get("option"),
                 presence=bool(entry.get("presence", False)),
                 gate=entry.get("gate"),
+                aliases=tuple(aliases),
             )
         )
         pending.append((entry, sub, entry_where))

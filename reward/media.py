@@ -1,8 +1,9 @@
 """Reading images and videos into :class:`reward.types.Sample`, and per-second frame sampling.
 
 The released video checkpoints see up to 24 frames, one per second of video: for each whole second
-s = 0, 1, 2, ... the frame whose timestamp is closest to s. :func:`frames_per_second` applies that rule
-to an in-memory frame tensor, so generated videos never need to be written to a file to be scored.
+s = 0, 1, 2, ... the frame whose timestamp is closest to s (:func:`frame_indices_per_second`, the
+release's rule to the tie). :func:`frames_per_second` applies it to an in-memory frame tensor, so
+generated videos never need to be written to a file to be scored.
 """
 
 from __future__ import annotations
@@ -12,39 +13,43 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from reward.errors import RewardInputError
 from reward.types import Sample
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".avi", ".mkv", ".gif"}
 
 
-class MediaError(ValueError):
+class MediaError(RewardInputError):
     """A file that cannot be read as an image or a video; the message names the path."""
 
 
 def frame_indices_per_second(num_frames: int, fps: float, max_frames: int = 24) -> list[int]:
-    """Indices of the frames closest to t = 0 s, 1 s, 2 s, ... (at most ``max_frames``).
+    """The release's frame rule: for each whole second s, the frame whose timestamp is closest to s.
 
-    A clip shorter than one second still yields its first frame.
+    Frame i starts at i / fps. Seconds run s = 0, 1, ..., round(last timestamp) (Python's rounding, half
+    to even, as the release computes it), at most ``max_frames`` of them; a tie between two frames goes
+    to the earlier one, and a frame closest to two seconds (clips under 1 fps) is taken twice, as the
+    release does. A clip shorter than half a second yields its first frame.
     """
     if num_frames <= 0:
         return []
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
-    duration = num_frames / fps
-    seconds = np.arange(0, max(1, int(np.floor(duration)) + 1))
-    timestamps = np.arange(num_frames) / fps
-    picked: list[int] = []
-    for s in seconds:
-        idx = int(np.argmin(np.abs(timestamps - s)))
-        if abs(timestamps[idx] - s) <= 0.5 + 1e-9 and idx not in picked:
-            picked.append(idx)
-    return picked[:max_frames]
+    timestamps = np.arange(num_frames) / float(fps)
+    seconds = np.arange(min(round(float(timestamps[-1])) + 1, max(int(max_frames), 0)))
+    # argmin takes the first of equal distances: the earlier frame, like the release's min() + index()
+    return np.abs(timestamps[None, :] - seconds[:, None]).argmin(axis=1).tolist()
 
 
 def frames_per_second(pixels: torch.Tensor, fps: float, max_frames: int = 24) -> torch.Tensor:
     """``[T,3,H,W]`` -> the per-second subset ``[T',3,H,W]`` used by the video reward."""
     return pixels[frame_indices_per_second(pixels.shape[0], fps, max_frames)]
+
+
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """Float pixels in [0, 1] -> the 8-bit values a decoder or image file would hold (on the CPU)."""
+    return (pixels.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
 def _to_tensor(array: np.ndarray) -> torch.Tensor:

@@ -3,15 +3,29 @@
 Everything is one batched tensor computation, so scoring thousands of samples (or the per-step eval
 of a trainer) costs nothing next to the VLM that produced the answers.
 
-    x_i  = a(p_i) * g_i                           (eq. 3, generalised to soft answers)
+    x_i  = a(p_i) * g_i                           (eq. 3, generalised to soft answers and gates)
     R_s  = sum_{i in s} w_i x_i                   (eq. 6, per sub-dimension s; the same for a dimension)
     R    = sum_s R_s + intercept                  (eq. 4)
 
-with a(p) = p (soft, the default: hard 0/1 answers make many different samples score the same, which
-starves pair selection of signal), 1[p >= 0.5] (binary) or ±1 (signed, the release's rule), and g_i the
-presence gate (p of the presence question, or its hard answer). ``reduction: mean`` divides by the
-number of features (the released video rule). A question a backend cannot judge (p = NaN) is left out
-of every sum; a sub-dimension or dimension with no known feature scores NaN, never a made-up value.
+Answers are *centred*: "yes" counts for a sample, "no" against it, and 0 is neutral.
+
+- ``soft`` (the default): a(p) = 2p - 1, the expected value of the release's ±1 answer when the model
+  says "yes" with probability p. Hard 0/1 answers make many different samples score the same, which
+  starves pair selection of signal; rounding p gives back the signed rule exactly.
+- ``signed``: a = +1 if p >= 0.5 else -1 (the release's rule).
+- ``binary``: a = 1[p >= 0.5] (the paper's eq. 3); a gated question's answer is centred to ±1 first.
+
+Presence gates. g_i is 1 for an ungated question; for a gated one it is the presence question's p
+(``gates: soft``) or its hard answer (``gates: hard``). Because answers are centred before gating, a
+sample without the gated thing (g = 0) scores 0 on those questions: strictly between "present and
+wrong" (-w) and "present and right" (+w), the meaning of the release's masks. (Uncentred 0/1 answers
+would score "no human in the image" exactly like "a human, completely wrong", and no weight that
+``reward fit`` learns could tell the two apart.) Presence questions themselves carry no weight.
+
+``reduction: mean`` divides by the number of features (the released video rule). A question a backend
+cannot judge (p = NaN) is left out of every sum; a sub-dimension or dimension with no known feature
+scores NaN, never a made-up value. The alignment term is a probability in [0, 1], used as given (the
+release prepends its VQAScore unchanged).
 """
 
 from __future__ import annotations
@@ -79,9 +93,10 @@ class ChecklistScorer(torch.nn.Module):
         self.scale = 1.0 / len(feats) if checklist.scoring.reduction == "mean" else 1.0
 
     def _encode(self, p: torch.Tensor) -> torch.Tensor:
+        """p(yes) -> centred answers (module doc); binary answers stay 0/1 here (centred when gated)."""
         mode = self.checklist.scoring.answers
         if mode == "soft":
-            return p
+            return 2 * p - 1
         yes = (p >= 0.5).to(p.dtype)
         return yes if mode == "binary" else 2 * yes - 1
 
@@ -104,6 +119,8 @@ class ChecklistScorer(torch.nn.Module):
             values = torch.where(is_alignment, align[:, None], values)
         gated = self.gate >= 0
         if bool(gated.any()):
+            if self.checklist.scoring.answers == "binary":
+                values = torch.where(gated, 2 * values - 1, values)
             p_gate = p_yes[:, self.gate.clamp(min=0)]
             g = p_gate if self.checklist.scoring.gates == "soft" else (p_gate >= 0.5).to(p_gate.dtype)
             g = g.masked_fill(torch.isnan(p_gate), float("nan"))

@@ -26,11 +26,11 @@ class VisionReward:
     def from_config(cls, cfg, device: str | torch.device | None = None) -> VisionReward:
         """From a recipe's ``reward`` section (mpo.schema.RewardConfig) or anything with its fields;
         ``device`` places a VLM (default: CUDA when available)."""
-        from reward.backends import build_backend
+        from reward.backends import MODEL_BACKENDS, build_backend
 
         checklist = load_checklist(cfg.checklist, weights=cfg.weights)
         kwargs = {}
-        if cfg.backend == "vlm":
+        if cfg.backend in MODEL_BACKENDS:
             kwargs = {
                 "dtype": cfg.dtype,
                 "batch_size": cfg.batch_size,
@@ -38,8 +38,9 @@ class VisionReward:
                 "question_chunk": getattr(cfg, "question_chunk", None),
                 "device": device,
             }
-            if getattr(cfg, "alignment_model_path", None):
-                kwargs["alignment_model_path"] = cfg.alignment_model_path
+        if getattr(cfg, "alignment_model_path", None):  # VQAScore (CLIP-FlanT5) or a VLM's p(yes)
+            kwargs["alignment_model_path"] = cfg.alignment_model_path
+            kwargs.update({"dtype": cfg.dtype, "batch_size": cfg.batch_size, "device": device})
         backend = build_backend(cfg.backend, model_path=cfg.model_path, **kwargs)
         return cls(checklist, backend, batch_size=cfg.batch_size)
 

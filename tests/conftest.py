@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.scripts.tiny_runs import prepare, shared_models
+from tests.scripts.tiny_runs import SDXL, finished_overrides, prepare, shared_models
 
 
 @pytest.fixture(scope="module")
@@ -20,3 +20,15 @@ def models(tmp_path_factory) -> Path:
 def prepared(tmp_path_factory, models) -> Path:
     torch.set_num_threads(1)
     return prepare(tmp_path_factory.mktemp("prepared") / "run", models)
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory) -> Path:
+    """A run directory that ``mpo run`` finished (tiny SDXL, 2 steps, exported), for the fault tests;
+    copy it before changing anything."""
+    from mpo.cli import main
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["run", str(SDXL), *finished_overrides(out, shared_models(tmp_path_factory))]) == 0
+    return out

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mpo.backbones import get_backbone_class, load_backbone
+from mpo.backbones.base import ModelPathError
 from mpo.backbones.cogvideox import CogVideoXBackbone
 from mpo.backbones.sdxl import SDXLBackbone
 from mpo.backbones.tiny import ensure_tiny, pretrain_tiny_denoiser, save_pipeline_atomically
@@ -124,7 +125,7 @@ def test_losing_a_build_race_keeps_the_winner(model_paths):
 def test_load_errors_name_the_key(model_paths, tmp_path):
     with pytest.raises(ValueError, match=r"holds a CogVideoXPipeline but model\.family='sdxl'"):
         load_backbone(ModelConfig(family="sdxl", path=str(model_paths["cogvideox"])))
-    with pytest.raises(OSError, match=r"model\.path=.*missing.*model\.tiny=true"):
+    with pytest.raises(ModelPathError, match=r"model\.path=.*missing.*model\.tiny=true"):
         load_backbone(ModelConfig(family="sdxl", path=str(tmp_path / "missing")))
     with pytest.raises(KeyError, match=r"model\.family='pixart'.*known: \[.*'cogvideox'.*'sdxl'"):
         get_backbone_class("pixart")

@@ -128,7 +128,7 @@ def test_soft_scoring_is_eq_4_and_6_with_gates_and_unknowns():
     for b in range(5):
         per_sub: dict[str, float] = {}
         for f, w in zip(checklist.features, checklist.weights):
-            value = float(alignment[b]) if f.question < 0 else float(p[b, f.question])
+            value = float(alignment[b]) if f.question < 0 else 2 * float(p[b, f.question]) - 1
             if math.isnan(value):
                 continue
             if f.gate >= 0:
@@ -150,7 +150,7 @@ def test_all_unknown_dimension_is_nan_not_zero():
     assert not math.isnan(scores.dimension("quality").item())
     assert math.isnan(scores.dimension("fidelity").item())
     assert math.isnan(scores.dimension("alignment").item())  # no alignment given: unknown, not 0
-    assert scores.total.item() == pytest.approx(0.9 / len(checklist.features))
+    assert scores.total.item() == pytest.approx((2 * 0.9 - 1) / len(checklist.features))
 
 
 def _tiny(questions, **extra):
@@ -256,3 +256,121 @@ def test_unknown_checklist_lists_bundled():
 def test_yaml_files_parse_without_custom_tags():
     for path in (Path(__file__).resolve().parents[1] / "reward" / "checklists").glob("*.yaml"):
         assert isinstance(yaml.safe_load(path.read_text()), dict)
+
+
+@pytest.mark.parametrize("name", available_checklists())
+def test_absence_sits_strictly_between_wrong_and_right_for_every_gated_question(name):
+    """A gated question scores 0 when its thing is absent, -w when present and wrong, +w when right."""
+    checklist = load_checklist(name)
+    scorer = ChecklistScorer(checklist)
+    gated = [(k, f) for k, f in enumerate(checklist.features) if f.gate >= 0]
+    if not gated:
+        assert not any(q.presence for q in checklist.questions)
+        return
+    gen = torch.Generator().manual_seed(3)
+    for k, feature in gated:
+        base = torch.rand(1, len(checklist.questions), generator=gen, dtype=torch.float64)
+        rows = base.repeat(3, 1)
+        rows[0, feature.gate] = 0.0  # absent (its answer to the gated question is irrelevant)
+        rows[1, feature.gate], rows[1, feature.question] = 1.0, 0.0  # present, wrong
+        rows[2, feature.gate], rows[2, feature.question] = 1.0, 1.0  # present, right
+        alignment = torch.full((3,), 0.5, dtype=torch.float64)
+        x = scorer.features(rows, alignment)[:, k]
+        assert x[1] < x[0] < x[2], (name, feature.name, x.tolist())
+        assert x[0] == 0.0 and x[1] == -x[2]
+    # Whole samples: every question a presence question gates answered wrong, absent, every one right.
+    for gate in sorted({f.gate for _, f in gated}):
+        members = sorted({f.question for _, f in gated if f.gate == gate})
+        rows = torch.rand(1, len(checklist.questions), generator=gen, dtype=torch.float64).repeat(3, 1)
+        rows[0, gate] = 0.0
+        rows[1:, gate] = 1.0
+        rows[1, members], rows[2, members] = 0.0, 1.0
+        alignment = torch.full((3,), 0.5, dtype=torch.float64)
+        totals = scorer(rows, alignment).total
+        assert totals[1] < totals[0] < totals[2], (name, checklist.questions[gate].id, totals.tolist())
+
+
+def test_soft_answers_round_to_the_signed_rule():
+    """Soft answers are the expected ±1 answer: at p in {0, 1} soft and signed scoring agree."""
+    signed = load_checklist("image-official")
+    soft = parse_checklist(
+        {**yaml.safe_load(Path(signed.source).read_text()), "scoring": {"answers": "soft", "gates": "soft"}},
+        "soft-official",
+    )
+    gen = torch.Generator().manual_seed(4)
+    p = (torch.rand(16, 30, generator=gen, dtype=torch.float64) > 0.5).double()
+    alignment = torch.rand(16, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(
+        ChecklistScorer(soft)(p, alignment).total, ChecklistScorer(signed)(p, alignment).total
+    )
+    # and in between, the soft score moves linearly with p
+    p_half = p.clone()
+    p_half[:, 5] = 0.75
+    delta = ChecklistScorer(soft)(p_half, alignment).total - ChecklistScorer(soft)(p, alignment).total
+    w = soft.weights[[f.question for f in soft.features].index(5)]
+    torch.testing.assert_close(delta, (2 * 0.75 - 1 - (2 * p[:, 5] - 1)) * w)
+
+
+def test_binary_answers_are_the_papers_eq_3_and_centre_only_when_gated():
+    data = _tiny(
+        [
+            {"id": "sharp", "text": "Is it sharp?", "sub_dimension": "clarity"},
+            {"id": "person", "text": "Is there a person?", "sub_dimension": "body", "presence": True},
+            {"id": "body_ok", "text": "Is the body right?", "sub_dimension": "body", "gate": "person"},
+        ],
+        scoring={"answers": "binary", "gates": "hard"},
+    )
+    scorer = ChecklistScorer(parse_checklist(data, "binary.yaml"))
+    p = torch.tensor([[0.9, 0.0, 0.2], [0.1, 1.0, 0.2], [0.7, 1.0, 0.8]], dtype=torch.float64)
+    assert scorer.features(p).tolist() == [[1.0, 0.0], [0.0, -1.0], [1.0, 1.0]]
+
+
+def test_release_full_image_weights_map_onto_image_full_by_question_text():
+    """The release's 55 full-list weights: alignment, then the full list without presence questions and
+    its two 'Is there ...?' questions; non-zero exactly where the select list has its weights."""
+    from reward.checklist import CHECKLIST_DIR
+
+    data = json.loads((CHECKLIST_DIR / "image-full.release-weights.json").read_text())
+    coef, order = data["release_coef"], data["release_questions"]
+    assert len(coef) == len(order) == 55
+    full = load_checklist("image-full")
+    presence = {q.text for q in full.questions if q.presence}
+    asked = [q.text for q in full.questions]
+    assert set(order[1:]) == set(asked) - presence - {
+        "Is there a background?",
+        "Is there lighting and shadow?",
+    }
+    official = load_checklist("image-official")
+    assert [v for v in coef if v] == list(official.weights)  # the select list is the non-zero support
+    assert [q for q, v in zip(order[1:], coef[1:]) if v] == [
+        official.questions[f.question].text for f in official.features[1:]
+    ]
+    mapped = load_checklist("image-full", weights="image-full.release-weights")
+    release = dict(zip(order[1:], coef[1:]))
+    for f, w in zip(mapped.features, mapped.weights):
+        if f.question < 0:
+            assert w == coef[0]
+        elif "@" in f.name:  # a second scoring of an asked question: the release weighs each question once
+            assert w == 0.0
+        else:
+            assert w == release.get(full.questions[f.question].text, 0.0), f.name
+    assert mapped.weights_source.endswith("image-full.release-weights.json")
+
+
+def test_aliases_name_the_same_question_and_cannot_collide():
+    video = load_checklist("video-full")
+    for alias, qid in (
+        ("Are the details relatively refined?", "details_refined"),
+        ("Is the smoothness of the object's movement very good?", "movement_smoothness_good"),
+        ("Is the camera very stable?", "camera_stable"),
+    ):
+        assert video.questions[video.question_index(alias)].id == qid
+        assert alias not in video.question_texts("x")  # never asked
+    data = _tiny(
+        [
+            {"id": "a", "text": "A?", "sub_dimension": "clarity", "aliases": ["B?"]},
+            {"id": "b", "text": "B?", "sub_dimension": "body"},
+        ]
+    )
+    with pytest.raises(ChecklistError, match="duplicate question 'B\\?'"):
+        parse_checklist(data, "alias.yaml")

@@ -24,7 +24,9 @@ def calls(monkeypatch) -> list[tuple[str, tuple]]:
     seen: list[tuple[str, tuple]] = []
     for module, function in STAGES.values():
         fake = types.ModuleType(module)
-        setattr(fake, function, lambda *args, _name=function: seen.append((_name, args)))
+        setattr(
+            fake, function, lambda recipe, *args, _name=function, **kwargs: seen.append((_name, (recipe,)))
+        )
         if module == "mpo.select":
             fake.select_from_file = lambda *args: seen.append(("select_from_file", args))
         monkeypatch.setitem(sys.modules, module, fake)
@@ -32,8 +34,10 @@ def calls(monkeypatch) -> list[tuple[str, tuple]]:
 
 
 @pytest.mark.parametrize("command", list(STAGES))
-def test_each_command_calls_its_stage(command: str, calls):
-    assert main([command, TINY_SDXL, "train.max_steps=3", "select.threshold=0.2"]) == 0
+def test_each_command_calls_its_stage(command: str, calls, tmp_path):
+    assert (
+        main([command, TINY_SDXL, "train.max_steps=3", "select.threshold=0.2", f"output_dir={tmp_path}"]) == 0
+    )
     ((function, (recipe,)),) = calls
     assert function == STAGES[command][1]
     assert recipe.train.max_steps == 3 and recipe.select.threshold == 0.2
@@ -89,16 +93,17 @@ def test_recipe_error_exits_2_with_the_key(calls, capsys):
     assert "Traceback" not in err and not calls
 
 
-def test_other_errors_propagate(monkeypatch):
+def test_other_errors_propagate(monkeypatch, tmp_path):
     fake = types.ModuleType("mpo.train")
 
-    def train_stage(recipe):
+    def train_stage(recipe, accelerator=None, force=False):
         raise RuntimeError("out of memory")
 
     fake.train_stage = train_stage
     monkeypatch.setitem(sys.modules, "mpo.train", fake)
     with pytest.raises(RuntimeError, match="out of memory"):
-        main(["train", TINY_SDXL])
+        main(["train", TINY_SDXL, f"output_dir={tmp_path}"])
+    assert not (tmp_path / ".mpo.lock").exists()  # released on the way out
 
 
 def test_module_entry_point_exit_status(tmp_path):

@@ -32,7 +32,8 @@ from mpo.config import (
 from reward.checklist import load_checklist
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml"))
+# recipes/reward/ holds reward-training recipes, another schema (tests/test_reward_train.py loads them).
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if p.parent.name != "reward")
 TINY_SDXL = ROOT / "recipes" / "tiny" / "sdxl.yaml"
 TINY_VIDEO = ROOT / "recipes" / "tiny" / "cogvideox.yaml"
 LAUNCH_CONFIGS = {

@@ -230,23 +230,28 @@ def test_trainer_draws_timesteps_from_the_recipe_density(prepared, models, tmp_p
     assert len(seen) == 8 and all(760 <= t <= 870 for t in seen), seen  # sigmoid(1.5 +- 3 x 0.1) x 1000
 
 
-def test_resume_check_covers_the_timestep_density_and_its_parameters():
-    """A run resumed with another density (or other logit-normal / mode parameters) would draw another
-    stream of timesteps: the settings the resume check compares must differ."""
-    from mpo.schema import TrainConfig
+def test_resume_check_covers_the_expert_and_the_timestep_density(prepared, models, tmp_path):
+    """A resume with another expert, timestep density or density parameter would train on another
+    stream: the settings a checkpoint is checked against differ for each."""
+    from types import SimpleNamespace
 
-    def density(**kw):
-        return mpo.train._timestep_density(TrainConfig(**kw))
+    from accelerate.utils import DistributedType
 
-    assert density() == density(logit_std=3.0) == "uniform"  # the parameters do not shape uniform draws
-    assert density(timestep_sampling="logit_normal") != density(
-        timestep_sampling="logit_normal", logit_std=0.5
-    )
-    assert density(timestep_sampling="logit_normal") != density(
-        timestep_sampling="logit_normal", logit_mean=1.0
-    )
-    assert density(timestep_sampling="mode") != density(timestep_sampling="mode", mode_scale=0.5)
-    assert density(timestep_sampling="mode") != density()
+    run = prepared("sd3")
+    acc = SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO)
+
+    def settings(*extra):
+        return mpo.train.run_settings(_recipe("sd3", run, models, extra), acc, RunDir(run))
+
+    base = settings("train.timestep_sampling=logit_normal")
+    assert "expert" in base["model"]  # which Wan 2.2 expert trains (None for one transformer)
+    for changed in (
+        "train.timestep_sampling=mode",
+        "train.logit_mean=0.5",
+        "train.logit_std=0.5",
+        "train.loss_weighting=sigma_sqrt",
+    ):
+        assert settings("train.timestep_sampling=logit_normal", changed)["train"] != base["train"], changed
 
 
 # ---- mpo run ------------------------------------------------------------------------------------------------

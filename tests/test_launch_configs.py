@@ -115,12 +115,42 @@ def test_multi_node_uses_deepspeed_with_the_standard_launcher():
     assert raw["deepspeed_config"]["deepspeed_multinode_launcher"] == "standard"
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _write_exe(path: Path, body: str) -> None:
     path.write_text("#!/bin/bash\n" + textwrap.dedent(body))
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
-def test_slurm_script_starts_one_ranked_launcher_per_node(tmp_path):
+def _render_torchrun(args: list[str]):
+    """What ``accelerate launch ARGS`` would start on its node, without starting it: accelerate's own
+    launch code runs up to torchrun, which is replaced by a recorder. Returns torchrun's launch config
+    (nodes, processes per node, rendezvous), the worker command and the environment it is given."""
+    import torch.distributed.run as distrib_run
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    seen = {}
+
+    def record(torchrun_args):
+        seen["config"], seen["cmd"], seen["cmd_args"] = distrib_run.config_from_args(torchrun_args)
+        seen["env"] = {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE_")}
+
+    real = distrib_run.run
+    distrib_run.run = record
+    try:
+        launch_command(launch_command_parser().parse_args(args))
+    finally:
+        distrib_run.run = real
+    return seen
+
+
+def test_slurm_script_starts_one_ranked_launcher_per_node(tmp_path, monkeypatch):
     bin_dir, out = tmp_path / "bin", tmp_path / "out"
     bin_dir.mkdir()
     out.mkdir()
@@ -143,6 +173,8 @@ def test_slurm_script_starts_one_ranked_launcher_per_node(tmp_path):
         "SLURM_SUBMIT_DIR": str(ROOT),
     }
     script = LAUNCH / "slurm_multinode.sbatch"
+    port = str(_free_port())
+    env["MAIN_PORT"] = port
     result = subprocess.run(
         ["bash", str(script), "recipes/sdxl/mpo.yaml", "train.max_steps=5"],
         env=env,
@@ -151,18 +183,37 @@ def test_slurm_script_starts_one_ranked_launcher_per_node(tmp_path):
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    for rank in (0, 1):
-        args = (out / f"node-{rank}").read_text().splitlines()
+    ranks = []
+    monkeypatch.chdir(ROOT)  # the script runs from the submit dir: the configs' relative paths start there
+    for node in (0, 1):
+        args = (out / f"node-{node}").read_text().splitlines()
         options = dict(zip(args[1::2], args[2::2]))
         assert args[0] == "launch"
         assert options["--config_file"] == "launch/multi_node.yaml"
         assert (ROOT / options["--config_file"]).is_file()
         assert options["--num_machines"] == "2"
         assert options["--num_processes"] == "16"
-        assert options["--machine_rank"] == str(rank)
+        assert options["--machine_rank"] == str(node)
         assert options["--main_process_ip"] == "gpu-node-a"
-        assert options["--main_process_port"] == "29500"
+        assert options["--main_process_port"] == port
         assert args[-5:] == ["-m", "mpo.cli", "run", "recipes/sdxl/mpo.yaml", "train.max_steps=5"]
+        assert (ROOT / args[-2]).is_file()  # the recipe, relative to the submit dir
+
+        # What accelerate makes of this node's command line: torchrun with 8 workers of 2 x 8, node rank
+        # `node`, every node meeting at the first node's port; DeepSpeed's config file found from there.
+        launched = _render_torchrun(args[1:])
+        config = launched["config"]
+        assert (config.min_nodes, config.max_nodes, config.nproc_per_node) == (2, 2, 8)
+        assert config.rdzv_backend == "static" and config.rdzv_configs["rank"] == node
+        assert config.rdzv_endpoint == f"gpu-node-a:{port}"
+        assert launched["cmd_args"][-5:] == args[-5:] and "-m" in launched["cmd_args"]
+        assert launched["env"]["ACCELERATE_USE_DEEPSPEED"] == "true"
+        assert (ROOT / launched["env"]["ACCELERATE_DEEPSPEED_CONFIG_FILE"]).is_file()
+        ranks += [
+            config.rdzv_configs["rank"] * config.nproc_per_node + local
+            for local in range(config.nproc_per_node)
+        ]
+    assert sorted(ranks) == list(range(16))  # every global rank once, none twice
 
 
 _DEEPSPEED_SCRIPT = """

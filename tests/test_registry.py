@@ -135,9 +135,10 @@ def test_entry_points_add_families_and_broken_ones_say_which(tmp_path, monkeypat
 def test_production_loading_never_builds_a_tiny_model(family, tmp_path):
     """Only the registry's load_backbone builds for model.tiny; a family's own load() is what real
     checkpoints go through, and it fails on a missing folder without writing anything."""
+    from mpo.backbones.base import ModelPathError
     from mpo.schema import ModelConfig
 
     missing = tmp_path / "missing"
-    with pytest.raises(OSError, match=r"model\.path=.*missing"):
+    with pytest.raises(ModelPathError, match=r"model\.path=.*missing"):
         get_backbone_class(family).load(ModelConfig(family=family, path=str(missing), tiny=True))
     assert not missing.exists()

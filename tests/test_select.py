@@ -231,7 +231,7 @@ def _stage_recipe(tmp_path, **select):
     return recipe
 
 
-def test_stage_uses_train_split_and_skips_when_up_to_date(tmp_path, capsys):
+def test_stage_uses_train_split_skips_when_up_to_date_and_refuses_other_settings(tmp_path, capsys):
     scores = make_scores(seed=6)
     val = scores["prompt_id"].isin(scores["prompt_id"].unique()[:5])
     scores.loc[val, "split"] = "val"
@@ -251,7 +251,10 @@ def test_stage_uses_train_split_and_skips_when_up_to_date(tmp_path, capsys):
     assert pairs_path.stat().st_mtime_ns == written
     assert "up to date" in capsys.readouterr().out
 
-    changed = select_stage(_stage_recipe(tmp_path, rule="dpo"))
+    with pytest.raises(SelectionError, match=r"select\.rule: 'mpo' -> 'dpo'.*--force"):
+        select_stage(_stage_recipe(tmp_path, rule="dpo"))  # finished pairs are never silently replaced
+    assert pairs_path.stat().st_mtime_ns == written
+    changed = select_stage(_stage_recipe(tmp_path, rule="dpo"), force=True)
     assert changed.rule == "dpo" and pd.read_parquet(pairs_path)["rule"].eq("dpo").all()
 
     rescored = scores[~val].iloc[: len(scores) // 2]  # a new scores file: the pairs must follow it

@@ -93,6 +93,18 @@ def test_split_is_seeded_and_keeps_one_val_and_one_train():
         split_prompts(prompts[:3], 0.1, 3, 0)
 
 
+def test_duplicate_prompts_land_in_one_split():
+    """Split by unique text: a prompt repeated in the file is held out with all its copies, or not."""
+    prompts = [f"p{i % 7}" for i in range(21)]  # 7 unique prompts, 3 copies each
+    frame = split_prompts(prompts, 0.3, None, split_seed=1)
+    per_text = frame.groupby("prompt")["split"].nunique()
+    assert (per_text == 1).all()
+    assert frame.loc[frame.split == "val", "prompt"].nunique() == 2  # round(0.3 * 7) unique prompts
+    assert list(frame["prompt_id"]) == list(range(21))
+    unique = [f"p{i}" for i in range(7)]  # without duplicates the split is what it always was
+    assert list(split_prompts(unique, 0.3, None, 1)["split"]) == list(frame["split"][:7])
+
+
 def test_prepare_prompts_reads_formats_and_applies_limit(tmp_path):
     texts = ["a red cube", "a blue ball", "a green cone"]
     jsonl = tmp_path / "p.jsonl"

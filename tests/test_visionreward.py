@@ -51,8 +51,8 @@ def test_prompts_are_filled_in_and_alignment_is_asked():
     image_backend = RecordingBackend()
     VisionReward(load_checklist("image-official"), image_backend).score(_images(2))
     assert image_backend.calls[0][2] == [
-        'Does this figure show "prompt 0"?',
-        'Does this figure show "prompt 1"?',
+        'Does this figure show "prompt 0"? Please answer yes or no.',
+        'Does this figure show "prompt 1"? Please answer yes or no.',
     ]
 
 

@@ -13,8 +13,10 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from reward.backends.alignment import AlignedBackend
 from reward.backends.tiny_vlm import build_tiny_qwen2_vl
-from reward.backends.vlm import FrameVideoProcessor, VLMBackend, VLMError
+from reward.backends.video_frames import QwenFramesProcessor
+from reward.backends.vlm import VLMBackend, VLMError
 from reward.checklist import load_checklist
 from reward.media import frame_indices_per_second
 from reward.types import Sample
@@ -135,9 +137,7 @@ def test_alignment_row_present_or_absent(backend, fast_and_naive, questions, tin
     torch.testing.assert_close(with_alignment.alignment[:2], asked.p_yes[:, 0], atol=1e-5, rtol=0)
 
     other = VLMBackend.from_pretrained(build_tiny_qwen2_vl(tmp_path / "other", seed=7), dtype="float32")
-    separate = VLMBackend(
-        backend.model, backend.processor, source=backend.source, alignment_model=other
-    ).answer(samples[:2], [qs] * 2, [align] * 2)
+    separate = AlignedBackend(backend, other).answer(samples[:2], [qs] * 2, [align] * 2)
     torch.testing.assert_close(separate.p_yes, without.p_yes, atol=1e-6, rtol=0)
     torch.testing.assert_close(separate.alignment, other.answer(samples[:2], [[align]] * 2).p_yes[:, 0])
     assert not torch.allclose(separate.alignment, with_alignment.alignment[:2], atol=1e-3)
@@ -175,10 +175,10 @@ def test_video_is_sampled_one_frame_per_second(backend):
     assert capped.visual_input(video).shape[0] == 2
 
 
-def test_frame_video_layout_puts_consecutive_frames_in_one_patch(backend):
+def test_frame_video_layout_puts_consecutive_frames_in_one_patch(tiny_vlm_path):
     """Constant-colour frames: each video patch must hold frames (2g, 2g+1) in its time slots."""
     frames = torch.stack([torch.full((3, 56, 56), 40 * k, dtype=torch.uint8) for k in range(5)])
-    processor = FrameVideoProcessor(backend.processor.image_processor)
+    processor = QwenFramesProcessor.from_checkpoint(tiny_vlm_path)
     out = processor([frames])
     assert out["video_grid_thw"].tolist() == [[3, 4, 4]]  # 5 frames -> 6 (last repeated) -> 3 groups
     p = processor.patch_size

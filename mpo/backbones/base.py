@@ -34,7 +34,12 @@ from mpo.backbones.schedules import PredictionType, TimestepSampler, TrainingSch
 if TYPE_CHECKING:
     from mpo.schema import GenerateConfig, ModelConfig, TrainConfig
 
-__all__ = ["Backbone", "DiffusersBackbone", "Embeddings", "PredictionType"]
+__all__ = ["Backbone", "DiffusersBackbone", "Embeddings", "ModelPathError", "PredictionType"]
+
+
+class ModelPathError(ValueError):
+    """``model.path`` names no loadable model of the family; the message says what was found."""
+
 
 Embeddings = dict[str, torch.Tensor]
 
@@ -321,7 +326,7 @@ def load_pipeline(pipeline_cls: type, cfg: ModelConfig):
     if index.is_file():
         found = json.loads(index.read_text()).get("_class_name")
         if found != pipeline_cls.__name__:
-            raise ValueError(
+            raise ModelPathError(
                 f"model.path={cfg.path!r} holds a {found} but model.family={cfg.family!r} needs a "
                 f"{pipeline_cls.__name__}"
             )
@@ -334,9 +339,12 @@ def load_pipeline(pipeline_cls: type, cfg: ModelConfig):
         )
     except (OSError, ValueError) as err:
         if isinstance(err, ValueError) and Path(cfg.path).is_dir():
-            raise  # a local folder that was found but is broken: diffusers' message says how
+            # a local folder that was found but is broken: diffusers' message says how
+            raise ModelPathError(
+                f"model.path={cfg.path!r}: a broken {pipeline_cls.__name__} folder: {err}"
+            ) from err
         hint = "" if cfg.tiny else "; set model.tiny=true to build the tiny test model there"
-        raise OSError(
+        raise ModelPathError(
             f"model.path={cfg.path!r}: cannot load a {pipeline_cls.__name__} (not a local diffusers folder, "
             f"and not a reachable hub id{hint}): {err}"
         ) from err

@@ -189,6 +189,7 @@ def save_pipeline_atomically(pipe, path: Path) -> Path:
     (identical: the build is deterministic).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_builds(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         pipe.save_pretrained(tmp)
@@ -200,6 +201,21 @@ def save_pipeline_atomically(pipe, path: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def remove_dead_builds(path: Path) -> list[Path]:
+    """Delete the ``.<name>.tmp-<pid>-*`` folders that killed builds of ``path`` left, and only those:
+    a build whose process still runs on this machine (another run building the same model) is kept."""
+    import psutil
+
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and psutil.pid_exists(int(pid)):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
 
 
 @contextmanager
@@ -231,6 +247,7 @@ def ensure_tiny(cls: type[Backbone], cfg: ModelConfig) -> None:
     A folder that exists but holds something else is refused rather than overwritten.
     """
     path = Path(cfg.path)
+    remove_dead_builds(path)  # what killed builds left, whether or not a build happens now
     if is_model_dir(path):
         return
     if path.exists() and (not path.is_dir() or any(path.iterdir())):

@@ -4,7 +4,7 @@ The released reward asks each question with its own greedy ``generate()`` over t
 the image (or video) is encoded and the whole prompt is run once per question: 30 full passes per
 image. Here, per batch of samples:
 
-1. every question of a sample is rendered through the processor's chat template and tokenised; the
+1. every question of a sample is rendered through the checkpoint's chat template and tokenised; the
    longest token prefix that all of a sample's questions share (system turn, user turn start, the
    visual placeholders, whatever text precedes the question) is the *shared prefix*;
 2. the visuals of the batch are encoded once and the prefixes run once, right-padded, into a
@@ -13,14 +13,25 @@ image. Here, per batch of samples:
    question suffixes (question text, the template's turn closing, the assistant turn start) run as one
    right-padded batch over it;
 4. p(yes) is read from the logits at each row's last real token. Only the answer tokens' rows of the
-   output projection are applied, so no ``[rows, vocabulary]`` logits tensor is ever built.
+   output projection are applied, so no ``[rows, vocabulary]`` logits tensor is ever built (the
+   supported models' heads are that projection alone: Gemma 3's vision-language head does not
+   soft-cap its logits, unlike the text-only Gemma heads).
 
-Positions. Qwen2-VL-style models use 3D rotary positions (time, height, width) for visual tokens, and
-text after a visual continues from a position the model derives from the visual's grid, not from the
-token count. The prefix positions and the first suffix position are computed by the model's own
-``get_rope_index`` over the prefix plus one text token, exactly what a full forward would compute,
-and passed explicitly; suffix token j sits at that first position + j on all three axes. Models
-without ``get_rope_index`` get ordinary 1D positions (real tokens counted).
+Families. The supported ones (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4.1V, LLaVA-OneVision, InternVL,
+SmolVLM, Idefics3, Gemma 3) and what differs between them are rows of
+:data:`reward.backends.vlm_families.FAMILIES`; any other model type is refused with the list. The
+library's processor of each family does the placeholder expansion; images are handed over one list per
+sample. The rendered template is tokenised with ``add_special_tokens=False``: templates write their own
+BOS, and a tokenizer that adds one too would start the prompt with two. Per-token type ids the
+processor returns (``mm_token_type_ids``; Gemma 3's ``token_type_ids``, which make image tokens attend
+to each other both ways) go with the prefix pass. Every encoded sample is checked to hold visual
+placeholder tokens and pixel inputs: a model never silently answers from the text alone.
+
+Positions. Qwen-style models (3D rotary positions) get the model's own ``get_rope_index`` over the
+prefix plus one text token, exactly what a full forward computes, passed explicitly; suffix token j sits
+at that first position + j on all three axes. Other models get ordinary 1D positions (real tokens
+counted). Sliding-window layers (Gemma 3) index the window by cache slot, so a right-padded prefix would
+shift it: when a prompt is longer than the window, prefixes run one sample at a time (no padding).
 
 Answer tokens. "yes" and "no" have several spellings in a vocabulary ("yes", "Yes", " yes", ...).
 Every spelling that is a single token is a candidate. ``answer_reduce="max"`` (default) compares
@@ -31,14 +42,13 @@ total chance of answering yes in any spelling); its hard answer can differ from 
 the spellings split the mass. Tokens that are neither yes nor no are ignored: the reward wants a
 binary answer, and a trained checkpoint puts almost all its mass on these tokens.
 
-Video. Frames are sampled one per second up to ``max_frames`` (:func:`reward.media.frames_per_second`)
-and handed to the processor as one video whose frames are 1 s apart.
+Video. Frames are sampled one per second up to ``max_frames`` (:func:`reward.media.frame_indices_per_second`,
+the release's rule) and handed to the processor with their metadata (original frame indices and frame
+rate), so the timestamps a family writes into the prompt (Qwen3-VL, GLM-4.1V, SmolVLM) or its rotary
+time axis (Qwen2.5-VL) are the frames' true times. Families without video input refuse videos.
 
-Without torchvision. Transformers builds Qwen2-VL's processor only with its torchvision-backed video
-processor, and CPU-only installs often lack torchvision (the PyPI wheel does not load against a CPU
-torch). For Qwen2-VL checkpoints, :func:`load_processor` then assembles :class:`Qwen2VLParts`: the
-checkpoint's tokenizer and (PIL) image processor, videos through :class:`FrameVideoProcessor`, and the
-same placeholder expansion as the library processor. Other model types need torchvision.
+Without torchvision, :func:`reward.backends.vlm_families.load_processor` builds each family's processor
+with a torchvision-free video processor (:mod:`reward.backends.video_frames`).
 
 ``answer_naive`` is the release's way (one full pass per question, the visual re-encoded every time);
 it exists to check the fast path against and to benchmark it. In float32 both give the same p(yes)
@@ -50,19 +60,42 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from reward.media import frames_per_second
+from reward.backends.vlm_families import (
+    FAMILIES,
+    SUPPORTED_MODEL_TYPES,
+    VLMError,
+    family_of,
+    load_processor,
+    model_type_of,
+)
+from reward.backends.yes_no import (
+    NO_SPELLINGS,
+    YES_SPELLINGS,
+    AnswerReduce,
+    answer_token_ids,
+    check_question_lists,
+    p_yes_of,
+    shared_prefix_length,
+)
+from reward.media import frame_indices_per_second, to_uint8
 from reward.types import Answers, Sample
 
-YES_SPELLINGS = ("yes", "Yes", "YES", " yes", " Yes", " YES")
-NO_SPELLINGS = ("no", "No", "NO", " no", " No", " NO")
-AnswerReduce = Literal["max", "logsumexp"]
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "VLMBackend",
+    "VLMError",
+    "chat_template_of",
+    "checked_processor",
+    "load_processor",
+    "parse_dtype",
+]
+
 _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
@@ -73,12 +106,11 @@ _DTYPES = {
     "fp32": torch.float32,
     "float": torch.float32,
 }
-# Processor outputs that describe the visuals (everything but the text tensors).
-_TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
-
-
-class VLMError(ValueError):
-    """A model, processor or input the VLM backend cannot use; the message names the path or sample."""
+# Processor outputs aligned with the tokens (sliced with them); everything else describes the visuals.
+_TOKEN_KEYS = ("mm_token_type_ids", "token_type_ids")
+_TEXT_KEYS = ("input_ids", "attention_mask", *_TOKEN_KEYS)
+_PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
+_PLACEHOLDER_ATTRS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -87,114 +119,6 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in _DTYPES:
         raise VLMError(f"reward dtype {dtype!r} is not one of {sorted(_DTYPES)}")
     return _DTYPES[dtype]
-
-
-def answer_token_ids(tokenizer: Any, spellings: Sequence[str]) -> list[int]:
-    """Ids of the spellings that are one token in this vocabulary (order kept, duplicates dropped)."""
-    ids: list[int] = []
-    for word in spellings:
-        encoded = tokenizer.encode(word, add_special_tokens=False)
-        if len(encoded) == 1 and encoded[0] not in ids:
-            ids.append(encoded[0])
-    return ids
-
-
-class FrameVideoProcessor:
-    """Qwen2-VL video inputs built from the checkpoint's image processor, without torchvision.
-
-    Each frame is resized and normalised by the image processor, which returns, per 14x14 patch, the
-    frame repeated ``temporal_patch_size`` times. A video patch instead holds ``temporal_patch_size``
-    consecutive frames, so frames are taken in groups (the last one repeated to fill a group, as the
-    library's video processor does) and the groups stacked along time: rows ordered (time, merged-row,
-    merged-column, 2x2 merge window), the layout of ``pixel_values_videos``. Frames are sized by the
-    image processor's pixel limits (the library's video processor has its own, usually similar).
-    """
-
-    def __init__(self, image_processor: Any) -> None:
-        self.image_processor = image_processor
-        self.merge_size = int(image_processor.merge_size)
-        self.temporal_patch_size = int(image_processor.temporal_patch_size)
-        self.patch_size = int(image_processor.patch_size)
-
-    def __call__(self, videos: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        patches, grids = [], []
-        tps = self.temporal_patch_size
-        for video in videos:
-            frames = list(video)
-            frames += [frames[-1]] * (-len(frames) % tps)
-            out = self.image_processor(images=frames, return_tensors="pt")
-            grid = out["image_grid_thw"][0]
-            n = int(grid[1] * grid[2])
-            # [frames * n, C * tps * p * p] -> [frames, n, C, tps, p*p], keep one temporal copy
-            per_frame = out["pixel_values"].reshape(len(frames), n, -1, tps, self.patch_size**2)[:, :, :, 0]
-            groups = per_frame.reshape(len(frames) // tps, tps, n, -1, self.patch_size**2)
-            patches.append(groups.permute(0, 2, 3, 1, 4).reshape(len(frames) // tps * n, -1))
-            grids.append([len(frames) // tps, int(grid[1]), int(grid[2])])
-        return {"pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.tensor(grids)}
-
-
-class Qwen2VLParts:
-    """What ``Qwen2VLProcessor`` does, assembled from parts that load without torchvision.
-
-    Images go through the checkpoint's image processor, videos through :class:`FrameVideoProcessor`;
-    each ``<|image_pad|>`` / ``<|video_pad|>`` placeholder is repeated once per merged visual token
-    (grid size / merge_size^2), as the library processor does, and ``mm_token_type_ids`` mark them.
-    """
-
-    def __init__(self, tokenizer: Any, image_processor: Any, chat_template: str | None) -> None:
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.video_processor = FrameVideoProcessor(image_processor)
-        self.chat_template = chat_template
-        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-
-    def __call__(
-        self,
-        text: list[str],
-        images: list[torch.Tensor] | None = None,
-        videos: list[torch.Tensor] | None = None,
-        padding_side: str = "right",
-        **_: Any,
-    ) -> dict[str, torch.Tensor]:
-        data: dict[str, torch.Tensor] = {}
-        merge = self.video_processor.merge_size**2
-        counts = {self.image_token: iter(()), self.video_token: iter(())}
-        if images:
-            data.update(self.image_processor(images=images, return_tensors="pt"))
-            counts[self.image_token] = iter((data["image_grid_thw"].prod(-1) // merge).tolist())
-        if videos:
-            data.update(self.video_processor(videos))
-            counts[self.video_token] = iter((data["video_grid_thw"].prod(-1) // merge).tolist())
-        pattern = re.compile(f"{re.escape(self.image_token)}|{re.escape(self.video_token)}")
-        expanded = [pattern.sub(lambda m: m.group(0) * next(counts[m.group(0)]), t) for t in text]
-        enc = self.tokenizer(expanded, padding=True, padding_side=padding_side, return_tensors="pt")
-        ids = enc["input_ids"]
-        enc["mm_token_type_ids"] = (ids == self.image_token_id).long() + 2 * (
-            ids == self.video_token_id
-        ).long()
-        return {**enc, **data}
-
-
-def load_processor(path: str) -> Any:
-    """AutoProcessor, or :class:`Qwen2VLParts` for a Qwen2-VL checkpoint when torchvision is missing."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
-
-    try:
-        return AutoProcessor.from_pretrained(path)
-    except ImportError as err:
-        if "torchvision" not in str(err).lower():
-            raise
-        model_type = getattr(AutoConfig.from_pretrained(path), "model_type", "")
-        if model_type != "qwen2_vl":
-            raise VLMError(
-                f"{path}: the processor of this {model_type!r} model needs torchvision ({err}); install the "
-                "torchvision build that matches your torch"
-            ) from err
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return Qwen2VLParts(tokenizer, AutoImageProcessor.from_pretrained(path), tokenizer.chat_template)
 
 
 def chat_template_of(processor: Any, source: str) -> str:
@@ -207,6 +131,15 @@ def chat_template_of(processor: Any, source: str) -> str:
             "the processor/tokenizer config); the questions cannot be put into the model's prompt format"
         )
     return template
+
+
+def checked_processor(path: str) -> Any:
+    """The processor of a checkpoint this backend can answer with, checked before any weight is read:
+    a supported family (else the error lists them) and a chat template."""
+    family_of(model_type_of(path), path)
+    processor = load_processor(path)
+    chat_template_of(processor, path)
+    return processor
 
 
 class VLMBackend:
@@ -222,11 +155,11 @@ class VLMBackend:
         source: str,
         batch_size: int = 8,
         max_frames: int = 24,
-        alignment_model: VLMBackend | None = None,
         answer_reduce: AnswerReduce = "max",
         question_chunk: int | None = None,
     ) -> None:
         self.model = model.eval()
+        self.family = family_of(getattr(model.config, "model_type", ""), source)
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.chat_template = chat_template_of(processor, source)
@@ -235,7 +168,6 @@ class VLMBackend:
         self.source = source
         self.batch_size = max(1, int(batch_size))
         self.max_frames = int(max_frames)
-        self.alignment_model = alignment_model
         self.answer_reduce = answer_reduce
         # Questions per suffix batch: the prefix cache is copied once per question row, so at 1024 px,
         # 8 images and the 59-question full checklist the copies alone take ~19 GB for a 2B model;
@@ -250,9 +182,19 @@ class VLMBackend:
             )
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._split_cached = functools.lru_cache(maxsize=256)(self._split_rows)
+        config = model.config
+        self._visual_ids = sorted(
+            {int(v) for a in _PLACEHOLDER_ATTRS if isinstance(v := getattr(config, a, None), int)}
+        )
+        text_config = config.get_text_config()
+        sliding = "sliding_attention" in (getattr(text_config, "layer_types", None) or [])
+        self._window = getattr(text_config, "sliding_window", None) if sliding else None
+        self._forward_params = set(inspect.signature(model.forward).parameters)
         base = model.base_model
         self._rope_index = getattr(base, "get_rope_index", None)
         self._rope_params = set(inspect.signature(self._rope_index).parameters) if self._rope_index else set()
+        decoder_params = set(inspect.signature(model.get_decoder().forward).parameters)
+        self._cache_kwarg = "cache" if "cache" in decoder_params else "past_key_values"
 
     @classmethod
     def from_pretrained(
@@ -262,7 +204,6 @@ class VLMBackend:
         device: str | torch.device | None = None,
         batch_size: int = 8,
         max_frames: int = 24,
-        alignment_model: VLMBackend | None = None,
         answer_reduce: AnswerReduce = "max",
         attn_implementation: str = "sdpa",
         question_chunk: int | None = None,
@@ -272,8 +213,7 @@ class VLMBackend:
 
         path = str(path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        processor = load_processor(path)
-        chat_template_of(processor, path)  # fail before loading the weights
+        processor = checked_processor(path)
         model = AutoModelForImageTextToText.from_pretrained(
             path, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, device_map=str(device)
         )
@@ -283,7 +223,6 @@ class VLMBackend:
             source=path,
             batch_size=batch_size,
             max_frames=max_frames,
-            alignment_model=alignment_model,
             answer_reduce=answer_reduce,
             question_chunk=question_chunk,
         )
@@ -297,8 +236,22 @@ class VLMBackend:
         """What the processor sees: ``[3,H,W]`` uint8 for an image, per-second frames for a video."""
         pixels = sample.pixels
         if sample.modality == "video":
-            pixels = frames_per_second(pixels, sample.fps, self.max_frames)
-        return (pixels.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+            pixels = pixels[self.frame_indices(sample)]
+        return to_uint8(pixels)
+
+    def frame_indices(self, sample: Sample) -> list[int]:
+        """The video frames the model sees (one per second, the release's rule)."""
+        return frame_indices_per_second(sample.pixels.shape[0], sample.fps, self.max_frames)
+
+    def video_metadata(self, sample: Sample) -> dict[str, Any]:
+        """Where the processor's frames came from: original frame indices and rate (for timestamps)."""
+        total = int(sample.pixels.shape[0])
+        return {
+            "total_num_frames": total,
+            "fps": float(sample.fps),
+            "frames_indices": self.frame_indices(sample),
+            "duration": total / float(sample.fps),
+        }
 
     def render(self, sample: Sample | str, question: str) -> str:
         """The full prompt text (visual placeholder unexpanded) asking ``question`` about a sample.
@@ -319,21 +272,53 @@ class VLMBackend:
         return _to(self._process(samples, texts, padding_side), self.device)
 
     def _process(self, samples: list[Sample], texts: list[str], padding_side: str = "right") -> dict:
-        images = [self.visual_input(s) for s in samples if s.modality == "image"]
-        videos = [self.visual_input(s) for s in samples if s.modality == "video"]
+        self._check_modalities(samples)
+        images = [[self.visual_input(s)] for s in samples if s.modality == "image"]
+        videos = [s for s in samples if s.modality == "video"]
         kwargs: dict[str, Any] = {}
-        if videos:  # per-second frames: 1 frame per second (Qwen2.5-VL's time axis reads this)
-            kwargs["video_metadata"] = [{"total_num_frames": len(v), "fps": 1.0} for v in videos]
+        if videos:  # frames already sampled: the processor must not sample again
+            kwargs = {"video_metadata": [self.video_metadata(s) for s in videos], "do_sample_frames": False}
         enc = self.processor(
             text=texts,
             images=images or None,
-            videos=videos or None,
+            videos=[self.visual_input(s) for s in videos] or None,
             padding=True,
             padding_side=padding_side,
             return_tensors="pt",
+            add_special_tokens=False,
             **kwargs,
         )
-        return dict(enc)
+        enc = dict(enc)
+        self._check_visuals(samples, enc)
+        return enc
+
+    def _check_modalities(self, samples: list[Sample]) -> None:
+        if self.family.video is None:
+            for sample in samples:
+                if sample.modality == "video":
+                    takes_video = ", ".join(f.name for f in FAMILIES if f.video is not None)
+                    raise VLMError(
+                        f"sample {sample.id or '?'}: {self.source} is a {self.family.name} model, which takes no "
+                        f"video input; score videos with a family that does ({takes_video})"
+                    )
+
+    def _check_visuals(self, samples: list[Sample], enc: dict) -> None:
+        """Every sample's prompt must hold visual placeholders and the batch pixel inputs, or the model
+        would answer from the text alone."""
+        ids = enc["input_ids"]
+        placeholders = torch.isin(ids, torch.tensor(self._visual_ids, dtype=ids.dtype)).sum(-1)
+        has_pixels = any(isinstance(enc.get(k), torch.Tensor) and enc[k].numel() for k in _PIXEL_KEYS)
+        for sample, count in zip(samples, placeholders.tolist()):
+            if count == 0 or not has_pixels:
+                raise VLMError(
+                    f"sample {sample.id or '?'}: the {sample.modality} did not reach {self.source} (the processor "
+                    f"returned {'no visual placeholder tokens' if count == 0 else 'no pixel inputs'}); it would "
+                    "answer from the text alone"
+                )
+
+    def _model_kwargs(self, enc: dict) -> dict:
+        """Processor outputs the model's forward takes (the rest, e.g. ``video_metadata``, stay here)."""
+        return {k: v for k, v in enc.items() if k in self._forward_params}
 
     # ----------------------------------------------------------------------------------- answers
     def answer(
@@ -343,7 +328,7 @@ class VLMBackend:
         alignment_questions: list[str] | None = None,
     ) -> Answers:
         """p(yes) ``[B,Q]`` over a shared prefix per sample (see module doc); alignment ``[B]`` or None."""
-        return self._answer(samples, questions, alignment_questions, self._score_shared_prefix, naive=None)
+        return self._answer(samples, questions, alignment_questions, self._score_shared_prefix)
 
     def answer_naive(
         self,
@@ -361,79 +346,73 @@ class VLMBackend:
         def score(batch: list[Sample], rows: list[list[str]]) -> torch.Tensor:
             return self._score_naive(batch, rows, use_generate)
 
-        return self._answer(samples, questions, alignment_questions, score, naive=use_generate)
+        return self._answer(samples, questions, alignment_questions, score)
 
     def p_yes(self, logits: torch.Tensor) -> torch.Tensor:
         """``[N, V]`` answer-position logits -> ``[N]`` p(yes) (module doc: the yes/no rule)."""
         return self._p_from_candidates(logits[:, self.yes_ids + self.no_ids])
 
     def _p_from_candidates(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        yes, no = logits[:, : len(self.yes_ids)], logits[:, len(self.yes_ids) :]
-        if self.answer_reduce == "max":
-            y, n = yes.max(-1).values, no.max(-1).values
-        else:
-            y, n = yes.logsumexp(-1), no.logsumexp(-1)
-        return torch.sigmoid(y - n)  # = softmax([y, n])[0]
+        """``[N, yes + no]`` logits of the yes and no spellings -> ``[N]`` p(yes)."""
+        n_yes = len(self.yes_ids)
+        return p_yes_of(logits[:, :n_yes], logits[:, n_yes:], self.answer_reduce)
 
-    def _answer(self, samples, questions, alignment_questions, score, naive: bool | None) -> Answers:
-        """Shared by both paths: rows per sample (alignment appended), batches, the alignment term.
+    def _batch_key(self, sample: Sample) -> tuple:
+        """Samples that may share a forward pass: one modality, and for families that take videos as one
+        ``[videos, frames, ...]`` tensor, one frame count."""
+        if sample.modality == "video" and self.family.equal_frames:
+            return ("video", len(self.frame_indices(sample)))
+        return (sample.modality,)
 
-        ``naive`` is None for the fast path, else ``use_generate`` of the naive one (a separate
-        alignment model is asked the same way as the questions).
-        """
-        q_count = _check_inputs(samples, questions, alignment_questions)
+    def _answer(
+        self,
+        samples: list[Sample],
+        questions: list[list[str]],
+        alignment_questions: list[str] | None,
+        score: Callable[[list[Sample], list[list[str]]], torch.Tensor],
+    ) -> Answers:
+        """Shared by both paths: rows per sample (the alignment question appended), batches."""
+        q_count = check_question_lists(samples, questions, alignment_questions, VLMError)
         if not samples:
             return Answers(p_yes=torch.empty(0, 0), source=f"vlm:{self.source}")
-        ask_alignment_here = alignment_questions is not None and self.alignment_model is None
+        self._check_modalities(samples)
         rows = [
-            list(qs) + ([alignment_questions[i]] if ask_alignment_here else [])
+            list(qs) + ([alignment_questions[i]] if alignment_questions is not None else [])
             for i, qs in enumerate(questions)
         ]
-        parts = []
+        p = torch.empty(len(samples), len(rows[0]))
+        groups: dict[tuple, list[int]] = {}
+        for i, sample in enumerate(samples):
+            groups.setdefault(self._batch_key(sample), []).append(i)
         with torch.inference_mode():
-            for start in range(0, len(samples), self.batch_size):
-                chunk = slice(start, start + self.batch_size)
-                if rows[0]:
-                    parts.append(score(samples[chunk], rows[chunk]).cpu())
-                else:
-                    parts.append(torch.empty(len(samples[chunk]), 0))
-        p = torch.cat(parts).float()
-        notes: list[str] = []
-        alignment = None
-        if ask_alignment_here:
-            alignment = p[:, q_count]
-        elif alignment_questions is not None:
-            single = [[q] for q in alignment_questions]
-            if naive is None:
-                aligned = self.alignment_model.answer(samples, single)
-            else:
-                aligned = self.alignment_model.answer_naive(samples, single, use_generate=naive)
-            alignment = aligned.p_yes[:, 0]
-            notes.append(f"alignment answered by {aligned.source}")
-        return Answers(
-            p_yes=p[:, :q_count].contiguous(), alignment=alignment, source=f"vlm:{self.source}", notes=notes
-        )
+            for members in groups.values():
+                for start in range(0, len(members), self.batch_size):
+                    index = members[start : start + self.batch_size]
+                    if rows[0]:
+                        p[index] = score([samples[i] for i in index], [rows[i] for i in index]).cpu().float()
+        alignment = p[:, q_count] if alignment_questions is not None else None
+        return Answers(p_yes=p[:, :q_count].contiguous(), alignment=alignment, source=f"vlm:{self.source}")
 
     # ----------------------------------------------------------------------------------- naive
     def _score_naive(self, samples: list[Sample], rows: list[list[str]], use_generate: bool) -> torch.Tensor:
         out = torch.empty(len(samples), len(rows[0]))
         for i, sample in enumerate(samples):
             for j, question in enumerate(rows[i]):
-                inputs = self.encode([sample], [self.render(sample, question)])
-                if use_generate:
-                    gen = self.model.generate(
-                        **inputs,
-                        max_new_tokens=1,
-                        do_sample=False,
-                        output_logits=True,
-                        return_dict_in_generate=True,
-                    )
-                    logits = gen.logits[0]
-                else:
-                    logits = self.model(**inputs, logits_to_keep=1).logits[:, -1]
-                out[i, j] = self.p_yes(logits)[0]
+                out[i, j] = self.p_yes(self.full_pass_logits(sample, question, use_generate))[0]
         return out
+
+    def full_pass_logits(self, sample: Sample, question: str, use_generate: bool = False) -> torch.Tensor:
+        """``[1, V]`` answer-position logits of one question in its own full pass over the whole prompt,
+        the visual encoded again (the release's way, and the reference of the fast paths). With
+        ``use_generate``, the first-step logits of ``generate(max_new_tokens=1)``, as the release reads
+        them; otherwise a plain forward (gradients flow when grad mode is on)."""
+        inputs = self._model_kwargs(self.encode([sample], [self.render(sample, question)]))
+        if use_generate:
+            gen = self.model.generate(
+                **inputs, max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True
+            )
+            return gen.logits[0]
+        return self.model(**inputs, logits_to_keep=1).logits[:, -1]
 
     # ----------------------------------------------------------------------------------- fast
     def _split_rows(self, modality: str, rows: tuple[str, ...]) -> tuple[str, int, list[list[int]]]:
@@ -445,25 +424,15 @@ class VLMBackend:
         (``_split_cached``): the N candidates of a prompt are asked the same rows.
         """
         texts = [self.render(modality, q) for q in rows]
-        ids = self.tokenizer(texts)["input_ids"]
-        shared = min(len(r) for r in ids) - 1
-        first = ids[0]
-        for r in ids[1:]:
-            k = 0
-            while k < shared and r[k] == first[k]:
-                k += 1
-            shared = k
-        config = self.model.config
-        visual_ids = {getattr(config, "image_token_id", None), getattr(config, "video_token_id", None)} - {
-            None
-        }
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        shared = shared_prefix_length(ids)
         suffixes = [r[shared:] for r in ids]
-        if any(t in visual_ids for s in suffixes for t in s):
+        if any(t in self._visual_ids for s in suffixes for t in s):
             raise VLMError(
                 "the chat template puts question text before the visual; the questions share no prefix "
                 "that holds it (use answer_naive)"
             )
-        return texts[0], len(first) - shared, suffixes
+        return texts[0], len(ids[0]) - shared, suffixes
 
     def _prefix_inputs(self, samples: list[Sample], rows: list[list[str]]):
         """Right-padded prefix batch (visual inputs included) and each sample's suffix token ids.
@@ -489,8 +458,7 @@ class VLMBackend:
         width = max(prefix_lengths)
         ids = torch.full((len(samples), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        types = torch.zeros_like(ids)
-        has_types = "mm_token_type_ids" in enc
+        token_types = {k: torch.zeros_like(ids) for k in _TOKEN_KEYS if k in enc}
         for i, (n, p, o) in enumerate(zip(lengths, prefix_lengths, starts)):
             row = enc["input_ids"][i, o : o + n]
             if row[p:].tolist() != list(suffixes[i][0]):
@@ -500,19 +468,21 @@ class VLMBackend:
                 )
             ids[i, :p] = row[:p]
             mask[i, :p] = 1
-            if has_types:
-                types[i, :p] = torch.as_tensor(enc["mm_token_type_ids"][i][o : o + p])
+            for key, types in token_types.items():
+                types[i, :p] = torch.as_tensor(enc[key][i][o : o + p])
         visual = _to({k: v for k, v in enc.items() if k not in _TEXT_KEYS}, self.device)
-        ids, mask, types = ids.to(self.device), mask.to(self.device), types.to(self.device)
-        return ids, mask, types if has_types else None, visual, suffixes
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        token_types = {k: v.to(self.device) for k, v in token_types.items()}
+        return ids, mask, token_types, visual, suffixes
 
-    def _positions(self, ids, mask, types, visual) -> tuple[torch.Tensor, torch.Tensor]:
+    def _positions(self, ids, mask, token_types, visual) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefix position ids and the first suffix position per sample (``[3,B]`` or ``[B]``)."""
         if self._rope_index is None:
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             return positions, mask.sum(-1)
         one = torch.ones_like(ids[:, :1])
         kwargs = {k: v for k, v in visual.items() if k in self._rope_params}
+        types = token_types.get("mm_token_type_ids", torch.zeros_like(ids))
         positions, _ = self._rope_index(
             input_ids=torch.cat([ids, ids[:, -1:]], 1),
             mm_token_type_ids=torch.cat([types, 0 * one], 1),
@@ -521,29 +491,61 @@ class VLMBackend:
         )
         return positions[..., :-1], positions[..., -1]
 
-    def _score_shared_prefix(self, samples: list[Sample], rows: list[list[str]]) -> torch.Tensor:
-        ids, mask, types, visual, suffixes = self._prefix_inputs(samples, rows)
-        prefix_pos, start = self._positions(ids, mask, types, visual)
-        extra = {"mm_token_type_ids": types} if types is not None else {}
+    def prefix_passes(
+        self, samples: list[Sample], rows: list[list[str]], agree: Callable[[bool], bool] | None = None
+    ) -> Iterator[tuple]:
+        """The shared-prefix passes, each ``(cache, prefix mask, first suffix position, suffix ids per
+        sample)``, for the scorer and the reward's trainer alike.
+
+        One forward over every sample's right-padded prefix (visuals included) fills the cache, one row
+        per sample. Where a right-padded prefix would shift a sliding window (module doc), there is one
+        pass per sample instead, in order. ``agree`` (sliding-window models only, called with this
+        batch's answer) lets processes that must run their forwards in lockstep (DeepSpeed ZeRO-3) take
+        that decision together. Gradients flow through the passes when grad mode is on (the trainer).
+        """
+        inputs = self._prefix_inputs(samples, rows)
+        if self._window is not None:
+            ids, suffixes = inputs[0], inputs[4]
+            longest = ids.shape[1] + max(len(s) for sample_suffixes in suffixes for s in sample_suffixes)
+            one_each = len(samples) > 1 and longest > self._window
+            if agree is not None:
+                one_each = agree(one_each)
+            if one_each and len(samples) > 1:
+                for sample, sample_rows in zip(samples, rows):
+                    yield self._prefix_forward(self._prefix_inputs([sample], [sample_rows]))
+                return
+        yield self._prefix_forward(inputs)
+
+    def _prefix_forward(self, inputs: tuple) -> tuple:
+        ids, mask, token_types, visual, suffixes = inputs
+        prefix_pos, start = self._positions(ids, mask, token_types, visual)
+        extra = {k: v for k, v in {**visual, **token_types}.items() if k in self._forward_params}
         prefix = self.model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=prefix_pos,
             use_cache=True,
             logits_to_keep=1,
-            **visual,
             **extra,
         )
-        cache = prefix.past_key_values
-        per_sample = len(rows[0])
+        return _cache_of(prefix), mask, start, suffixes
+
+    def _score_shared_prefix(self, samples: list[Sample], rows: list[list[str]]) -> torch.Tensor:
+        return torch.cat([self._score_prefix(*passed) for passed in self.prefix_passes(samples, rows)])
+
+    def _score_prefix(
+        self, cache: Any, mask: torch.Tensor, start: torch.Tensor, suffixes: list[list[Sequence[int]]]
+    ) -> torch.Tensor:
+        """Every question of one prefix pass, ``question_chunk`` questions at a time -> ``[samples, questions]``."""
+        per_sample = len(suffixes[0])
         chunk = self.question_chunk or per_sample
         parts = []
         for first in range(0, per_sample, chunk):
             last = min(per_sample, first + chunk)
             # The last chunk may consume the prefix cache itself; earlier ones work on copies.
             rows_cache = cache if last == per_sample else copy.deepcopy(cache)
-            rows_cache.batch_repeat_interleave(last - first)
             chunk_suffixes = [sample_suffixes[first:last] for sample_suffixes in suffixes]
+            repeat_cache_rows(rows_cache, [last - first] * len(suffixes))
             parts.append(self._score_suffixes(rows_cache, mask, start, chunk_suffixes))
         return torch.cat(parts, dim=1)
 
@@ -553,6 +555,25 @@ class VLMBackend:
         """All question suffixes of every sample as one right-padded batch over the repeated prefix
         cache; p(yes) read at each row's last real token. -> ``[samples, questions]``."""
         per_sample = len(suffixes[0])
+        last = self.suffix_states(cache, mask, start, suffixes)
+        head = self.model.get_output_embeddings()
+        candidates = self.yes_ids + self.no_ids
+        bias = head.bias[candidates] if getattr(head, "bias", None) is not None else None
+        logits = torch.nn.functional.linear(last, head.weight[candidates], bias)
+        return self._p_from_candidates(logits).view(len(suffixes), per_sample)
+
+    def suffix_states(
+        self, cache: Any, mask: torch.Tensor, start: torch.Tensor, suffixes: list[list[Sequence[int]]]
+    ) -> torch.Tensor:
+        """Final hidden states at the answer position of every question row -> ``[rows, hidden]``.
+
+        ``cache`` holds one row per question row (sample i's prefix repeated ``len(suffixes[i])``
+        times, in order); samples may have different numbers of questions. The suffixes run as one
+        right-padded batch over it; each row's answer position is its last real token.
+        """
+        counts = [len(s) for s in suffixes]
+        # an int when every sample has as many questions (the scorer's case); output_size: no host sync
+        repeats = counts[0] if len(set(counts)) == 1 else torch.tensor(counts, device=self.device)
         flat = [s for sample_suffixes in suffixes for s in sample_suffixes]
         width = max(len(s) for s in flat)
         suffix_ids = torch.tensor([list(s) + [self._pad_id] * (width - len(s)) for s in flat])
@@ -560,43 +581,43 @@ class VLMBackend:
         lengths = torch.tensor([len(s) for s in flat], device=self.device)
         steps = torch.arange(width, device=self.device)
         suffix_mask = (steps[None, :] < lengths[:, None]).long()
-        full_mask = torch.cat([mask.repeat_interleave(per_sample, 0), suffix_mask], 1)
-        start = start.repeat_interleave(per_sample, dim=-1)
+        full_mask = torch.cat([mask.repeat_interleave(repeats, 0, output_size=len(flat)), suffix_mask], 1)
+        start = start.repeat_interleave(repeats, dim=-1, output_size=len(flat))
         positions = start[..., None] + steps  # [3, rows, width] or [rows, width]
 
         hidden = self.model.get_decoder()(
             input_ids=suffix_ids,
             attention_mask=full_mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
+            **{self._cache_kwarg: cache},
         ).last_hidden_state
-        last = hidden[torch.arange(len(flat), device=self.device), lengths - 1]
-        head = self.model.get_output_embeddings()
-        candidates = self.yes_ids + self.no_ids
-        bias = head.bias[candidates] if getattr(head, "bias", None) is not None else None
-        logits = torch.nn.functional.linear(last, head.weight[candidates], bias)
-        return self._p_from_candidates(logits).view(len(suffixes), per_sample)
+        return hidden[torch.arange(len(flat), device=self.device), lengths - 1]
+
+
+def repeat_cache_rows(cache: Any, counts: list[int]) -> None:
+    """Repeat sample i's cache row ``counts[i]`` times, in order (public cache methods only): the layout
+    :meth:`VLMBackend.suffix_states` reads."""
+    most = max(counts)
+    cache.batch_repeat_interleave(most)
+    if any(c != most for c in counts):
+        keep = [i * most + j for i, c in enumerate(counts) for j in range(c)]
+        cache.batch_select_indices(torch.tensor(keep, device=_cache_device(cache)))
+
+
+def _cache_device(cache: Any) -> torch.device:
+    for layer in getattr(cache, "layers", []):
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, torch.Tensor):
+            return keys.device
+    return torch.device("cpu")
+
+
+def _cache_of(output: Any) -> Any:
+    """The KV cache of a forward's output (``cache`` in current transformers, ``past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _check_inputs(
-    samples: list[Sample], questions: list[list[str]], alignment_questions: list[str] | None
-) -> int:
-    """Number of questions per sample, after checking the lists line up."""
-    if len(questions) != len(samples):
-        raise VLMError(f"{len(samples)} samples but {len(questions)} question lists")
-    if alignment_questions is not None and len(alignment_questions) != len(samples):
-        raise VLMError(f"{len(samples)} samples but {len(alignment_questions)} alignment questions")
-    counts = {len(q) for q in questions}
-    if len(counts) > 1:
-        bad = next(
-            s.id or str(i) for i, (s, q) in enumerate(zip(samples, questions)) if len(q) != len(questions[0])
-        )
-        raise VLMError(
-            f"sample {bad}: every sample must get the same number of questions, got {sorted(counts)}"
-        )
-    return counts.pop() if counts else 0

@@ -57,6 +57,33 @@ COGVIDEOX_SMALL = [
 ]
 
 
+# A whole `mpo run` in a few seconds: 6 prompts in 3 shards, 2 training steps, a checkpoint at each.
+FINISHED_STEPS = 2
+
+
+def finished_overrides(out: Path, models: Path, *extra: str) -> list[str]:
+    """Overrides of the tiny SDXL recipe for the fault tests' finished run."""
+    return [
+        f"output_dir={out}",
+        f"model.path={models / 'sdxl'}",
+        "prompts.limit=6",
+        "generate.num_candidates=3",
+        "generate.num_inference_steps=2",
+        f"generate.height={SDXL_SIZE['height']}",
+        f"generate.width={SDXL_SIZE['width']}",
+        "generate.previews=0",
+        "generate.prompts_per_shard=2",
+        f"train.max_steps={FINISHED_STEPS}",
+        "train.checkpoint_every=1",
+        "train.batch_size=2",
+        "eval.every=0",
+        "eval.num_prompts=1",
+        "eval.samples_per_prompt=1",
+        "tracking.tracker=none",
+        *extra,
+    ]
+
+
 def shared_models(tmp_path_factory) -> Path:
     """One folder of tiny models for the whole session (built on first load, atomically)."""
     path = tmp_path_factory.getbasetemp() / "shared-tiny-models"
