@@ -7,9 +7,10 @@
     python benchmarks/flow_dpo_step.py --device cuda --model sd3 --pairs 1 2 4
     python benchmarks/flow_dpo_step.py --size tiny                          # the tiny models, CPU, seconds
 
-What runs is the trainer's own step, :func:`mpo.train.dpo_step` (shared noise and timestep, one
+What runs is the trainer's own step (:func:`mpo.train.prepare_step` builds it, :func:`mpo.train.micro_step`
+runs it: shared noise and timestep, one
 policy forward on the stacked ``[winner; loser]`` batch, one reference forward without gradients:
-LoRA adapters disabled, or a frozen bf16 copy for full fine-tuning), then backward, gradient clipping
+LoRA adapters disabled, or a frozen copy for full fine-tuning), then backward, gradient clipping
 and an AdamW step, in bf16 autocast with gradient checkpointing, as a recipe with
 ``train.mixed_precision: bf16`` and ``train.gradient_checkpointing: true`` runs it. Each transformer
 has its release's architecture and random weights, built in place on the device (no download); no
@@ -29,12 +30,13 @@ the same step without gradient checkpointing, for the memory it saves and the ti
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
-from types import SimpleNamespace
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 WAN_1_3B = {
     "patch_size": (1, 2, 2),
@@ -116,39 +118,36 @@ def build(model: str, size: str, device: str, dtype: torch.dtype):
     return cls(pipe, device), shape, embeds
 
 
-def make_trainer(backbone, finetune: str, rank: int, checkpointing: bool, device: str, compute: torch.dtype):
-    """The pieces of mpo.train.setup_model the step needs, set up the same way."""
-    from diffusers.training_utils import cast_training_params
+def make_trainer(backbone, model: str, finetune: str, rank: int, checkpointing: bool, device: str):
+    """The trainer's own step (:func:`mpo.train.prepare_step`: float32 masters, the live reference,
+    the optimizer and lr schedule, the finiteness guard) around ``backbone``, from the family's tiny
+    recipe with the benchmark's settings."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
-    from mpo.schema import ModelConfig, TrainConfig
-    from mpo.weights import add_lora
+    import mpo.train
+    from mpo.config import load_recipe
 
-    denoiser = backbone.denoiser
-    reference = None
-    if finetune == "lora":
-        add_lora(denoiser, ModelConfig(lora_rank=rank, lora_alpha=rank), backbone.lora_target_modules)
-    else:
-        reference = copy.deepcopy(denoiser).requires_grad_(False).eval().to(compute)
-        denoiser.requires_grad_(True)
-    cast_training_params(denoiser, torch.float32)  # fp32 master weights of what trains
-    if checkpointing:
-        backbone.enable_gradient_checkpointing()
-    denoiser.train()
-    params = [p for p in denoiser.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-6, fused=device.startswith("cuda"))
-    acc = SimpleNamespace(
-        device=torch.device(device),
-        unwrap_model=lambda m: m,
-        autocast=lambda: torch.autocast(torch.device(device).type, dtype=compute),
+    precision = "bf16" if device.startswith("cuda") else "no"
+    frozen = "bfloat16" if finetune == "lora" and precision == "bf16" else "float32"
+    recipe = load_recipe(
+        str(ROOT / "recipes" / "tiny" / f"{model}.yaml"),
+        [
+            f"model.finetune={finetune}",
+            f"model.lora_rank={rank}",
+            f"model.lora_alpha={rank}",
+            f"model.dtype={frozen}",
+            f"train.mixed_precision={precision}",
+            "train.beta=500",
+            "train.learning_rate=1e-6",
+            f"train.max_steps={10**6}",
+            f"train.gradient_checkpointing={str(checkpointing).lower()}",
+            "tracking.tracker=none",
+        ],
     )
-    trainer = SimpleNamespace(
-        acc=acc,
-        model=denoiser,
-        reference=reference,
-        backbone=backbone,
-        recipe=SimpleNamespace(train=TrainConfig(beta=500.0)),
-    )
-    return trainer, optimizer, params
+    AcceleratorState._reset_state(reset_partial_state=True)
+    acc = Accelerator(mixed_precision=precision, cpu=not device.startswith("cuda"))
+    return mpo.train.prepare_step(recipe, acc, backbone)
 
 
 def batch_of(shape, embeds, pairs: int):
@@ -158,18 +157,19 @@ def batch_of(shape, embeds, pairs: int):
         "latents_l": torch.randn(pairs, *shape, generator=generator),
         "noise": torch.randn(pairs, *shape, generator=generator),
         "timestep": torch.randint(0, 1000, (pairs,), generator=generator),
+        "pair": torch.zeros(pairs, 3, dtype=torch.long),
+        "position": torch.arange(pairs),
         "embeds": {k: v.expand(pairs, *v.shape[1:]) for k, v in embeds.items()},
     }
 
 
-def step(trainer, optimizer, params, batch) -> torch.Tensor:
-    from mpo.train import dpo_step
+def step(trainer, batch, index: int) -> torch.Tensor:
+    """One optimizer step of the training loop: forward, backward, clip, update, lr schedule."""
+    from mpo.train import micro_step
 
-    out = dpo_step(trainer, batch)
-    out.loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    out = micro_step(trainer, batch, index, [batch["pair"]])
+    trainer.scheduler.step()
+    trainer.guard.seen.clear()  # the loop inspects these at log steps; nothing here is non-finite
     return out.loss.detach()
 
 
@@ -198,21 +198,23 @@ def measure(args, model: str, finetune: str, pairs: int, checkpointing: bool, pe
     device, compute = args.device, torch.bfloat16
     weights = compute if args.device.startswith("cuda") else torch.float32
     backbone, shape, embeds = build(model, args.size, device, weights)
-    trainer, optimizer, params = make_trainer(backbone, finetune, args.rank, checkpointing, device, compute)
+    trainer = make_trainer(backbone, model, finetune, args.rank, checkpointing, device)
     batch = batch_of(shape, embeds, pairs)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     try:
-        for _ in range(args.warmup):
-            step(trainer, optimizer, params, batch)
+        index = 0
+        for index in range(1, args.warmup + 1):
+            step(trainer, batch, index)
         with FlopCounterMode(display=False) as counter:
-            step(trainer, optimizer, params, batch)
+            step(trainer, batch, index + 1)
         times = []
-        for _ in range(args.steps):
+        first = index + 2
+        for index in range(first, first + args.steps):
             sync(device)
             start = time.perf_counter()
-            loss = step(trainer, optimizer, params, batch)
+            loss = step(trainer, batch, index)
             sync(device)
             times.append(time.perf_counter() - start)
     except torch.OutOfMemoryError:

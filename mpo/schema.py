@@ -22,6 +22,11 @@ TRACKERS = ("wandb", "tensorboard", "none")
 TRACKER_MODES = ("online", "offline")
 EXPORT_WHICH = ("best", "last")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode")
+LOSS_TYPES = ("sigmoid", "hinge", "ipo")  # mpo.loss
+# train.loss_weighting: min_snr for DDPM (epsilon / v) schedules, sigma_sqrt / cosmap for flow matching;
+# a family's schedule says which it defines (TrainingSchedule.loss_weightings).
+LOSS_WEIGHTINGS = ("none", "min_snr", "sigma_sqrt", "cosmap")
+REFERENCES = ("live", "precomputed")
 
 
 @dataclass
@@ -30,7 +35,9 @@ class ModelConfig:
     path: str = "???"  # local folder or hub id, loaded with from_pretrained
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16" weight files on the hub
-    dtype: str = "float32"  # dtype of the frozen parts (VAE, text encoders) and of sampling
+    # dtype of the frozen weights (VAE, text encoders, LoRA's base denoiser) and of sampling; what
+    # trains is float32 whatever this says. LoRA under mixed precision: the compute dtype.
+    dtype: str = "float32"
     finetune: str = "lora"  # lora | full
     lora_rank: int = 8
     lora_alpha: int = 8
@@ -114,7 +121,13 @@ class TrainConfig:
     logit_mean: float = 0.0  # logit_normal: mean of the normal whose sigmoid is the timestep fraction
     logit_std: float = 1.0  # logit_normal: its standard deviation
     mode_scale: float = 1.29  # mode: the SD3 paper's s
-    loss_weighting: str = "none"  # per-sample weight from the schedule; flow families: sigma_sqrt | cosmap
+    loss_type: str = "sigmoid"  # sigmoid (Diffusion-DPO) | hinge | ipo (formulas in mpo/loss.py)
+    sft_weight: float = 0.0  # weight of the winner's plain denoising loss added to the DPO loss
+    # Per-pair timestep weight of the errors, from the family's schedule: none | min_snr (epsilon / v)
+    # | sigma_sqrt | cosmap (flow matching).
+    loss_weighting: str = "none"
+    snr_gamma: float = 5.0  # gamma of min_snr
+    reference: str = "live"  # live (frozen copy / adapters off) | precomputed (one pass before training)
 
 
 @dataclass

@@ -54,6 +54,9 @@ class Backbone(ABC):
     channel_dim: ClassVar[int] = 0  # the channel axis of one latent ([C, h, w]: 0; [F, C, h, w]: 1)
     # Names ``model.expert`` may take (a model with several denoisers, e.g. Wan 2.2 A14B); () for one.
     experts: ClassVar[tuple[str, ...]] = ()
+    # generate.* keys the training forward depends on (what use_generation_settings keeps): part of
+    # what a precomputed reference's errors depend on.
+    training_generation_keys: ClassVar[tuple[str, ...]] = ()
     # generate.* sizes of the tiny variant (what its denoiser was pretrained at); None: no tiny variant.
     tiny_size: ClassVar[dict[str, int] | None] = None
 
@@ -119,7 +122,13 @@ class Backbone(ABC):
         scheme = getattr(train, "loss_weighting", "none")
         allowed = cls.schedule_class.loss_weightings if cls.schedule_class is not None else ("none",)
         if scheme not in allowed:
-            return [("train.loss_weighting", f"must be one of {list(allowed)} for this family's schedule")]
+            kind = cls.schedule_class.__name__ if cls.schedule_class is not None else "schedule"
+            return [
+                (
+                    "train.loss_weighting",
+                    f"is not defined for this family's {kind}; it supports {list(allowed)}",
+                )
+            ]
         return []
 
     # ---- conditioning ----------------------------------------------------------------------------
@@ -191,9 +200,12 @@ class Backbone(ABC):
         """Signal-to-noise ratio of the training schedule at ``timesteps`` (for SNR-based weights)."""
         return self.schedule.snr(timesteps)
 
-    def loss_weight(self, timesteps: torch.Tensor, scheme: str = "none") -> torch.Tensor | None:
-        """Per-sample weight of the squared error at ``timesteps`` (``train.loss_weighting``)."""
-        return self.schedule.loss_weight(timesteps, scheme)
+    def loss_weight(
+        self, timesteps: torch.Tensor, scheme: str = "none", gamma: float = 5.0
+    ) -> torch.Tensor | None:
+        """Per-pair weight ``omega_t`` of the squared errors at ``timesteps`` (``train.loss_weighting``,
+        ``train.snr_gamma``), ``[B]`` float32, or None for a constant weight."""
+        return self.schedule.loss_weight(timesteps, scheme, gamma)
 
     def timestep_sampler(self, train: TrainConfig) -> TimestepSampler:
         """How the trainer draws timesteps (``train.timestep_range`` / ``timestep_sampling``)."""

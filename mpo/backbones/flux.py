@@ -57,6 +57,8 @@ class FluxBackbone(DiffusersBackbone):
     # The tiny VAE downsamples by 2: 16 x 16 pixels are 8 x 8 latents, packed to 16 tokens.
     tiny_size: ClassVar[dict[str, int]] = {"height": 16, "width": 16}
     tiny_pretrain_steps: ClassVar[int] = 200
+    # The training forward repeats the embedded guidance; the sampling shift depends on the resolution.
+    training_generation_keys: ClassVar[tuple[str, ...]] = ("guidance_scale", "height", "width")
 
     def __init__(self, pipe: FluxPipeline, device: torch.device | str = "cpu") -> None:
         """Sampling with the flow-matching Euler sampler (deterministic); the VAE decodes per image."""

@@ -23,7 +23,9 @@ Conventions shared by both
 - Arithmetic is float32 whatever the latents' dtype (``abar`` near 1 is not representable in bf16), and
   the result is returned in the latents' dtype.
 - ``loss_weight`` is the per-sample factor ``omega(t)`` that multiplies each squared error (paper eq.
-  2); ``"none"`` (the Diffusion-DPO convention) returns None.
+  2), ``train.loss_weighting``: ``"none"`` (the Diffusion-DPO convention) returns None; a DDPM
+  schedule defines ``min_snr`` (min-SNR-gamma, ``train.snr_gamma``), a flow schedule ``sigma_sqrt``
+  and ``cosmap`` (the SD3 paper's weightings). Each schedule lists its own in ``loss_weightings``.
 """
 
 from __future__ import annotations
@@ -123,8 +125,11 @@ class TrainingSchedule(ABC):
     def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio alpha_t^2 / sigma_t^2 at ``timesteps``, float32 ``[B]``."""
 
-    def loss_weight(self, timesteps: torch.Tensor, scheme: str = "none") -> torch.Tensor | None:
-        """Per-sample weight ``[B]`` of the squared error (float32), or None for a constant weight."""
+    def loss_weight(
+        self, timesteps: torch.Tensor, scheme: str = "none", gamma: float = 5.0
+    ) -> torch.Tensor | None:
+        """Per-pair weight ``omega_t`` ``[B]`` of the squared errors (float32), or None for a constant
+        weight; ``gamma`` is ``train.snr_gamma`` (min_snr)."""
         if scheme not in self.loss_weightings:
             raise ValueError(
                 f"train.loss_weighting={scheme!r} is not defined for a {type(self).__name__}; "
@@ -160,7 +165,11 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 class DDPMSchedule(TrainingSchedule):
     """A discrete DDPM schedule held by the checkpoint's diffusers scheduler (anything with
-    ``alphas_cumprod``, ``add_noise`` and ``get_velocity``: DDPM, DDIM, Euler, CogVideoX-DDIM)."""
+    ``alphas_cumprod``, ``add_noise`` and ``get_velocity``: DDPM, DDIM, Euler, CogVideoX-DDIM).
+
+    Loss weighting: min-SNR-gamma (:func:`mpo.loss.min_snr_weight`, for epsilon and v)."""
+
+    loss_weightings: ClassVar[tuple[str, ...]] = ("none", "min_snr")
 
     def __init__(self, scheduler: Any) -> None:
         kind = scheduler.config.prediction_type
@@ -174,22 +183,44 @@ class DDPMSchedule(TrainingSchedule):
     def num_train_timesteps(self) -> int:
         return self.scheduler.config.num_train_timesteps
 
+    def _on(self, device: torch.device) -> Any:
+        """The scheduler with its ``alphas_cumprod`` on ``device``: diffusers copies it there on every
+        call otherwise (CogVideoX's scheduler), a host-to-device copy that syncs each step."""
+        if self.scheduler.alphas_cumprod.device != device:
+            self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
+        return self.scheduler
+
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        noisy = self.scheduler.add_noise(latents.float(), noise.float(), timesteps.to(latents.device))
+        # float32 arithmetic: alphas_cumprod near 1 is not representable in bfloat16.
+        scheduler = self._on(latents.device)
+        noisy = scheduler.add_noise(latents.float(), noise.float(), timesteps.to(latents.device))
         return noisy.to(latents.dtype)
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         if self.prediction_type == "epsilon":
             return noise
-        velocity = self.scheduler.get_velocity(latents.float(), noise.float(), timesteps.to(latents.device))
+        scheduler = self._on(latents.device)
+        velocity = scheduler.get_velocity(latents.float(), noise.float(), timesteps.to(latents.device))
         return velocity.to(latents.dtype)
 
     def model_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
         return timesteps  # the UNet / transformer embeds the integer timestep itself
 
     def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
-        abar = self.scheduler.alphas_cumprod.to(timesteps.device, torch.float32)[timesteps]
+        abar = self._on(timesteps.device).alphas_cumprod.to(torch.float32)[timesteps]
         return abar / (1 - abar)
+
+    def loss_weight(
+        self, timesteps: torch.Tensor, scheme: str = "none", gamma: float = 5.0
+    ) -> torch.Tensor | None:
+        super().loss_weight(timesteps, scheme, gamma)  # validates the name
+        if scheme == "none":
+            return None
+        from mpo.loss import min_snr_weight
+
+        return min_snr_weight(
+            self._on(timesteps.device).alphas_cumprod, timesteps, gamma, self.prediction_type
+        )
 
 
 class FlowMatchSchedule(TrainingSchedule):
@@ -226,8 +257,11 @@ class FlowMatchSchedule(TrainingSchedule):
         return self._n
 
     def sigma(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """The noise level of each index, float32 ``[B]``."""
-        return self.sigmas.to(timesteps.device)[timesteps.long()]
+        """The noise level of each index, float32 ``[B]`` (the table moves to the indices' device once,
+        not with a host-to-device copy every step)."""
+        if self.sigmas.device != timesteps.device:
+            self.sigmas = self.sigmas.to(timesteps.device)
+        return self.sigmas[timesteps.long()]
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         sigma = _per_sample(self.sigma(timesteps.to(latents.device)), latents)
@@ -243,8 +277,10 @@ class FlowMatchSchedule(TrainingSchedule):
         sigma = self.sigma(timesteps)
         return ((1 - sigma) / sigma).square()
 
-    def loss_weight(self, timesteps: torch.Tensor, scheme: str = "none") -> torch.Tensor | None:
-        super().loss_weight(timesteps, scheme)  # validates the name
+    def loss_weight(
+        self, timesteps: torch.Tensor, scheme: str = "none", gamma: float = 5.0
+    ) -> torch.Tensor | None:
+        super().loss_weight(timesteps, scheme, gamma)  # validates the name
         if scheme == "none":
             return None
         from diffusers.training_utils import compute_loss_weighting_for_sd3
