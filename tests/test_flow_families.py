@@ -8,6 +8,7 @@ test_run, on the families added since, without a copy per family.
 
 from __future__ import annotations
 
+import math
 import signal
 import subprocess
 import sys
@@ -252,6 +253,51 @@ def test_resume_check_covers_the_expert_and_the_timestep_density(prepared, model
         "train.loss_weighting=sigma_sqrt",
     ):
         assert settings("train.timestep_sampling=logit_normal", changed)["train"] != base["train"], changed
+
+
+# FLUX.1 (embedded guidance, packed latents, the resolution's shift) in the default tier; the others slow.
+STEP_ZERO_FAMILIES = [pytest.param(f, marks=pytest.mark.slow) if f != "flux" else f for f in FAMILIES]
+
+
+@pytest.mark.parametrize("family", STEP_ZERO_FAMILIES)
+def test_step_zero_agreement_and_the_precomputed_reference_gives_the_live_run(
+    family, prepared, models, tmp_path, monkeypatch
+):
+    """At step 0 the policy and the reference are one function for a flow family too (loss log 2 and
+    margin 0 exactly, at beta 5000 where any difference shows), with the family's density and loss
+    weighting; a precomputed reference gives the live run's every logged value."""
+    extra = [
+        *FINETUNE["lora"],
+        "train.beta=5000",
+        "train.batch_size=2",
+        "train.max_steps=2",
+        "train.checkpoint_every=2",
+        "tracking.log_every=1",
+        "train.timestep_sampling=logit_normal",
+        "train.loss_weighting=sigma_sqrt",
+        "train.warmup_steps=0",  # the first update moves the policy
+    ]
+    loop, histories = mpo.train.train_loop, {}
+    for reference in ("live", "precomputed"):
+        kept = []
+
+        def keep(t, kept=kept):
+            kept.append(t)
+            return loop(t)
+
+        monkeypatch.setattr(mpo.train, "train_loop", keep)
+        run = copy_run(prepared(family), tmp_path / reference)
+        train_stage(_recipe(family, run, models, [*extra, f"train.reference={reference}"]))
+        histories[reference] = kept[0].history
+    first = histories["live"][0]
+    assert first["train/reward_margin"] == 0.0, first
+    assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-7), first
+    assert first["train/model_diff"] == first["train/ref_diff"]
+    assert [h["step"] for h in histories["live"]] == [1, 2]
+    assert histories["live"] == histories["precomputed"]
+    assert (
+        histories["live"][-1]["train/reward_margin"] != 0.0
+    )  # the policy moved: the equality is not vacuous
 
 
 # ---- mpo run ------------------------------------------------------------------------------------------------

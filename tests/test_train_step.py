@@ -15,7 +15,7 @@ from torch.utils.data import default_collate
 
 import mpo.train
 import mpo.weights
-from mpo.backbones.base import load_backbone
+from mpo.backbones.registry import load_backbone
 from mpo.loss import min_snr_weight, per_sample_mse
 from mpo.store import RunDir
 from mpo.train import train_stage
