@@ -25,9 +25,10 @@ import pytest
 import torch
 
 from mpo.backbones import load_backbone
-from mpo.schema import GenerateConfig, ModelConfig, TrainConfig
+from mpo.reference import LiveReference
+from mpo.schema import GenerateConfig, ModelConfig
 from mpo.train import dpo_step
-from mpo.weights import add_lora
+from mpo.weights import LoraSwitch, add_lora
 from tests.scripts.tiny_runs import shared_models
 
 FAMILIES = ("wan", "sd3", "flux")
@@ -104,9 +105,13 @@ def _setup(family: str, tmp_path_factory, weighting: str):
             autocast=lambda: torch.autocast("cpu", enabled=False),
         ),
         model=denoiser,
-        reference=None,
+        # The trainer's live reference of a LoRA run: the same network with its adapters switched off.
+        reference=LiveReference(backbone, denoiser, LoraSwitch(denoiser)),
         backbone=backbone,
-        recipe=SimpleNamespace(train=TrainConfig(beta=BETA[weighting], loss_weighting=weighting)),
+        settings=SimpleNamespace(
+            beta=BETA[weighting], loss_type="sigmoid", sft_weight=0.0, loss_weighting=weighting, snr_gamma=5.0
+        ),
+        input_dtype=torch.float32,
     )
     shift = backbone.schedule.shift if family == "flux" else None  # FLUX: the sampling shift of this size
     return trainer, batch, _training_sigmas(models / family, shift)
