@@ -38,7 +38,8 @@ from typing import Any
 import pandas as pd
 from accelerate import Accelerator
 
-from mpo.backbones.base import Backbone, load_backbone, torch_dtype
+from mpo.backbones.base import Backbone, torch_dtype
+from mpo.backbones.registry import load_backbone
 from mpo.distributed import is_main, wait_for_everyone, whole_model_loading
 from mpo.errors import errors_reach_every_rank
 from mpo.store import RunDir, StoreError, read_parquet
@@ -228,6 +229,7 @@ def model_card(recipe: Any, run: RunDir, backbone: Backbone, record: dict[str, A
         pair_stats=read_pair_stats(run.root / STATS_NAME),
         where=where,
         pipeline_here=pipeline_here,
+        lora_kwargs=backbone.lora_load_kwargs,
         fmt=fmt,
         short=_short,
     )

@@ -60,7 +60,7 @@ def decode_candidates(
     import torch
     from tqdm.auto import tqdm
 
-    from mpo.backbones.base import load_backbone
+    from mpo.backbones.registry import load_backbone
     from mpo.distributed import whole_model_loading
 
     if backbone is None:

@@ -72,8 +72,19 @@ def card_data(recipe: Any, modality: str, lora_only: bool) -> ModelCardData:
     )
 
 
-def usage(recipe: Any, where: str, pipeline_here: bool, lora: bool, comfyui: bool, modality: str) -> list[str]:
-    """The ``## Use`` section: load from the card's own folder (or hub repo)."""
+def usage(
+    recipe: Any,
+    where: str,
+    pipeline_here: bool,
+    lora: bool,
+    comfyui: bool,
+    modality: str,
+    lora_kwargs: dict[str, Any] | None = None,
+) -> list[str]:
+    """The ``## Use`` section: load from the card's own folder (or hub repo). ``lora_kwargs``: what
+    the family's ``load_lora_weights`` needs besides the folder (e.g. ``load_into_transformer_2=True``
+    for the low-noise expert of Wan 2.2 A14B)."""
+    extra = "".join(f", {k}={v!r}" for k, v in (lora_kwargs or {}).items())
     prompt = '"a red car driving on a mountain road"'
     lines = ["## Use", "", "```python", "from diffusers import DiffusionPipeline", ""]
     if pipeline_here:
@@ -83,7 +94,7 @@ def usage(recipe: Any, where: str, pipeline_here: bool, lora: bool, comfyui: boo
             lines.append("# or the adapter on the base model:")
         lines += [
             f'pipe = DiffusionPipeline.from_pretrained("{recipe.model.path}")',
-            f'pipe.load_lora_weights("{where}", subfolder="lora")',
+            f'pipe.load_lora_weights("{where}", subfolder="lora"{extra})',
         ]
     out = "frames = pipe(prompt).frames[0]" if modality == "video" else "image = pipe(prompt).images[0]"
     lines += [f"prompt = {prompt}", out, "```"]
@@ -106,6 +117,7 @@ def build_card(
     where: str,
     pipeline_here: bool,
     fmt: Any,
+    lora_kwargs: dict[str, Any] | None = None,
     short: Any,
 ) -> ModelCard:
     """The card of one export: header, how to load it, what it was trained on, what it changed."""
@@ -121,7 +133,7 @@ def build_card(
         f"(`{recipe.reward.backend}` backend). {'LoRA' if lora else 'Full fine-tuning'}; this is checkpoint "
         f"`{record['checkpoint']}` ({record['which']}, step {record['step']}).",
         "",
-        *usage(recipe, where, pipeline_here, lora, comfyui, modality),
+        *usage(recipe, where, pipeline_here, lora, comfyui, modality, lora_kwargs),
         "",
         "## Held-out reward per dimension",
         "",

@@ -36,8 +36,11 @@ ATTENTION = ("sdpa", "xformers")
 TRACKERS = ("wandb", "tensorboard", "none")
 TRACKER_MODES = ("online", "offline")
 EXPORT_WHICH = ("best", "last")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode")
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")  # mpo.loss
-WEIGHTINGS = ("none", "min_snr")  # timestep weightings; a backbone says which it supports
+# train.loss_weighting: min_snr for DDPM (epsilon / v) schedules, sigma_sqrt / cosmap for flow matching;
+# a family's schedule says which it defines (TrainingSchedule.loss_weightings).
+LOSS_WEIGHTINGS = ("none", "min_snr", "sigma_sqrt", "cosmap")
 REFERENCES = ("live", "precomputed")
 
 
@@ -77,6 +80,7 @@ class ModelConfig:
     lora_alpha: int = opt(8, "LoRA alpha (the adapter's scale is alpha / r)")
     lora_dropout: float = opt(0.0, "dropout on the LoRA branch, in [0, 1)")
     lora_target_modules: list[str] | None = opt(None, "module names given LoRA (null: the backbone's attention projections)")
+    expert: str | None = opt(None, "two-expert models (Wan 2.2 A14B): which trains, high_noise | low_noise")
     tiny: bool = opt(False, "build the tiny random-initialised variant at `path` if it does not exist")
     vae_path: str | None = opt(None, "a VAE folder or hub id that replaces the pipeline's (e.g. an fp16-safe SDXL VAE)")
 
@@ -163,6 +167,10 @@ class TrainConfig:
     seed: int = opt(0, "seed of LoRA init, pair order, noise and timesteps")
     num_workers: int = opt(0, "dataloader worker processes reading cached latents")
     timestep_range: list[float] = opt_list(lambda: [0.0, 1.0], "[low, high]: the fraction of the schedule timesteps are drawn from")
+    timestep_sampling: str = opt("uniform", "uniform | logit_normal | mode (SD3 paper 3.1), over timestep_range", TIMESTEP_SAMPLING)
+    logit_mean: float = opt(0.0, "logit_normal: mean of the normal whose sigmoid is the timestep fraction")
+    logit_std: float = opt(1.0, "logit_normal: its standard deviation")
+    mode_scale: float = opt(1.29, "mode: the SD3 paper's s")
     lr_num_cycles: int = opt(1, "cosine_with_restarts: number of hard restarts")
     lr_power: float = opt(1.0, "polynomial: power of the decay")
     lr_step_rules: str | None = opt(None, 'piecewise_constant: "multiplier:step,...,last multiplier", e.g. "1:100,0.1:200,0.01"')
@@ -173,7 +181,12 @@ class TrainConfig:
     resume_from: str = opt("latest", "latest (the newest checkpoint of this run), none (start from the base model), or a checkpoint folder")
     loss_type: str = opt("sigmoid", "sigmoid (Diffusion-DPO), hinge or ipo (formulas in mpo/loss.py)", LOSS_TYPES)
     sft_weight: float = opt(0.0, "weight of the winner's plain denoising loss added to the DPO loss")
-    weighting: str = opt("none", "timestep weight of the errors: none | min_snr (epsilon / v families)", WEIGHTINGS)
+    loss_weighting: str = opt(
+        "none",
+        "per-pair timestep weight of the errors, from the family's schedule: none | min_snr (epsilon / v) | "
+        "sigma_sqrt | cosmap (flow matching)",
+        LOSS_WEIGHTINGS,
+    )
     snr_gamma: float = opt(5.0, "gamma of min_snr")
     reference: str = opt("live", "live (frozen copy / adapters off) or precomputed (one pass before training)", REFERENCES)
 

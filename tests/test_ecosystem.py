@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from mpo.backbones.registry import builtin_families
 from mpo.export import export_stage
 from mpo.lora_formats import COMFYUI_FILE, sgm_unet_module, to_comfyui
 from mpo.model_card import base_license, card_data
@@ -234,6 +235,22 @@ def test_every_sdxl_attention_and_resnet_layer_round_trips_through_diffusers(tmp
 
 
 # ---- push to hub ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", builtin_families())
+def test_the_comfyui_file_is_offered_where_a_convention_exists_and_refused_with_its_reason_elsewhere(family):
+    from mpo.backbones.registry import get_backbone_class
+    from mpo.config import RecipeError, load_recipe
+    from tests.scripts.tiny_runs import ROOT
+
+    recipe = ROOT / "recipes" / "tiny" / f"{family}.yaml"
+    overrides = ["model.finetune=lora", "export.lora_formats=[diffusers,comfyui]"]
+    if get_backbone_class(family).comfyui_lora is None:
+        with pytest.raises(RecipeError, match=rf"export.lora_formats.*{family}.*no ComfyUI LoRA convention"):
+            load_recipe(str(recipe), overrides)
+    else:
+        assert list(load_recipe(str(recipe), overrides).export.lora_formats) == ["diffusers", "comfyui"]
+    assert (get_backbone_class(family).comfyui_lora is not None) == (family == "sdxl")  # the one convention here
+
+
 def test_push_to_hub_makes_the_expected_calls_with_the_export_files(lora_run, models):
     run, recipe = lora_run
     names = [name for name, _ in FakeHub.calls]
@@ -326,7 +343,7 @@ def test_mpo_report_command_reads_the_run_directory(lora_run, capsys):
 
 # ---- the preference dataset -------------------------------------------------------------------------------
 def test_export_dataset_is_a_preference_dataset_with_decoded_images(lora_run, models, tmp_path):
-    from mpo.backbones.base import load_backbone
+    from mpo.backbones.registry import load_backbone
     from mpo.export_dataset import export_dataset
     from mpo.store import CandidateStore
 
@@ -467,7 +484,7 @@ def test_wandb_resumes_into_the_same_run_and_a_failed_setup_starts_none(lora_run
 def test_vae_override_replaces_the_pipelines_vae(models, tmp_path):
     from diffusers import AutoencoderKL
 
-    from mpo.backbones.base import load_backbone
+    from mpo.backbones.registry import load_backbone
     from mpo.config import load_recipe
     from tests.scripts.tiny_runs import SDXL
 
