@@ -481,23 +481,23 @@ def test_wandb_resumes_into_the_same_run_and_a_failed_setup_starts_none(lora_run
     assert not (other / "wandb").exists()
 
 
-def test_vae_override_replaces_the_pipelines_vae(models, tmp_path):
-    from diffusers import AutoencoderKL
+@pytest.mark.parametrize("family", ["sdxl", "wan"])  # AutoencoderKL / AutoencoderKLWan: the VAE's config names it
+def test_vae_override_replaces_the_pipelines_vae(family, models, tmp_path):
+    from diffusers import AutoModel
 
     from mpo.backbones.registry import load_backbone
-    from mpo.config import load_recipe
-    from tests.scripts.tiny_runs import SDXL
+    from mpo.schema import ModelConfig
 
-    vae = AutoencoderKL.from_pretrained(models / "sdxl" / "vae")
+    load_backbone(ModelConfig(family=family, path=str(models / family), tiny=True))  # built once per session
+    vae = AutoModel.from_pretrained(str(models / family / "vae"))
+    name, bias = next((n, p) for n, p in vae.named_parameters() if n.startswith("decoder.") and n.endswith("bias"))
     with torch.no_grad():
-        vae.decoder.conv_out.bias.add_(0.5)
+        bias.add_(0.5)
     vae.save_pretrained(tmp_path / "my-vae")
-    recipe = load_recipe(str(SDXL), [f"model.path={models / 'sdxl'}", f"model.vae_path={tmp_path / 'my-vae'}"])
-    backbone = load_backbone(recipe.model)
-    torch.testing.assert_close(backbone.pipeline().vae.decoder.conv_out.bias, vae.decoder.conv_out.bias)
-    recipe.model.vae_path = str(tmp_path / "nothing")
-    with pytest.raises(OSError, match=r"model\.vae_path=.*cannot load a VAE"):
-        load_backbone(recipe.model)
+    backbone = load_backbone(ModelConfig(family=family, path=str(models / family), vae_path=str(tmp_path / "my-vae")))
+    loaded = backbone.pipeline().vae
+    assert type(loaded) is type(vae)
+    torch.testing.assert_close(dict(loaded.named_parameters())[name], bias)
 
 
 @pytest.mark.slow
