@@ -66,7 +66,11 @@ def reward_fingerprint(recipe: Any) -> dict[str, Any]:
     paths are made absolute, so the run resumes from its recipe.yaml or from another directory."""
     r = resolve_paths(recipe).reward
     fields = ("checklist", "weights", "backend", "model_path", "alignment_model_path", "dtype", "max_frames")
-    return {"reward": {k: getattr(r, k) for k in fields}, "fps": recipe.generate.fps}
+    fingerprint = {"reward": {k: getattr(r, k) for k in fields}, "fps": recipe.generate.fps}
+    vae = resolve_paths(recipe).model.vae_path  # decodes the latents the reward sees
+    if vae is not None:
+        fingerprint["vae"] = vae
+    return fingerprint
 
 
 def shard_fingerprint(run: RunDir, index: int, fingerprint: dict[str, Any]) -> dict[str, Any]:

@@ -49,6 +49,9 @@ class Backbone(ABC):
 
     family: ClassVar[str]  # set by @register_backbone
     modality: ClassVar[Literal["image", "video"]]
+    # The kohya / ComfyUI LoRA convention of this family's denoiser (mpo.lora_formats): {"layout":
+    # a layout name, "architecture": the modelspec id}; None where there is none.
+    comfyui_lora: ClassVar[dict[str, str] | None] = None
     # The schedule kind the family trains with, known before any weight is loaded (recipe checks).
     schedule_class: ClassVar[type[TrainingSchedule] | None] = None
     channel_dim: ClassVar[int] = 0  # the channel axis of one latent ([C, h, w]: 0; [F, C, h, w]: 1)
@@ -345,9 +348,12 @@ def load_pipeline(pipeline_cls: type, cfg: ModelConfig):
     # diffusers renamed `torch_dtype` to `dtype` (the old name warns on every load); older releases
     # only know the old one.
     dtype_key = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+    components = {}
+    if getattr(cfg, "vae_path", None):  # model.vae_path: e.g. an fp16-safe SDXL VAE
+        components["vae"] = load_vae_override(cfg.vae_path, dtype, dtype_key)
     try:
         return pipeline_cls.from_pretrained(
-            cfg.path, revision=cfg.revision, variant=cfg.variant, **{dtype_key: dtype}
+            cfg.path, revision=cfg.revision, variant=cfg.variant, **{dtype_key: dtype}, **components
         )
     except (OSError, ValueError) as err:
         if isinstance(err, ValueError) and Path(cfg.path).is_dir():
@@ -360,3 +366,17 @@ def load_pipeline(pipeline_cls: type, cfg: ModelConfig):
             f"model.path={cfg.path!r}: cannot load a {pipeline_cls.__name__} (not a local diffusers folder, "
             f"and not a reachable hub id{hint}): {err}"
         ) from err
+
+
+def load_vae_override(path: str, dtype: torch.dtype, dtype_key: str) -> nn.Module:
+    """``model.vae_path``: a VAE folder or hub id (its own config names the class), or a ``vae/``
+    subfolder of a pipeline folder."""
+    from pathlib import Path
+
+    from diffusers import AutoModel
+
+    subfolder = "vae" if (Path(path) / "vae" / "config.json").is_file() else None
+    try:
+        return AutoModel.from_pretrained(path, subfolder=subfolder, **{dtype_key: dtype})
+    except (OSError, ValueError) as err:
+        raise OSError(f"model.vae_path={path!r}: cannot load a VAE there ({err})") from err

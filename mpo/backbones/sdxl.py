@@ -52,6 +52,10 @@ class SDXLBackbone(DiffusersBackbone):
     pipeline_class = StableDiffusionXLPipeline
     denoiser_attr = "unet"
     modality: ClassVar[Literal["image", "video"]] = "image"
+    comfyui_lora: ClassVar[dict[str, str] | None] = {
+        "layout": "sgm-unet",
+        "architecture": "stable-diffusion-xl-v1-base/lora",
+    }
     schedule_class = DDPMSchedule
     # The tiny VAE downsamples by 2: 16 x 16 pixels are the 8 x 8 latents its UNet was pretrained at.
     tiny_size: ClassVar[dict[str, int]] = {"height": 16, "width": 16}
