@@ -9,6 +9,7 @@ are what ``mpo recipe`` users read.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 MODEL_DTYPES = ("float32", "float16", "bfloat16")
 SELECT_RULES = ("mpo", "dpo")
@@ -59,6 +60,13 @@ class GenerateConfig:
     seed: int = 0
     prompts_per_shard: int = 16  # prompts per safetensors shard (the unit of resume)
     previews: int = 16  # decoded PNG/MP4 previews written (0 = none)
+    # Sampling cost (mpo.sampling; `mpo calibrate` measures what a cheaper setting keeps of the pairs)
+    scheduler: str = "default"  # default (the family's own) | euler | dpmpp_2m | unipc | ddim | a class name
+    scheduler_options: dict[str, Any] = field(default_factory=dict)  # from_config overrides of that class
+    cache: str = "none"  # none | first_block | faster | pab (diffusers cache hooks, where supported)
+    cache_options: dict[str, Any] = field(default_factory=dict)  # fields of the cache config, e.g. threshold
+    compile: str = "none"  # none | regional (repeated blocks) | full: torch.compile of the denoiser
+    batch_size: int | None = None  # candidates per denoising batch, whole prompts (None = num_candidates)
 
 
 @dataclass

@@ -258,3 +258,45 @@ def test_cogvideox_generates_and_scores_videos(tmp_path, models):
     assert len(scores) == 4 == summary["samples"]
     assert scores["total"].notna().all()
     assert any(c.startswith("dim.") for c in scores.columns)
+
+
+# Cheaper sampling: several prompts per denoising batch and another scheduler.
+BATCHED = ("generate.prompts_per_shard=2", "generate.batch_size=6", "generate.scheduler=dpmpp_2m")
+
+
+def test_batching_across_prompts_in_the_stage_keeps_the_candidates(reference, tmp_path, models):
+    """Two prompts per batch give the candidates of one prompt per batch (the reference), each from its
+    own seeded noise and its own prompt's embeddings. Compared to a subprocess run, hence to rounding
+    (tests/test_sampling.py documents the per-family batch tolerance)."""
+    run = RunDir(tmp_path / "run")
+    generate_stage(_recipe(run.root, models, extra=BATCHED[:2]))
+    batched, alone = _all_latents(run), _all_latents(reference)
+    assert batched.keys() == alone.keys()
+    for key in alone:
+        torch.testing.assert_close(batched[key], alone[key], atol=1e-5, rtol=1e-5)
+    ids = sorted({k[0] for k in alone})
+    ea, eb = CandidateStore(run).embeddings(ids), CandidateStore(reference).embeddings(ids)
+    assert ea.keys() == eb.keys()
+    for key in ea:
+        torch.testing.assert_close(ea[key], eb[key], atol=1e-6, rtol=1e-6)
+    assert read_shard_info(run.shard(0)).fingerprint["generate"]["batch_size"] == 6
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_batched_dpm_solver_is_deterministic_and_two_processes_match_one(tmp_path, models):
+    one, two = RunDir(tmp_path / "one"), RunDir(tmp_path / "two")
+    _run([*_command("generate", one.root, models), *BATCHED])
+    launch = [
+        *(sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"),
+        *("--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"),
+        *("--main_process_port", str(_free_port())),
+    ]
+    _run(
+        [*launch, *_command("generate", two.root, models)[1:], *BATCHED],
+        {**ENV, "ACCELERATE_USE_CPU": "true"},
+    )
+    _assert_same_candidates(one, two)
+    info = read_shard_info(one.shard(0))
+    assert info.fingerprint["generate"]["scheduler"] == "dpmpp_2m"
+    assert [c[0] for c in info.candidates] == [0, 0, 0, 1, 1, 1]

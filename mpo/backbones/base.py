@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 import torch
 from torch import nn
 
+from mpo.sampling import SamplingSettings, SamplingState, SamplingSupport, check_sampling, reset_cache
+
 
 class ModelPathError(ValueError):
     """``model.path`` names no loadable model of the family; the message says what was found."""
@@ -135,6 +137,8 @@ class DiffusersBackbone(Backbone):
 
     pipeline_class: ClassVar[type]
     denoiser_attr: ClassVar[str]  # "unet" or "transformer"
+    # Scheduler names, cache hooks and compile blocks this family offers (mpo.sampling).
+    sampling_support: ClassVar[SamplingSupport] = SamplingSupport()
 
     def __init__(self, pipe, device: torch.device | str = "cpu") -> None:
         """Wrap a loaded pipeline: move it to ``device`` and freeze it.
@@ -150,6 +154,23 @@ class DiffusersBackbone(Backbone):
         pipe.set_progress_bar_config(disable=True)  # the stages draw their own progress bars
         self._pipe = pipe
         self._device = torch.device(device)
+        self._sampling = SamplingState(pipe.scheduler)
+
+    @classmethod
+    def check_generate_config(cls, gen: GenerateConfig) -> list[tuple[str, str]]:
+        """The sampling keys (scheduler, cache, compile) against what this family supports."""
+        return check_sampling(gen, cls.sampling_support)
+
+    def use_sampling(self, gen: GenerateConfig) -> None:
+        """Put the recipe's scheduler, cache hooks and compilation on the pipeline (nothing to do when
+        they are already there), and clear the cache hooks' state: every batch starts fresh. A
+        family's ``sample`` calls this before the pipeline's loop."""
+        denoiser = self.denoiser
+        settings = SamplingSettings.from_generate(gen)
+        self._sampling.apply(
+            settings, self._pipe, denoiser, self.sampling_support, lambda: self._pipe.current_timestep
+        )
+        reset_cache(denoiser)
 
     @classmethod
     def load(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> DiffusersBackbone:

@@ -35,6 +35,7 @@ from mpo.backbones.base import (
     register_backbone,
     repeat_rows,
 )
+from mpo.sampling import SCHEDULER_ALIASES, SamplingSupport
 
 if TYPE_CHECKING:
     from mpo.schema import GenerateConfig
@@ -51,6 +52,17 @@ class CogVideoXBackbone(DiffusersBackbone):
     pipeline_class = CogVideoXPipeline
     denoiser_attr = "transformer"
     modality: ClassVar[Literal["image", "video"]] = "video"
+    # ddim is the CogVideoX variant (the trailing, SNR-shifted schedule it was trained on). The
+    # transformer supports diffusers' cache hooks; FasterCache reads its [B, F, C, H, W] latents.
+    sampling_support: ClassVar[SamplingSupport] = SamplingSupport(
+        schedulers={**SCHEDULER_ALIASES, "ddim": ("CogVideoXDDIMScheduler", {})},
+        caches={
+            "first_block": {"threshold": 0.05},
+            "faster": {"tensor_format": "BFCHW"},
+            "pab": {"spatial_attention_block_skip_range": 2},
+        },
+        compile_blocks=("CogVideoXBlock",),
+    )
 
     def __init__(self, pipe: CogVideoXPipeline, device: torch.device | str = "cpu") -> None:
         """Sampling with DDIM (deterministic); the VAE decodes in slices and tiles."""
@@ -67,7 +79,7 @@ class CogVideoXBackbone(DiffusersBackbone):
 
     @classmethod
     def check_generate_config(cls, gen: GenerateConfig) -> list[tuple[str, str]]:
-        problems = []
+        problems = super().check_generate_config(gen)
         if gen.num_frames < 1 or (gen.num_frames - 1) % TEMPORAL_COMPRESSION:
             problems.append(
                 (
@@ -141,6 +153,7 @@ class CogVideoXBackbone(DiffusersBackbone):
     def sample(
         self, embeds: Embeddings, negative: Embeddings, noise: torch.Tensor, gen: GenerateConfig
     ) -> torch.Tensor:
+        self.use_sampling(gen)
         batch = noise.shape[0]
         dtype = self._pipe.transformer.dtype
         spatial, temporal = self._pipe.vae_scale_factor_spatial, self._pipe.vae_scale_factor_temporal
