@@ -300,3 +300,35 @@ def test_batched_dpm_solver_is_deterministic_and_two_processes_match_one(tmp_pat
     info = read_shard_info(one.shard(0))
     assert info.fingerprint["generate"]["scheduler"] == "dpmpp_2m"
     assert [c[0] for c in info.candidates] == [0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize(("family", "shape"), [("sdxl", (2, 4, 8, 8)), ("cogvideox", (2, 3, 4, 8, 8))])
+def test_the_decoder_alone_decodes_the_pixels_of_the_full_pipeline(models, family, shape):
+    from mpo.backbones.base import load_backbone, load_decoder
+    from mpo.schema import ModelConfig
+
+    cfg = ModelConfig(family=family, path=str(models / family))
+    decoder = load_decoder(cfg)
+    loaded = {name for name, part in decoder.pipeline().components.items() if part is not None}
+    assert loaded == {"vae", "scheduler"}  # no denoiser, no text encoder read from disk
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(decoder.decode(latents), load_backbone(cfg).decode(latents))
+
+
+def test_score_stage_never_loads_the_denoiser(reference, tmp_path, models, monkeypatch):
+    from mpo.backbones.base import DiffusersBackbone
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the score stage loaded the whole pipeline")
+
+    copy = RunDir(tmp_path / "run")
+    shutil.copytree(reference.root, copy.root)
+    copy.score_shard(1).unlink()
+    monkeypatch.setattr(DiffusersBackbone, "load", classmethod(refuse))
+    assert score_stage(_recipe(copy.root, models))["shards scored now"] == 1
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(copy.scores_parquet),
+        pd.read_parquet(reference.scores_parquet),
+        check_exact=False,
+        rtol=1e-5,
+    )

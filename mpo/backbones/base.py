@@ -95,6 +95,12 @@ class Backbone(ABC):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents to pixels in [0, 1] (images [B,3,H,W], videos [B,T,3,H,W])."""
 
+    @classmethod
+    def load_decoder(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> Backbone:
+        """What the score stage needs: a backbone whose ``decode`` works. A family may load less than
+        everything (the VAE alone); by default this is :meth:`load`."""
+        return cls.load(cfg, device)
+
     # ---- training ---------------------------------------------------------------------------------
     @property
     @abstractmethod
@@ -178,6 +184,18 @@ class DiffusersBackbone(Backbone):
 
         ensure_tiny(cfg)
         return cls(load_pipeline(cls.pipeline_class, cfg), device)
+
+    @classmethod
+    def load_decoder(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> DiffusersBackbone:
+        """The pipeline with its VAE (and scheduler config) only: every other component is passed as
+        None to ``from_pretrained``, so the denoiser and text encoders are never read from disk.
+        ``decode`` is the very method of a full load, with the family's slicing / tiling."""
+        from mpo.backbones.tiny import ensure_tiny
+
+        ensure_tiny(cfg)
+        modules, _ = cls.pipeline_class._get_signature_keys(cls.pipeline_class)
+        skip = {name: None for name in modules if name not in ("vae", "scheduler")}
+        return cls(load_pipeline(cls.pipeline_class, cfg, **skip), device)
 
     @property
     def denoiser(self) -> nn.Module:
@@ -265,8 +283,13 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def load_pipeline(pipeline_cls: type, cfg: ModelConfig):
-    """``pipeline_cls.from_pretrained(cfg.path, ...)`` with errors that name ``model.path``.
+def load_decoder(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backbone:
+    return get_backbone_class(cfg.family).load_decoder(cfg, device)
+
+
+def load_pipeline(pipeline_cls: type, cfg: ModelConfig, **components):
+    """``pipeline_cls.from_pretrained(cfg.path, ...)`` with errors that name ``model.path``;
+    ``components`` are passed on (None skips loading that component).
 
     A local folder holding another family's pipeline is refused before any weight is read, so a
     recipe pointing an SDXL adapter at a CogVideoX folder fails with one clear line, not a stack of
@@ -291,7 +314,7 @@ def load_pipeline(pipeline_cls: type, cfg: ModelConfig):
     dtype_key = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
     try:
         return pipeline_cls.from_pretrained(
-            cfg.path, revision=cfg.revision, variant=cfg.variant, **{dtype_key: dtype}
+            cfg.path, revision=cfg.revision, variant=cfg.variant, **{dtype_key: dtype}, **components
         )
     except (OSError, ValueError) as err:
         if isinstance(err, ValueError) and Path(cfg.path).is_dir():
