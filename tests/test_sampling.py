@@ -182,3 +182,81 @@ def test_batching_across_prompts_gives_the_candidates_of_one_prompt_per_batch(ba
     # Each prompt's rows really are that prompt's (the comparison is not of interchangeable rows).
     assert not torch.allclose(alone[:2], alone[2:4], atol=1e-3)
     torch.testing.assert_close(together, alone, atol=BATCH_TOLERANCE[family], rtol=BATCH_TOLERANCE[family])
+
+
+# ---- cache hooks ----------------------------------------------------------------------------------------
+# Relative L2 change of the tiny CogVideoX's latents (8 steps, 2 candidates) against no cache, as
+# measured: first-block cache at threshold 0.5 ~0.9 %, pyramid attention broadcast ~0.3 %, FasterCache
+# ~1 %. The documented tolerance is 5 %; each hook must also really skip work, or the bound is empty.
+CACHE_TOLERANCE = 0.05
+CACHES = [
+    ("first_block", {"threshold": 0.5}),
+    ("pab", {}),
+    ("faster", {}),
+]
+
+
+def _attention_calls(denoiser) -> tuple[list, dict]:
+    """Count the attention projections that really run (a skipped block or attention never reaches
+    its ``to_q``)."""
+    calls = {"n": 0}
+
+    def hook(*_):
+        calls["n"] += 1
+
+    handles = [
+        m.to_q.register_forward_hook(hook) for m in denoiser.modules() if type(m).__name__ == "Attention"
+    ]
+    return handles, calls
+
+
+@pytest.mark.parametrize(("cache", "options"), CACHES)
+def test_cache_hooks_skip_work_and_change_outputs_only_within_tolerance(backbones, cache, options):
+    backbone, size = backbones["cogvideox"]
+    handles, calls = _attention_calls(backbone.denoiser)
+    try:
+        plain = _sample(backbone, size, PROMPTS[:1], num_inference_steps=8)
+        full_calls, calls["n"] = calls["n"], 0
+        cached = _sample(
+            backbone, size, PROMPTS[:1], num_inference_steps=8, cache=cache, cache_options=options
+        )
+        cached_calls, calls["n"] = calls["n"], 0
+        again = _sample(
+            backbone, size, PROMPTS[:1], num_inference_steps=8, cache=cache, cache_options=options
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert cached_calls < full_calls  # the hook skipped attention
+    assert ((cached - plain).norm() / plain.norm()).item() < CACHE_TOLERANCE
+    assert torch.equal(again, cached)  # each batch starts from a fresh cache: deterministic
+    # Switching the cache off restores the exact uncached sampler.
+    assert torch.equal(_sample(backbone, size, PROMPTS[:1], num_inference_steps=8), plain)
+    assert backbone.denoiser._cache_config is None
+
+
+def test_unsupported_compile_is_a_recipe_error():
+    from mpo.sampling import SamplingSupport, check_sampling
+
+    gen = GenerateConfig(compile="regional")
+    problems = check_sampling(gen, SamplingSupport(regional_compile=False))
+    assert [key for key, _ in problems] == ["generate.compile"] and "use full" in problems[0][1]
+    assert check_sampling(gen, SamplingSupport()) == []
+
+
+# ---- compile ---------------------------------------------------------------------------------------------
+# torch.compile (inductor) of the repeated blocks changes float32 results only by kernel fusion
+# rounding: measured max |diff| 3e-6 on the tiny CogVideoX (1e-5 on the tiny SDXL). Compiling takes
+# ~40 s on a CPU, hence slow.
+COMPILE_TOLERANCE = 1e-4
+
+
+@pytest.mark.slow
+def test_regional_compile_keeps_the_candidates_within_rounding():
+    backbone, size = CogVideoXBackbone(tiny_cogvideox_pipeline()), COGVIDEOX_SIZE
+    plain = _sample(backbone, size, PROMPTS[:2])
+    compiled = _sample(backbone, size, PROMPTS[:2], compile="regional")
+    blocks = [m for m in backbone.denoiser.modules() if type(m).__name__ == "CogVideoXBlock"]
+    assert blocks and all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
+    torch.testing.assert_close(compiled, plain, atol=COMPILE_TOLERANCE, rtol=COMPILE_TOLERANCE)
+    assert torch.equal(_sample(backbone, size, PROMPTS[:2], compile="regional"), compiled)
