@@ -106,7 +106,7 @@ def calibration_prompts(recipe: Any, count: int) -> pd.DataFrame:
     return train.head(max(1, int(count)))
 
 
-def _denoise(backbone: Backbone, prompts: pd.DataFrame, negative: Embeddings, gen: Any, dtype) -> tuple:
+def denoise_candidates(backbone: Backbone, prompts: pd.DataFrame, negative: Embeddings, gen: Any, dtype) -> tuple:
     """Every candidate of ``prompts`` as generate makes it; returns (latents, denoiser rows, seconds)."""
     n = gen.num_candidates
     shape = tuple(backbone.latent_shape(gen))
@@ -133,6 +133,11 @@ def _denoise(backbone: Backbone, prompts: pd.DataFrame, negative: Embeddings, ge
             seconds += time.perf_counter() - clock
         rows = counter.rows
     return torch.cat(out), rows, seconds
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _score(backbone, reward, prompts: pd.DataFrame, latents: torch.Tensor, recipe: Any) -> pd.DataFrame:
@@ -198,10 +203,10 @@ def calibrate(
     with torch.no_grad():
         negative = backbone.encode_prompts([""])
         # A warm-up batch (one prompt, two steps), so that one-time costs are nobody's seconds.
-        _denoise(backbone, subset.head(1), negative, _steps(reference.generate, 2), dtype)
+        denoise_candidates(backbone, subset.head(1), negative, _steps(reference.generate, 2), dtype)
         results = {}
         for label, setting in [(REFERENCE, reference), *settings]:
-            latents, rows, seconds = _denoise(backbone, subset, negative, setting.generate, dtype)
+            latents, rows, seconds = denoise_candidates(backbone, subset, negative, setting.generate, dtype)
             scores = _score(backbone, reward, subset, latents, setting)
             pairs, _ = select_pairs(scores, setting.select, source=f"calibrate {label}")
             count = len(latents)
