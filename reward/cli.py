@@ -182,6 +182,10 @@ def _pair_features(checklist, pairs_path: str):
 
     scorer = ChecklistScorer(checklist)
     p_a, al_a, p_b, al_b, labels = read_pairs(checklist, pairs_path)
+    if not bool((labels != 0.5).any()):
+        raise ChecklistError(
+            f"{pairs_path}: all {len(labels)} pairs are ties (label 0.5); fitting and accuracy need pairs with a preference"
+        )
     fa = scorer.features(p_a, al_a).nan_to_num(0.0)
     fb = scorer.features(p_b, al_b).nan_to_num(0.0)
     return scorer, (p_a, al_a, p_b, al_b), fa, fb, labels
@@ -392,6 +396,14 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
     return (RewardInputError, RecipeError, CheckpointError)
 
 
+def _stopped_errors() -> tuple[type[Exception], ...]:
+    """Errors that stop a run for a reason its message states (a non-finite loss at a named step):
+    one line and exit status 1; what was saved before stays."""
+    from reward.train import TrainingError
+
+    return (TrainingError,)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reward", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -461,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     except _bad_input_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except _stopped_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
