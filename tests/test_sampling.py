@@ -26,7 +26,7 @@ STEPS = 4
 # Batching across prompts, per family: on a CPU in float32 with one thread the tiny models give the
 # same bits whatever the batch (asserted to this tolerance, which also covers BLAS builds that block
 # a GEMM by batch size). On GPUs cuBLAS may pick other kernels per batch size; differences then stay
-# at the dtype's rounding and are checked by tests/test_gpu.py.
+# at the dtype's rounding (tests/test_gpu.py).
 BATCH_TOLERANCE = {"sdxl": 1e-5, "cogvideox": 1e-5}
 
 
