@@ -69,7 +69,11 @@ def tiny(family: str, prompts: int, reference_steps: int, settings: list[str], t
     from mpo.calibrate import parse_setting
 
     with tempfile.TemporaryDirectory() as tmp:
-        common = [f"output_dir={tmp}/run", f"model.path={tmp}/model"]
+        common = [
+            f"output_dir={tmp}/run",
+            f"model.path={tmp}/model",
+            f"prompts.file={ROOT}/recipes/tiny/prompts.txt",
+        ]
         base = load_recipe(str(RECIPES[family]), common)
         reference = load_recipe(
             str(RECIPES[family]), [*common, f"generate.num_inference_steps={reference_steps}"]
