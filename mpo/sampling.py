@@ -55,6 +55,23 @@ SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
     "ddim": ("DDIMScheduler", {}),
 }
+# The same names for flow-matching families: the multistep solvers on flow sigmas, predicting
+# velocity, with the checkpoint's shift (FlowMatchEuler's ``shift`` is their ``flow_shift``).
+FLOW_SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "heun": ("FlowMatchHeunDiscreteScheduler", {}),
+    "dpmpp_2m": (
+        "DPMSolverMultistepScheduler",
+        {
+            "algorithm_type": "dpmsolver++",
+            "solver_order": 2,
+            "use_flow_sigmas": True,
+            "prediction_type": "flow_prediction",
+        },
+    ),
+    "unipc": ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
+}
+FLOW_RENAMED = {"shift": "flow_shift"}
 # Schedulers whose step() is a deterministic function of (model output, t, sample): a candidate
 # must be fixed by its initial noise alone, so ancestral and SDE samplers are refused.
 DETERMINISTIC_SCHEDULERS = (
@@ -84,6 +101,8 @@ class SamplingSupport:
     caches: Mapping[str, dict[str, Any]] = field(default_factory=dict)
     compile_blocks: tuple[str, ...] = ()
     regional_compile: bool = True  # False: the denoiser has no repeated blocks to compile one by one
+    # Keys of the default scheduler's config that a chosen class knows by another name.
+    renamed: Mapping[str, str] = field(default_factory=dict)
 
 
 def _plain(value: Any) -> Any:
@@ -221,7 +240,7 @@ def build_scheduler(default: Any, name: str, options: Mapping[str, Any], support
     overrides = {**base, **dict(options)}
     accepted = _accepted(cls)
     config = {k: v for k, v in default.config.items() if not k.startswith("_")}
-    lost = sorted(k for k in config if k not in accepted)
+    lost = sorted(k for k in config if k not in accepted and k not in support.renamed)
     alphas = getattr(default, "alphas_cumprod", None)
     if lost and alphas is not None and "trained_betas" in accepted and "trained_betas" not in overrides:
         alphas = alphas.double().clone()
@@ -230,6 +249,9 @@ def build_scheduler(default: Any, name: str, options: Mapping[str, Any], support
         overrides["trained_betas"] = (1 - alphas / previous).tolist()
         if "rescale_betas_zero_snr" in accepted:
             overrides["rescale_betas_zero_snr"] = False  # already in the betas
+    for source, target in support.renamed.items():
+        if source in config and target in accepted and target not in overrides:
+            overrides[target] = config[source]
     config = {k: v for k, v in config.items() if k in accepted}
     return cls.from_config({**config, **overrides})
 
