@@ -272,7 +272,7 @@ def full(
     import pandas as pd
     from omegaconf import OmegaConf
 
-    from mpo.backbones.base import get_backbone_class
+    from mpo.backbones.registry import get_backbone_class
     from mpo.calibrate import parse_setting
     from mpo.schema import GenerateConfig
 
@@ -284,7 +284,7 @@ def full(
         pipe = builder(small).to(dtype)
     backbone = get_backbone_class(family)(pipe, device)
     prompts = pd.DataFrame({"prompt_id": [0], "prompt": ["a photo of a cat"]})
-    negative = backbone.encode_prompts([""])
+    negative = backbone.encode_negative()
     embeds = backbone.encode_prompts(["a photo of a cat"])
     base = OmegaConf.structured(GenerateConfig(num_candidates=n, num_inference_steps=steps, **sizes))
     flops = step_flops(backbone, embeds, negative, base, n, dtype)

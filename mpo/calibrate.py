@@ -36,7 +36,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from mpo.backbones.base import Backbone, Embeddings, load_backbone, repeat_rows, torch_dtype
+from mpo.backbones.base import Backbone, Embeddings, repeat_rows, torch_dtype
+from mpo.backbones.registry import load_backbone
 from mpo.generate import prompts_per_batch
 from mpo.sampling import count_denoiser_calls
 from mpo.score import order_columns
@@ -106,7 +107,9 @@ def calibration_prompts(recipe: Any, count: int) -> pd.DataFrame:
     return train.head(max(1, int(count)))
 
 
-def denoise_candidates(backbone: Backbone, prompts: pd.DataFrame, negative: Embeddings, gen: Any, dtype) -> tuple:
+def denoise_candidates(
+    backbone: Backbone, prompts: pd.DataFrame, negative: Embeddings, gen: Any, dtype
+) -> tuple:
     """Every candidate of ``prompts`` as generate makes it; returns (latents, denoiser rows, seconds)."""
     n = gen.num_candidates
     shape = tuple(backbone.latent_shape(gen))
@@ -201,7 +204,7 @@ def calibrate(
     subset = calibration_prompts(recipe, prompts)
     dtype = torch_dtype(recipe.model.dtype)
     with torch.no_grad():
-        negative = backbone.encode_prompts([""])
+        negative = backbone.encode_negative()
         # A warm-up batch (one prompt, two steps), so that one-time costs are nobody's seconds.
         denoise_candidates(backbone, subset.head(1), negative, _steps(reference.generate, 2), dtype)
         results = {}

@@ -56,7 +56,8 @@ SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
 }
 # The same names for flow-matching families: the multistep solvers on flow sigmas, predicting
-# velocity, with the checkpoint's shift (FlowMatchEuler's ``shift`` is their ``flow_shift``).
+# velocity, with the checkpoint's shift (FlowMatchEuler's ``shift`` is their ``flow_shift``, and
+# back for a family whose default is one of them, e.g. Wan's UniPC).
 FLOW_SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("FlowMatchEulerDiscreteScheduler", {}),
     "heun": ("FlowMatchHeunDiscreteScheduler", {}),
@@ -71,7 +72,7 @@ FLOW_SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "unipc": ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
 }
-FLOW_RENAMED = {"shift": "flow_shift"}
+FLOW_RENAMED = {"shift": "flow_shift", "flow_shift": "shift"}
 # Schedulers whose step() is a deterministic function of (model output, t, sample): a candidate
 # must be fixed by its initial noise alone, so ancestral and SDE samplers are refused.
 DETERMINISTIC_SCHEDULERS = (

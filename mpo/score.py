@@ -32,7 +32,8 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from mpo.backbones.base import Backbone, load_decoder
+from mpo.backbones.base import Backbone
+from mpo.backbones.registry import load_decoder
 from mpo.config import resolve_paths
 from mpo.distributed import (
     errors_reach_every_rank,

@@ -10,8 +10,7 @@ import torch
 
 from mpo.backbones.base import repeat_rows
 from mpo.backbones.cogvideox import CogVideoXBackbone
-from mpo.backbones.sdxl import SDXLBackbone
-from mpo.backbones.tiny import COGVIDEOX_SIZE, SDXL_SIZE, tiny_cogvideox_pipeline, tiny_sdxl_pipeline
+from mpo.backbones.registry import get_backbone_class
 from mpo.config import RecipeError, load_recipe
 from mpo.generate import generation_fingerprint
 from mpo.sampling import count_denoiser_calls
@@ -27,7 +26,7 @@ STEPS = 4
 # same bits whatever the batch (asserted to this tolerance, which also covers BLAS builds that block
 # a GEMM by batch size). On GPUs cuBLAS may pick other kernels per batch size; differences then stay
 # at the dtype's rounding (tests/test_gpu.py).
-BATCH_TOLERANCE = {"sdxl": 1e-5, "cogvideox": 1e-5}
+BATCH_TOLERANCE = {"sdxl": 1e-5, "cogvideox": 1e-5, "wan": 1e-5, "sd3": 1e-5, "flux": 1e-5}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,12 +37,22 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+FAMILIES = ("sdxl", "cogvideox", "wan", "sd3", "flux")
+COGVIDEOX_SIZE = CogVideoXBackbone.tiny_size
+
+
+class _Backbones(dict):
+    """Each family's tiny backbone (random weights, in memory), built on first use."""
+
+    def __missing__(self, family: str) -> tuple:
+        cls = get_backbone_class(family)
+        self[family] = (cls(cls.tiny_pipeline()), cls.tiny_size)
+        return self[family]
+
+
 @pytest.fixture(scope="module")
 def backbones() -> dict[str, tuple]:
-    return {
-        "sdxl": (SDXLBackbone(tiny_sdxl_pipeline()), SDXL_SIZE),
-        "cogvideox": (CogVideoXBackbone(tiny_cogvideox_pipeline()), COGVIDEOX_SIZE),
-    }
+    return _Backbones()
 
 
 def _sample(backbone, size, prompts, seeds_per_prompt: int = 2, **sampling) -> torch.Tensor:
@@ -55,7 +64,7 @@ def _sample(backbone, size, prompts, seeds_per_prompt: int = 2, **sampling) -> t
     noise = torch.stack(
         [candidate_noise(shape, 100 * PROMPTS.index(p) + i) for p in prompts for i in range(seeds_per_prompt)]
     )
-    return backbone.sample(rows, backbone.encode_prompts([""]), noise, gen)
+    return backbone.sample(rows, backbone.encode_negative(), noise, gen)
 
 
 # ---- recipe errors ----------------------------------------------------------------------------------
@@ -173,7 +182,7 @@ def test_a_new_sampler_walks_the_checkpoints_own_schedule(backbones):
 
 
 # ---- batching across prompts -------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["sdxl", "cogvideox"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("scheduler", ["default", "dpmpp_2m"])
 def test_batching_across_prompts_gives_the_candidates_of_one_prompt_per_batch(backbones, family, scheduler):
     backbone, size = backbones[family]
@@ -204,9 +213,10 @@ def _attention_calls(denoiser) -> tuple[list, dict]:
     def hook(*_):
         calls["n"] += 1
 
-    handles = [
-        m.to_q.register_forward_hook(hook) for m in denoiser.modules() if type(m).__name__ == "Attention"
+    attention = [
+        m for m in denoiser.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "to_q")
     ]
+    handles = [m.to_q.register_forward_hook(hook) for m in attention]
     return handles, calls
 
 
@@ -253,10 +263,77 @@ COMPILE_TOLERANCE = 1e-4
 
 @pytest.mark.slow
 def test_regional_compile_keeps_the_candidates_within_rounding():
-    backbone, size = CogVideoXBackbone(tiny_cogvideox_pipeline()), COGVIDEOX_SIZE
+    backbone, size = CogVideoXBackbone(CogVideoXBackbone.tiny_pipeline()), COGVIDEOX_SIZE
     plain = _sample(backbone, size, PROMPTS[:2])
     compiled = _sample(backbone, size, PROMPTS[:2], compile="regional")
     blocks = [m for m in backbone.denoiser.modules() if type(m).__name__ == "CogVideoXBlock"]
     assert blocks and all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
     torch.testing.assert_close(compiled, plain, atol=COMPILE_TOLERANCE, rtol=COMPILE_TOLERANCE)
     assert torch.equal(_sample(backbone, size, PROMPTS[:2], compile="regional"), compiled)
+
+
+# ---- flow-matching families ------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["wan", "sd3", "flux"])
+@pytest.mark.parametrize("scheduler", ["dpmpp_2m", "unipc", "euler"])
+def test_flow_families_sample_with_the_chosen_solver_on_their_shift(backbones, family, scheduler):
+    backbone, size = backbones[family]
+    default = _sample(backbone, size, PROMPTS[:1])
+    own = backbone.pipeline().scheduler.config
+    shift = own.get("shift", own.get("flow_shift"))
+    chosen = _sample(backbone, size, PROMPTS[:1], scheduler=scheduler)
+    config = backbone.pipeline().scheduler.config
+    if scheduler == "euler":
+        assert type(backbone.pipeline().scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+        assert config.shift == shift
+    else:
+        assert (config.use_flow_sigmas, config.prediction_type) == (True, "flow_prediction")
+        if own.get("use_dynamic_shifting"):  # FLUX: the shift follows the resolution, as in its own sampler
+            assert config.use_dynamic_shifting
+        else:
+            assert config.flow_shift == shift
+    assert torch.isfinite(chosen).all()
+    assert torch.equal(_sample(backbone, size, PROMPTS[:1], scheduler=scheduler), chosen)
+    assert torch.equal(_sample(backbone, size, PROMPTS[:1]), default)  # back to the family's own
+
+
+@pytest.mark.parametrize("family", ["wan", "flux"])
+@pytest.mark.parametrize(("cache", "options"), [("first_block", {"threshold": 0.5}), ("pab", {})])
+def test_flow_families_cache_hooks_skip_work_within_tolerance(backbones, family, cache, options):
+    backbone, size = backbones[family]
+    handles, calls = _attention_calls(backbone.denoiser)
+    try:
+        plain = _sample(backbone, size, PROMPTS[:1], num_inference_steps=8)
+        full_calls, calls["n"] = calls["n"], 0
+        cached = _sample(
+            backbone, size, PROMPTS[:1], num_inference_steps=8, cache=cache, cache_options=options
+        )
+        cached_calls = calls["n"]
+    finally:
+        for handle in handles:
+            handle.remove()
+        _sample(backbone, size, PROMPTS[:1], num_inference_steps=1)  # the cache off again
+    assert cached_calls < full_calls
+    assert ((cached - plain).norm() / plain.norm()).item() < CACHE_TOLERANCE
+
+
+def test_unsupported_cache_on_sd3_is_a_recipe_error():
+    from mpo.sampling import check_sampling
+
+    problems = check_sampling(GenerateConfig(cache="first_block"), get_backbone_class("sd3").sampling_support)
+    assert problems and problems[0][0] == "generate.cache" and "not supported" in problems[0][1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_decoder_alone_decodes_the_pixels_of_the_full_pipeline(tmp_path, family):
+    from mpo.backbones.registry import load_backbone, load_decoder
+    from mpo.schema import ModelConfig
+
+    cls = get_backbone_class(family)
+    cls.tiny_pipeline().save_pretrained(tmp_path / family)
+    cfg = ModelConfig(family=family, path=str(tmp_path / family))
+    decoder, full = load_decoder(cfg), load_backbone(cfg)
+    loaded = {name for name, part in decoder.pipeline().components.items() if part is not None}
+    assert loaded == {"vae", "scheduler"}  # no denoiser, no text encoder read from disk
+    shape = full.latent_shape(GenerateConfig(**cls.tiny_size))
+    latents = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(decoder.decode(latents), full.decode(latents))
