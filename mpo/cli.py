@@ -9,6 +9,7 @@
     mpo recipe --help-keys                every recipe key with its type, default and help (--schema: JSON)
     mpo export-dataset RECIPE [--candidates] [--out DIR] [--push-to-hub REPO]   the pairs as a datasets dataset
     mpo report   RUN_DIR                  the run's pictures: curves, before/after, selected pairs
+    mpo calibrate RECIPE [key=value ...] [--setting K=V,...]   cheaper samplers vs the reference's pairs
 
 ``-v/--verbose`` and ``-q/--quiet`` (before or after the command) set the log level; ``--version``.
 
@@ -178,6 +179,25 @@ def _select(args: argparse.Namespace) -> None:
     return None
 
 
+def _calibrate(args: argparse.Namespace) -> None:
+    """``calibrate RECIPE [overrides] [--setting K=V,...]...``: the sampler table on a prompt subset."""
+    from mpo.calibrate import DEFAULT_SETTINGS, run_calibrate
+
+    if not 0 <= args.agreement <= 1:
+        args.parser.error(f"--agreement={args.agreement}: must be in [0, 1]")
+    if args.prompts < 1 or args.reference_steps < 1:
+        args.parser.error("--prompts and --reference-steps must be >= 1")
+    run_calibrate(
+        args.recipe,
+        args.overrides,
+        args.setting or list(DEFAULT_SETTINGS),
+        reference_steps=args.reference_steps,
+        prompts=args.prompts,
+        threshold=args.agreement,
+        out=args.out,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mpo",
@@ -201,6 +221,27 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
             sub.add_argument("--force", action="store_true", help=FORCE_HELP)
             sub.set_defaults(handler=_run_stage)
+    sub = commands.add_parser(
+        "calibrate",
+        help="which cheaper sampler keeps the reference sampler's pairs (on a prompt subset)",
+        description="Run the reference sampler and each --setting on a few train prompts, score and "
+        "select, print cost and pair agreement per setting and recommend the cheapest that agrees.",
+        parents=[common],
+    )
+    sub.add_argument("recipe", help="recipe YAML")
+    sub.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    sub.add_argument(
+        "--setting",
+        action="append",
+        metavar="K=V[,K=V]",
+        help="generate.* overrides of one candidate setting, e.g. scheduler=unipc,num_inference_steps=12 "
+        "(repeat for more; default: DPM-Solver++ 2M and UniPC at 10 / 15 / 20 steps, default at 25)",
+    )
+    sub.add_argument("--reference-steps", type=int, default=50, help="steps of the reference sampler")
+    sub.add_argument("--prompts", type=int, default=8, help="train prompts in the subset")
+    sub.add_argument("--agreement", type=float, default=0.9, help="agreement the recommendation must reach")
+    sub.add_argument("--out", help="also write the table as JSON here")
+    sub.set_defaults(handler=_calibrate, parser=sub)
     sub = commands.add_parser(
         "recipe", help="print the resolved recipe", description="print the resolved recipe", parents=[common]
     )

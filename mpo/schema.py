@@ -112,6 +112,15 @@ class GenerateConfig:
     seed: int = opt(0, "with (prompt_id, sample_idx) fixes each candidate's noise")
     prompts_per_shard: int = opt(16, "prompts per safetensors shard (the unit of resume)")
     previews: int = opt(16, "decoded PNG/MP4 previews written (0 = none)")
+    # Sampling cost (mpo.sampling; `mpo calibrate` measures what a cheaper setting keeps of the pairs)
+    scheduler: str = opt(
+        "default", "sampler: default (the family's own) | euler | dpmpp_2m | unipc | ddim | a diffusers class name"
+    )
+    scheduler_options: dict[str, Any] = opt_list(dict, "from_config overrides of that scheduler class")
+    cache: str = opt("none", "diffusers cache hook where the family supports it: none | first_block | faster | pab")
+    cache_options: dict[str, Any] = opt_list(dict, "fields of the cache config, e.g. threshold")
+    compile: str = opt("none", "torch.compile of the denoiser: none | regional (repeated blocks) | full")
+    batch_size: int | None = opt(None, "candidates per denoising batch, whole prompts (null: num_candidates)")
 
 
 @dataclass

@@ -7,7 +7,9 @@
 
 Decoded frames go to the reward in memory (images [3,H,W]; videos [T,3,H,W] at ``generate.fps``,
 from which the reward samples one frame per second), never through files. The reward is built once
-per process from ``recipe.reward``; the backbone is used only for ``decode``.
+per process from ``recipe.reward``. Of the generation model only the VAE is loaded
+(``Backbone.load_decoder``: the denoiser and text encoders are never read, so their memory is the
+reward's), decoding in the family's slices / tiles exactly as the full pipeline would.
 
 Work is split by shard, as in generate (shard g on rank g % world). Each shard's scores go to
 candidates/score-<g>.parquet atomically: that file is the unit of resume, and carries the reward
@@ -31,7 +33,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from mpo.backbones.base import Backbone
-from mpo.backbones.registry import load_backbone
+from mpo.backbones.registry import load_decoder
 from mpo.config import resolve_paths
 from mpo.distributed import (
     errors_reach_every_rank,
@@ -176,7 +178,7 @@ def score_stage(recipe: Any, accelerator: Accelerator | None = None, force: bool
         from reward.visionreward import VisionReward
 
         with main_process_first(acc), whole_model_loading():
-            backbone = load_backbone(recipe.model, acc.device)
+            backbone = load_decoder(recipe.model, acc.device)  # the VAE alone
         g = recipe.generate
         frames = g.num_frames if backbone.modality == "video" else 1
         check_fits(

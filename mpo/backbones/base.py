@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from mpo.backbones.schedules import PredictionType, TimestepSampler, TrainingSchedule
+from mpo.sampling import SamplingSettings, SamplingState, SamplingSupport, check_sampling, reset_cache
 
 if TYPE_CHECKING:
     from mpo.schema import GenerateConfig, ModelConfig, TrainConfig
@@ -175,6 +176,12 @@ class Backbone(ABC):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents to pixels in [0, 1] (images [B,3,H,W], videos [B,T,3,H,W])."""
 
+    @classmethod
+    def load_decoder(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> Backbone:
+        """What the score stage needs: a backbone whose ``decode`` works. A family may load less than
+        everything (the VAE alone); by default this is :meth:`load`."""
+        return cls.load(cfg, device)
+
     # ---- training ---------------------------------------------------------------------------------
     @property
     @abstractmethod
@@ -250,6 +257,8 @@ class DiffusersBackbone(Backbone):
     pipeline_class: ClassVar[type]
     denoiser_attr: str  # "unet" or "transformer" (a family may pick another per instance: transformer_2)
     tiny_pretrain_steps: ClassVar[int] = 100
+    # Scheduler names, cache hooks and compile blocks this family offers (mpo.sampling).
+    sampling_support: ClassVar[SamplingSupport] = SamplingSupport()
 
     def __init__(self, pipe, device: torch.device | str = "cpu") -> None:
         """Wrap a loaded pipeline: move it to ``device`` and freeze it.
@@ -265,10 +274,36 @@ class DiffusersBackbone(Backbone):
         pipe.set_progress_bar_config(disable=True)  # the stages draw their own progress bars
         self._pipe = pipe
         self._device = torch.device(device)
+        self._sampling = SamplingState(pipe.scheduler)
+
+    @classmethod
+    def check_generate_config(cls, gen: GenerateConfig) -> list[tuple[str, str]]:
+        """The sampling keys (scheduler, cache, compile) against what this family supports."""
+        return check_sampling(gen, cls.sampling_support)
+
+    def use_sampling(self, gen: GenerateConfig) -> None:
+        """Put the recipe's scheduler, cache hooks and compilation on the pipeline (nothing to do when
+        they are already there), and clear the cache hooks' state: every batch starts fresh. A
+        family's ``sample`` calls this before the pipeline's loop."""
+        denoiser = self.denoiser
+        settings = SamplingSettings.from_generate(gen)
+        self._sampling.apply(
+            settings, self._pipe, denoiser, self.sampling_support, lambda: self._pipe.current_timestep
+        )
+        reset_cache(denoiser)
 
     @classmethod
     def load(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> DiffusersBackbone:
         return cls(load_pipeline(cls.pipeline_class, cfg), device)
+
+    @classmethod
+    def load_decoder(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> DiffusersBackbone:
+        """The pipeline with its VAE (and scheduler config) only: every other component is passed as
+        None to ``from_pretrained``, so the denoiser and text encoders are never read from disk.
+        ``decode`` is the very method of a full load, with the family's slicing / tiling."""
+        modules, _ = cls.pipeline_class._get_signature_keys(cls.pipeline_class)
+        skip = {name: None for name in modules if name not in ("vae", "scheduler")}
+        return cls(load_pipeline(cls.pipeline_class, cfg, **skip), device)
 
     # ---- the tiny variant ------------------------------------------------------------------------
     @classmethod
@@ -324,8 +359,9 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def load_pipeline(pipeline_cls: type, cfg: ModelConfig):
-    """``pipeline_cls.from_pretrained(cfg.path, ...)`` with errors that name ``model.path``.
+def load_pipeline(pipeline_cls: type, cfg: ModelConfig, **components):
+    """``pipeline_cls.from_pretrained(cfg.path, ...)`` with errors that name ``model.path``;
+    ``components`` are passed on (None skips loading that component).
 
     A local folder holding another family's pipeline is refused before any weight is read, so a
     recipe pointing an SDXL adapter at a CogVideoX folder fails with one clear line, not a stack of

@@ -156,7 +156,7 @@ class SDXLBackbone(DiffusersBackbone):
 
     @classmethod
     def check_generate_config(cls, gen: GenerateConfig) -> list[tuple[str, str]]:
-        problems = []
+        problems = super().check_generate_config(gen)
         for key in ("height", "width"):
             value = getattr(gen, key)
             if value <= 0 or value % 8:
@@ -210,6 +210,7 @@ class SDXLBackbone(DiffusersBackbone):
     def sample(
         self, embeds: Embeddings, negative: Embeddings, noise: torch.Tensor, gen: GenerateConfig
     ) -> torch.Tensor:
+        self.use_sampling(gen)
         batch = noise.shape[0]
         negative = repeat_rows(negative, batch, "negative")
         embeds = repeat_rows(embeds, batch, "embeds")
