@@ -384,7 +384,7 @@ def load_pipeline(pipeline_cls: type, cfg: ModelConfig, **components):
     # diffusers renamed `torch_dtype` to `dtype` (the old name warns on every load); older releases
     # only know the old one.
     dtype_key = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
-    components = {}
+    components = dict(components)
     if getattr(cfg, "vae_path", None):  # model.vae_path: e.g. an fp16-safe SDXL VAE
         components["vae"] = load_vae_override(cfg.vae_path, dtype, dtype_key)
     try:
