@@ -16,6 +16,7 @@ import torch
 
 import mpo.train
 from mpo.config import load_recipe
+from mpo.distributed import end_session
 
 
 def main() -> None:
@@ -51,6 +52,7 @@ def main() -> None:
     out = Path(recipe.output_dir) / "ranks" / f"rank-{accelerator.process_index}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record))
+    end_session(accelerator)  # the script built the Accelerator, so it tears the group down, as mpo does
 
 
 if __name__ == "__main__":
