@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pandas as pd
@@ -141,10 +141,22 @@ def score_shard(
 
 
 @errors_reach_every_rank
-def score_stage(recipe: Any, accelerator: Accelerator | None = None, force: bool = False) -> dict[str, Any]:
-    """Score every shard not scored yet, then write scores.parquet."""
+def score_stage(
+    recipe: Any,
+    accelerator: Accelerator | None = None,
+    force: bool = False,
+    *,
+    run: RunDir | None = None,
+    load_model: Callable[[], Backbone] | None = None,
+    load_reward: Callable[[], Any] | None = None,
+) -> dict[str, Any]:
+    """Score every shard not scored yet, then write scores.parquet.
+
+    An iterative run (:mod:`mpo.rounds`) gives a round's ``run`` directory and the models it keeps
+    loaded across rounds: ``load_model`` (whose VAE decodes) and ``load_reward``, each called only
+    when a shard is to be scored, on every process at once."""
     acc = accelerator if accelerator is not None else make_accelerator(recipe)
-    run = RunDir.from_recipe(recipe)
+    run = run if run is not None else RunDir.from_recipe(recipe)
     start = time.perf_counter()
     for path in (run.prompts_parquet, run.candidates_parquet):
         if not path.exists():
@@ -167,8 +179,11 @@ def score_stage(recipe: Any, accelerator: Accelerator | None = None, force: bool
     if pending:
         from reward.visionreward import VisionReward
 
-        with main_process_first(acc), whole_model_loading():
-            backbone = load_backbone(recipe.model, acc.device)
+        if load_model is not None:
+            backbone = load_model()
+        else:
+            with main_process_first(acc), whole_model_loading():
+                backbone = load_backbone(recipe.model, acc.device)
         g = recipe.generate
         frames = g.num_frames if backbone.modality == "video" else 1
         check_fits(
@@ -177,7 +192,7 @@ def score_stage(recipe: Any, accelerator: Accelerator | None = None, force: bool
             ["reward.batch_size", "generate.height / width / num_frames"],
             acc.device,
         )
-        reward = VisionReward.from_config(recipe.reward, device=acc.device)
+        reward = load_reward() if load_reward is not None else VisionReward.from_config(recipe.reward, device=acc.device)
         store = CandidateStore(run)
         groups = {name: rows.sort_values("offset") for name, rows in manifest.groupby("shard")}
         progress = tqdm(

@@ -117,6 +117,7 @@ class Trainer:
     resumed_from: int | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     resumable: Resumable | None = None  # what a checkpoint saves besides the progress
+    until: int | None = None  # the step training stops at (an iterative run's round end; None: max_steps)
 
 
 # ---- setup ----------------------------------------------------------------------------------------
@@ -277,8 +278,11 @@ def result_settings(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k != "layout"}
 
 
-def setup(recipe: Any, acc: Accelerator, run: RunDir, settings: dict[str, Any]) -> Trainer:
-    """Build model, optimizer, data and eval inputs; resume from the latest checkpoint if any."""
+def setup(
+    recipe: Any, acc: Accelerator, run: RunDir, settings: dict[str, Any], resumed_settings: dict[str, Any] | None = None
+) -> Trainer:
+    """Build model, optimizer, data and eval inputs; resume from the latest checkpoint if any (which
+    must have been made with ``resumed_settings``, by default ``settings``)."""
     pairs = load_train_pairs(run)
     verified = verify_candidates(run, acc.process_index, acc.num_processes)  # this rank's share
     wait_for_everyone(acc)  # every share checked: all of them are
@@ -298,7 +302,7 @@ def setup(recipe: Any, acc: Accelerator, run: RunDir, settings: dict[str, Any]) 
         save_weights=lambda folder, state: save_weights(backbone, acc.unwrap_model(model), state, finetune, folder),
         load_weights=lambda folder: load_weights_into(backbone, acc.unwrap_model(model), finetune, folder),
     )
-    progress = resume(resumable, run, settings)
+    progress = resume(resumable, run, settings, resumed_settings)
     bounds = timestep_bounds(recipe.train.timestep_range, backbone.num_train_timesteps)
     loader = make_dataloader(
         PairDataset(run, pairs, recipe.train.seed, bounds, verified=verified),
@@ -330,16 +334,19 @@ def setup(recipe: Any, acc: Accelerator, run: RunDir, settings: dict[str, Any]) 
     return trainer
 
 
-def resume(r: Resumable, run: RunDir, settings: dict[str, Any]) -> TrainProgress:
+def resume(
+    r: Resumable, run: RunDir, settings: dict[str, Any], resumed_settings: dict[str, Any] | None = None
+) -> TrainProgress:
     """Load the latest complete checkpoint (weights, optimizer, scheduler, RNG) if there is one, after
-    checking that it was made with the settings of this run; returns where training stands."""
+    checking that it was made with the settings of this run (or ``resumed_settings``: a round of an
+    iterative run starts from the previous round's last checkpoint); returns where training stands."""
     progress = TrainProgress(settings=settings)
     latest = latest_checkpoint(run)
     if latest is None:
         return progress
     path = latest[1]
     stored = read_progress(path)
-    check_settings(path, stored.settings, settings)
+    check_settings(path, stored.settings, resumed_settings if resumed_settings is not None else settings)
     load_checkpoint(r, path, verified=True)  # train_stage checked every file already
     progress.step, progress.pairs_seen, progress.id = stored.step, stored.pairs_seen, stored.id
     return progress
@@ -426,17 +433,18 @@ def stop_if_not_finite(t: Trainer, values: torch.Tensor, pairs: torch.Tensor, st
 
 # ---- the loop ---------------------------------------------------------------------------------------
 def train_loop(t: Trainer) -> dict[str, Any]:
-    """Step, log, eval, checkpoint, until ``train.max_steps`` optimizer steps."""
+    """Step, log, eval, checkpoint, until ``train.max_steps`` optimizer steps (or ``t.until``)."""
     cfg, acc, progress = t.recipe.train, t.acc, t.progress
+    until = t.until if t.until is not None else cfg.max_steps
     pairs_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * acc.num_processes
     if progress.step == 0 and not evaluated(t.run, 0):
         run_eval(t, 0)
     bar = tqdm(
-        total=cfg.max_steps, initial=progress.step, desc="train", unit="step", disable=not acc.is_main_process
+        total=until, initial=progress.step, desc="train", unit="step", disable=not acc.is_main_process
     )
     start_step, started, window, grad_norm = progress.step, time.perf_counter(), [], None
     stop = stop_on_signals()  # undone by train_stage
-    while progress.step < cfg.max_steps:
+    while progress.step < until:
         step, step_pairs = progress.step + 1, []
         for _ in range(cfg.gradient_accumulation_steps):
             batch = next(t.loader)
@@ -459,14 +467,14 @@ def train_loop(t: Trainer) -> dict[str, Any]:
         progress.step, progress.pairs_seen = step, progress.pairs_seen + pairs_per_step
         bar.update(1)
 
-        if step % max(t.recipe.tracking.log_every, 1) == 0 or step == cfg.max_steps:
+        if step % max(t.recipe.tracking.log_every, 1) == 0 or step == until:
             log_train(t, window, grad_norm, step)
             window = []
-        if (t.recipe.eval.every > 0 and step % t.recipe.eval.every == 0) or step == cfg.max_steps:
+        if (t.recipe.eval.every > 0 and step % t.recipe.eval.every == 0) or step == until:
             run_eval(t, step)
-        if (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or step == cfg.max_steps:
+        if (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or step == until:
             checkpoint(t)
-        if step < cfg.max_steps and (signum := stop.agreed()) is not None:
+        if step < until and (signum := stop.agreed()) is not None:
             stop_here(t, signum)
     bar.close()
     seconds = time.perf_counter() - started
@@ -554,42 +562,57 @@ def stop_here(t: Trainer, signum: int) -> None:
 
 # ---- the stage ---------------------------------------------------------------------------------------
 @errors_reach_every_rank
-def train_stage(recipe: Any, accelerator: Accelerator | None = None, force: bool = False) -> dict[str, Any]:
+def train_stage(
+    recipe: Any, accelerator: Accelerator | None = None, force: bool = False, *, train_round: Any = None
+) -> dict[str, Any]:
     """Train (or finish training) the run; skipped when a checkpoint at ``train.max_steps`` made with
     this run's settings exists. Checkpoints made with other settings are refused, or with ``force``
-    discarded (with eval.parquet) and training starts again."""
-    run = RunDir.from_recipe(recipe)
+    discarded (with eval.parquet) and training starts again.
+
+    ``train_round`` (:class:`mpo.rounds.TrainRound`): one round of an iterative run, trained on the
+    round's pairs up to the round's last step, from the previous round's last checkpoint."""
+    run = train_round.run if train_round is not None else RunDir.from_recipe(recipe)
+    until = train_round.until if train_round is not None else recipe.train.max_steps
     started = time.perf_counter()
     load_train_pairs(run)  # the inputs exist, or an error says which stage to run
     acc = accelerator if accelerator is not None else setup_accelerator(recipe)
     settings = run_settings(recipe, acc, run)
+    if train_round is not None:
+        settings["rounds"] = train_round.settings
     if is_main(acc):
         remove_incomplete(run)  # of a killed run: nobody writes checkpoints before the exchange below
     wait_for_everyone(acc)
     latest = latest_checkpoint(run)
-    if latest is not None and not _may_continue(latest, settings, recipe.train.max_steps, force):
+    resumed = train_round.resumed_settings(latest, settings) if train_round is not None else settings
+    if latest is not None and not _may_continue(latest, resumed, until, force):
         if is_main(acc):
             discard_training(run)
         wait_for_everyone(acc)
         latest = None
-    if latest is not None and latest[0] < recipe.train.max_steps:
+    if latest is not None and latest[0] < until:
         verify_checkpoint(latest[1], acc.process_index, is_deepspeed(acc))  # before any model is built
         wait_for_everyone(acc)
-    if latest is not None and latest[0] >= recipe.train.max_steps:
+    if latest is not None and latest[0] >= until:
         summary = {"output_dir": str(run.root), "steps": latest[0], "steps trained now": 0, "trained": False}
         _print(acc, "train (up to date)", summary)
         if accelerator is None:
             end_session(acc)
         return summary
-    init_tracking(recipe, acc, run)
+    owns_trackers = not acc.trackers  # an iterative run keeps one tracker run across its rounds
+    if owns_trackers:
+        init_tracking(recipe, acc, run)
     try:
-        t = setup(recipe, acc, run, settings)
+        t = setup(recipe, acc, run, settings, resumed)
+        t.until = until
+        if train_round is not None:
+            train_round.prepare(t)  # e.g. the reference: the policy the round started from
         done = train_loop(t)
     finally:
         restore_signals()
-        for tracker in acc.trackers:  # the process group lives on: ``mpo run`` exports next
+        for tracker in acc.trackers if owns_trackers else ():  # the group lives on: ``mpo run`` exports next
             tracker.finish()
-        acc.trackers = []
+        if owns_trackers:
+            acc.trackers = []
     best = read_best(run)
     summary = {
         "output_dir": str(run.root),
