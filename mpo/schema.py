@@ -21,6 +21,8 @@ ATTENTION = ("sdpa", "xformers")
 TRACKERS = ("wandb", "tensorboard", "none")
 TRACKER_MODES = ("online", "offline")
 EXPORT_WHICH = ("best", "last")
+ROUND_PROMPTS = ("same", "fresh")
+ROUND_REFERENCES = ("base", "previous")
 
 
 @dataclass
@@ -135,6 +137,19 @@ class ExportConfig:
 
 
 @dataclass
+class RoundsConfig:
+    """Iterative MPO (``mpo run`` only): each round generates from the policy the previous round
+    trained, scores, selects dominant pairs and trains on them. Off (count 0) by default."""
+
+    count: int = 0  # rounds (0: offline, one generate -> score -> select -> train over the run)
+    steps: int | None = None  # optimizer steps per round (null: train.max_steps / count; count x steps = max_steps)
+    prompts: str = "same"  # same: every round on the same train prompts | fresh: a new slice each round
+    prompts_per_round: int | None = None  # train prompts per round (null: all; fresh: an equal share each)
+    reference: str = "base"  # base: the frozen base model | previous: the policy the round started from
+    max_pairs: int | None = None  # pairs kept per round, by select.cap_strategy (null: all selected)
+
+
+@dataclass
 class Recipe:
     name: str = "run"
     output_dir: str = "runs/${name}"
@@ -148,3 +163,4 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
