@@ -226,7 +226,12 @@ def model_card(recipe: Any, run: RunDir, backbone: Backbone, record: dict[str, A
         )
     lines += ["", "## Preference pairs", ""]
     stats_path = run.root / STATS_NAME
-    if stats_path.exists():
+    if recipe.rounds.count:  # iterative: each round selected its own pairs
+        from mpo.rounds import rounds_markdown
+
+        lines += [f"{recipe.rounds.count} rounds, each sampling from the policy the round before trained.", ""]
+        lines += rounds_markdown(run, recipe)
+    elif stats_path.exists():
         stats = json.loads(stats_path.read_text())
         lines += ["| statistic | value |", "|---|---|"]
         lines += [f"| {k} | {_short(v)} |" for k, v in stats.items() if k not in ("config", "source")]
