@@ -1,0 +1,350 @@
+"""Iterative MPO (``rounds`` in the recipe): each round samples from the policy the round before
+trained, under one training state; a rerun does nothing; a killed run resumes to the uninterrupted
+one's candidates, pairs and weights; 2 processes give the 1-process result."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mpo.backbones.base import load_backbone
+from mpo.backbones.tiny import SDXL_SIZE
+from mpo.cli import main
+from mpo.config import RecipeError, load_recipe
+from mpo.generate import generate_shard, generation_fingerprint, plan_shards
+from mpo.rounds import POLICY_DIR, RECORD, round_prompts, round_recipe, round_seed, rounds_table
+from mpo.run import run_all
+from mpo.select import SelectConfig, cap_total, select_pairs
+from mpo.store import CandidateStore, RunDir, read_parquet
+from mpo.train_state import latest_checkpoint, read_progress
+from mpo.weights import load_weights_into
+from tests.scripts.tiny_runs import ROOT, SDXL, checkpoint_tensors
+
+ROUNDS = 2
+STEPS = 2  # per round
+
+
+def rounds_overrides(out: Path, models: Path, *extra: str) -> list[str]:
+    """A tiny iterative run: 2 rounds of 2 steps, each on its own 3 of 6 train prompts, 1 per shard."""
+    return [
+        f"output_dir={out}",
+        f"model.path={models / 'sdxl'}",
+        "prompts.limit=7",
+        "prompts.val_count=1",
+        "generate.num_candidates=3",
+        "generate.num_inference_steps=2",
+        f"generate.height={SDXL_SIZE['height']}",
+        f"generate.width={SDXL_SIZE['width']}",
+        "generate.previews=0",
+        "generate.prompts_per_shard=1",
+        "select.threshold=0.0",
+        f"train.max_steps={ROUNDS * STEPS}",
+        "train.checkpoint_every=1",
+        "train.keep_checkpoints=3",  # step 1 is pruned; round 0's last one (step 2) stays for the tests
+        "train.batch_size=2",
+        "eval.every=0",
+        "eval.num_prompts=1",
+        "eval.samples_per_prompt=1",
+        "tracking.tracker=none",
+        f"rounds.count={ROUNDS}",
+        "rounds.prompts=fresh",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def straight(models, tmp_path_factory) -> Path:
+    """An uninterrupted iterative run, finished by ``mpo run``."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("rounds") / "run"
+    assert main(["run", str(SDXL), *rounds_overrides(out, models)]) == 0
+    return out
+
+
+# ---- the recipe ---------------------------------------------------------------------------------------
+def _prompts(train: int, val: int = 2) -> pd.DataFrame:
+    ids = range(train + val)
+    return pd.DataFrame({"prompt_id": list(ids), "split": ["train"] * train + ["val"] * val})
+
+
+def _recipe(*extra: str):
+    return load_recipe(str(SDXL), ["train.max_steps=6", "rounds.count=3", *extra])
+
+
+def test_fresh_rounds_take_disjoint_slices_that_cover_the_train_prompts_and_same_rounds_repeat():
+    prompts = _prompts(9)
+    fresh = [
+        round_prompts(prompts, _recipe("rounds.prompts=fresh"), r)["prompt_id"].tolist() for r in range(3)
+    ]
+    assert [len(s) for s in fresh] == [3, 3, 3]
+    assert sorted(s for f in fresh for s in f) == list(range(9))  # every train prompt once, no held-out one
+    assert fresh[0] != [0, 1, 2]  # a seeded permutation, not the file's order
+    # More rounds than slices: taken cyclically; fixed share per round.
+    recipe = _recipe("rounds.prompts=fresh", "rounds.prompts_per_round=4")
+    cycle = [set(round_prompts(prompts, recipe, r)["prompt_id"]) for r in range(3)]
+    assert all(len(s) == 4 for s in cycle) and cycle[0] | cycle[1] | cycle[2] == set(range(9))
+    same = [
+        round_prompts(prompts, _recipe("rounds.prompts_per_round=5"), r)["prompt_id"].tolist()
+        for r in range(3)
+    ]
+    assert same[0] == same[1] == same[2] and len(same[0]) == 5
+    with pytest.raises(Exception, match=r"rounds\.prompts_per_round=12"):
+        round_prompts(prompts, _recipe("rounds.prompts_per_round=12"), 0)
+
+
+def test_round_0_samples_with_the_recipes_seed_and_later_rounds_with_their_own():
+    recipe = _recipe("generate.seed=7")
+    seeds = [round_recipe(recipe, r).generate.seed for r in range(4)]
+    assert seeds[0] == 7 and len(set(seeds)) == 4
+    assert seeds == [round_seed(7, r) for r in range(4)] and round_seed(8, 1) != seeds[1]
+    assert recipe.generate.seed == 7  # the run's recipe is left alone
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        (["train.max_steps=7"], "rounds.count"),
+        (["rounds.steps=3"], "rounds.steps"),
+        (["rounds.prompts=new"], "rounds.prompts"),
+        (["rounds.reference=policy"], "rounds.reference"),
+        (["rounds.max_pairs=0"], "rounds.max_pairs"),
+        (["rounds.count=-1"], "rounds.count"),
+    ],
+)
+def test_bad_rounds_settings_are_refused_naming_the_key(extra, key):
+    with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
+        _recipe(*extra)
+
+
+def test_a_rounds_recipe_runs_its_data_stages_only_through_mpo_run(tmp_path, capsys):
+    code = main(
+        ["generate", str(SDXL), f"output_dir={tmp_path / 'run'}", "train.max_steps=4", "rounds.count=2"]
+    )
+    assert code == 2
+    assert "rounds.count=2" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_the_tiny_rounds_recipe_loads():
+    recipe = load_recipe(str(ROOT / "recipes" / "tiny" / "sdxl_rounds.yaml"))
+    assert recipe.rounds.count * recipe.rounds.steps == recipe.train.max_steps
+
+
+def test_the_pair_cap_keeps_the_largest_margins_and_recounts():
+    # 3 prompts x 4 candidates, totals ordered on the one dimension: every ordered pair dominates.
+    rng = np.random.default_rng(0)
+    total = rng.normal(size=12)
+    scores = pd.DataFrame(
+        {
+            "prompt_id": np.repeat([0, 1, 2], 4),
+            "sample_idx": np.tile(range(4), 3),
+            "total": total,
+            "dim.a": total,
+        }
+    )
+    cfg = SelectConfig(rule="mpo", threshold=0.0, cap_strategy="largest_margin")
+    pairs, stats = select_pairs(scores, cfg)
+    assert len(pairs) == 18
+    kept = cap_total(pairs, stats, 5, cfg)
+    assert sorted(kept["margin"]) == sorted(pairs["margin"])[-5:]
+    per_prompt = kept["prompt_id"].value_counts()
+    assert (stats.pairs, stats.removed_by_cap, stats.kept_dominant) == (5, 13, 5)
+    assert (
+        stats.prompts_without_pairs == 3 - len(per_prompt) and stats.pairs_per_prompt_max == per_prompt.max()
+    )
+    assert stats.config["max_pairs"] == 5
+    cfg = SelectConfig(rule="mpo", threshold=0.0, cap_strategy="random")
+    first = cap_total(*select_pairs(scores, cfg), 5, cfg)
+    assert first.equals(cap_total(*select_pairs(scores, cfg), 5, cfg)) and len(first) == 5
+
+
+# ---- a whole iterative run ------------------------------------------------------------------------------
+def test_every_round_has_its_folder_and_one_training_runs_across_them(straight):
+    root = RunDir(straight)
+    records = []
+    for index in range(ROUNDS):
+        view = root.round_dir(index)
+        for path in (view.candidates_parquet, view.scores_parquet, view.pairs_parquet, view.folder / RECORD):
+            assert path.exists(), path
+        records.append(json.loads((view.folder / RECORD).read_text()))
+        assert records[-1]["step"] == (index + 1) * STEPS
+    # The rounds' prompts: disjoint slices of the train split.
+    ids = [set(read_parquet(root.round_dir(r).candidates_parquet)["prompt_id"]) for r in range(ROUNDS)]
+    assert not ids[0] & ids[1]
+    train = read_parquet(root.prompts_parquet).query("split == 'train'")["prompt_id"]
+    assert ids[0] | ids[1] == set(train)
+    # One training: checkpoints at the root, the step counting on across rounds, eval at each round's end.
+    step, last = latest_checkpoint(root)
+    assert step == ROUNDS * STEPS and read_progress(last).settings["rounds"]["round"] == ROUNDS - 1
+    assert read_progress(last).id == records[-1]["checkpoint id"]
+    assert read_parquet(root.eval_parquet)["step"].tolist() == [0, STEPS, 2 * STEPS]
+    assert not (root.root / "candidates").exists() and not (root.root / "pairs.parquet").exists()
+    # Round 1 sampled from the checkpoint round 0 ended on, and its shards say so.
+    policy = json.loads((root.round_dir(1).folder / POLICY_DIR / "policy.json").read_text())
+    assert policy == {
+        "step": STEPS,
+        "checkpoint": records[0]["checkpoint"],
+        "checkpoint id": records[0]["checkpoint id"],
+    }
+    assert (root.export / "export.json").exists()
+    # The per-round table agrees with each round's selection statistics.
+    table = rounds_table(root, load_recipe(str(root.recipe_yaml)))
+    assert table["round"].tolist() == list(range(ROUNDS))
+    for index, row in table.iterrows():
+        stats = json.loads((root.round_dir(index).folder / "select_stats.json").read_text())
+        assert (row["pairs"], row["#Dom"]) == (stats["pairs"], stats["threshold_pairs_dominant"])
+    assert table["eval total"].notna().all()
+
+
+def test_round_1_candidates_are_the_policy_round_0_trained_sampling_them(straight, models, tmp_path):
+    """Made again here with a model loaded from disk and given round 0's final weights by hand: the
+    same latents. Made with the base model: other latents (what sampling the base would give)."""
+    torch.set_num_threads(1)
+    root = RunDir(straight)
+    recipe = round_recipe(load_recipe(str(root.recipe_yaml)), 1)
+    view = root.round_dir(1)
+    prompts = read_parquet(root.prompts_parquet).set_index("prompt_id")
+    ids = sorted(set(read_parquet(view.candidates_parquet)["prompt_id"]))[:1]
+    plan = plan_shards(prompts.loc[ids].reset_index(), 1)[0]
+    negative = CandidateStore(view).negative_embeddings()
+    stored = CandidateStore(view).latents([ids[0]] * 3, [0, 1, 2])
+    weights = (
+        root.checkpoints
+        / json.loads((root.round_dir(0).folder / RECORD).read_text())["checkpoint"]
+        / "weights"
+    )
+
+    def made_by(trained: bool) -> torch.Tensor:
+        backbone = load_backbone(recipe.model, torch.device("cpu"))
+        if trained:
+            load_weights_into(backbone, backbone.denoiser, "full", weights)
+        again = RunDir(tmp_path / ("trained" if trained else "base"))
+        again.candidates_dir.mkdir(parents=True)
+        with torch.no_grad():
+            generate_shard(
+                backbone, plan, negative, recipe, again, generation_fingerprint(recipe), torch.device("cpu")
+            )
+        return load_file(str(again.shard(plan.index)))["latents"]
+
+    assert torch.equal(made_by(True), stored)
+    assert not torch.allclose(made_by(False), stored, atol=1e-4)
+
+
+def test_a_finished_iterative_run_does_nothing_when_run_again(straight, models):
+    times = {p: p.stat().st_mtime_ns for p in straight.rglob("*") if p.is_file()}
+    reports = run_all(load_recipe(str(SDXL), rounds_overrides(straight, models)))
+    names = [f"round {r}: {s}" for r in range(ROUNDS) for s in ("generate", "score", "select", "train")]
+    assert [r.name for r in reports] == [*names, "export"]
+    assert [r.name for r in reports if r.did_work] == []
+    assert {p: p.stat().st_mtime_ns for p in times if p.exists()} == times
+
+
+# ---- slow: kills and 2 processes ------------------------------------------------------------------------
+ENV_KEYS = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _slowed(out: Path, models: Path, markers: Path) -> subprocess.Popen:
+    import os
+
+    script = ROOT / "tests" / "scripts" / "slow_rounds.py"
+    command = [
+        sys.executable,
+        str(script),
+        "3",
+        str(markers),
+        "run",
+        str(SDXL),
+        *rounds_overrides(out, models),
+    ]
+    return subprocess.Popen(
+        command, cwd=ROOT, env={**os.environ, **ENV_KEYS}, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _kill_when(process: subprocess.Popen, marker: Path, timeout: float = 240) -> None:
+    try:
+        deadline = time.monotonic() + timeout
+        while not marker.exists():
+            assert process.poll() is None, f"exited before {marker.name}: {process.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {marker.name} in time"
+            time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """The same candidates (latents bit for bit), pairs and final weights."""
+    ra, rb = RunDir(a), RunDir(b)
+    for index in range(ROUNDS):
+        va, vb = ra.round_dir(index), rb.round_dir(index)
+        pd.testing.assert_frame_equal(
+            read_parquet(va.candidates_parquet), read_parquet(vb.candidates_parquet)
+        )
+        pd.testing.assert_frame_equal(read_parquet(va.pairs_parquet), read_parquet(vb.pairs_parquet))
+        manifest = read_parquet(va.candidates_parquet)
+        ids, idx = manifest["prompt_id"].tolist(), manifest["sample_idx"].tolist()
+        assert torch.equal(CandidateStore(va).latents(ids, idx), CandidateStore(vb).latents(ids, idx)), index
+    final = f"step-{ROUNDS * STEPS}"
+    wa, wb = checkpoint_tensors(ra.checkpoints / final), checkpoint_tensors(rb.checkpoints / final)
+    assert wa.keys() == wb.keys() and wa
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), [k for k in wa if not torch.equal(wa[k], wb[k])][:3]
+
+
+@pytest.mark.slow
+def test_killed_mid_generate_of_round_1_and_mid_train_of_round_1_resumes_to_the_uninterrupted_run(
+    straight, models, tmp_path
+):
+    out, markers = tmp_path / "run", tmp_path / "markers"
+    # Killed after round 1's first shard, while it sleeps before the second.
+    _kill_when(_slowed(out, models, markers), markers / "round-001-shard-00000.safetensors")
+    view = RunDir(out).round_dir(1)
+    assert view.shard(0).exists() and not view.shard(1).exists()
+    first = view.shard(0).stat().st_mtime_ns
+    # Killed again in round 1's second step (its first checkpointed), then finished undisturbed.
+    _kill_when(_slowed(out, models, markers), markers / f"step-{STEPS + 2}")
+    assert view.shard(0).stat().st_mtime_ns == first  # kept, not sampled again
+    assert latest_checkpoint(RunDir(out))[0] == STEPS + 1
+    assert main(["run", str(SDXL), *rounds_overrides(out, models)]) == 0
+    assert_same_run(straight, out)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_rounds_on_two_ddp_processes_give_the_one_process_run(straight, models, tmp_path):
+    from tests.test_launch_run import DDP, assert_same_training, launch
+
+    out = tmp_path / "run"
+    result = launch(
+        DDP, ["run", str(SDXL), *rounds_overrides(out, models, "train.batch_size=1")], timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-2500:] + result.stderr[-3500:]
+    assert result.stdout.count("mpo run ->") == 1
+    ra, rb = RunDir(straight), RunDir(out)
+    for index in range(ROUNDS):  # each candidate is a function of its seed: the same on any process count
+        va, vb = ra.round_dir(index), rb.round_dir(index)
+        manifest = read_parquet(va.candidates_parquet)
+        ids, idx = manifest["prompt_id"].tolist(), manifest["sample_idx"].tolist()
+        assert torch.allclose(
+            CandidateStore(va).latents(ids, idx), CandidateStore(vb).latents(ids, idx), atol=1e-5
+        )
+        pd.testing.assert_frame_equal(
+            read_parquet(va.pairs_parquet)[["prompt_id", "win", "lose"]],
+            read_parquet(vb.pairs_parquet)[["prompt_id", "win", "lose"]],
+        )
+    final = f"step-{ROUNDS * STEPS}"
+    base = load_file(str(models / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert_same_training(
+        checkpoint_tensors(ra.checkpoints / final),
+        checkpoint_tensors(rb.checkpoints / final),
+        {f"denoiser/{k}": v for k, v in base.items()},
+    )
