@@ -17,17 +17,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import mpo.train
 from mpo.backbones.base import load_backbone
 from mpo.backbones.tiny import SDXL_SIZE
 from mpo.cli import main
 from mpo.config import RecipeError, load_recipe
 from mpo.generate import generate_shard, generation_fingerprint, plan_shards
+from mpo.policy import load_policy
 from mpo.rounds import POLICY_DIR, RECORD, round_prompts, round_recipe, round_seed, rounds_table
 from mpo.run import run_all
 from mpo.select import SelectConfig, cap_total, select_pairs
 from mpo.store import CandidateStore, RunDir, read_parquet
 from mpo.train_state import latest_checkpoint, read_progress
-from mpo.weights import load_weights_into
 from tests.scripts.tiny_runs import ROOT, SDXL, checkpoint_tensors
 
 ROUNDS = 2
@@ -62,12 +63,36 @@ def rounds_overrides(out: Path, models: Path, *extra: str) -> list[str]:
     ]
 
 
+class Margins(dict):
+    """The largest |reward margin| of every optimizer step's pairs, by step (``mpo.train.dpo_step``
+    wrapped while a run trains in this process)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.original = mpo.train.dpo_step
+
+    def __enter__(self) -> Margins:
+        def recorded(t, batch):
+            out = self.original(t, batch)
+            self[t.progress.step + 1] = out.reward_margin.detach().abs().max().item()
+            return out
+
+        mpo.train.dpo_step = recorded
+        return self
+
+    def __exit__(self, *exc) -> None:
+        mpo.train.dpo_step = self.original
+
+
 @pytest.fixture(scope="module")
 def straight(models, tmp_path_factory) -> Path:
-    """An uninterrupted iterative run, finished by ``mpo run``."""
+    """An uninterrupted iterative run, finished by ``mpo run`` (full fine-tuning, the base as the
+    reference); its margins in ``margins.json`` beside it."""
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("rounds") / "run"
-    assert main(["run", str(SDXL), *rounds_overrides(out, models)]) == 0
+    with Margins() as margins:
+        assert main(["run", str(SDXL), *rounds_overrides(out, models)]) == 0
+    (out.parent / "margins.json").write_text(json.dumps(margins))
     return out
 
 
@@ -205,38 +230,86 @@ def test_every_round_has_its_folder_and_one_training_runs_across_them(straight):
     assert table["eval total"].notna().all()
 
 
-def test_round_1_candidates_are_the_policy_round_0_trained_sampling_them(straight, models, tmp_path):
-    """Made again here with a model loaded from disk and given round 0's final weights by hand: the
-    same latents. Made with the base model: other latents (what sampling the base would give)."""
-    torch.set_num_threads(1)
-    root = RunDir(straight)
+def sampled_again(run: Path, trained: bool, tmp_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stored, again): the latents of round 1's first prompt as the run stored them, and as a model
+    loaded here from disk samples them with the round's seeds, given round 0's final weights by hand
+    from its last checkpoint (``trained``) or left the base."""
+    root = RunDir(run)
     recipe = round_recipe(load_recipe(str(root.recipe_yaml)), 1)
     view = root.round_dir(1)
     prompts = read_parquet(root.prompts_parquet).set_index("prompt_id")
-    ids = sorted(set(read_parquet(view.candidates_parquet)["prompt_id"]))[:1]
-    plan = plan_shards(prompts.loc[ids].reset_index(), 1)[0]
+    first = sorted(set(read_parquet(view.candidates_parquet)["prompt_id"]))[0]
+    plan = plan_shards(prompts.loc[[first]].reset_index(), 1)[0]
+    record = json.loads((root.round_dir(0).folder / RECORD).read_text())
+    backbone = load_backbone(recipe.model, torch.device("cpu"))
+    if trained:
+        load_policy(
+            backbone, recipe.model, recipe.model.finetune, root.checkpoints / record["checkpoint"] / "weights"
+        )
+    again = RunDir(tmp_path / ("trained" if trained else "base"))
+    again.candidates_dir.mkdir(parents=True)
     negative = CandidateStore(view).negative_embeddings()
-    stored = CandidateStore(view).latents([ids[0]] * 3, [0, 1, 2])
-    weights = (
-        root.checkpoints
-        / json.loads((root.round_dir(0).folder / RECORD).read_text())["checkpoint"]
-        / "weights"
-    )
+    with torch.no_grad():
+        generate_shard(
+            backbone, plan, negative, recipe, again, generation_fingerprint(recipe), torch.device("cpu")
+        )
+    n = recipe.generate.num_candidates
+    return CandidateStore(view).latents([first] * n, list(range(n))), load_file(str(again.shard(plan.index)))[
+        "latents"
+    ]
 
-    def made_by(trained: bool) -> torch.Tensor:
-        backbone = load_backbone(recipe.model, torch.device("cpu"))
-        if trained:
-            load_weights_into(backbone, backbone.denoiser, "full", weights)
-        again = RunDir(tmp_path / ("trained" if trained else "base"))
-        again.candidates_dir.mkdir(parents=True)
-        with torch.no_grad():
-            generate_shard(
-                backbone, plan, negative, recipe, again, generation_fingerprint(recipe), torch.device("cpu")
+
+def test_round_1_candidates_are_the_policy_round_0_trained_sampling_them(straight, tmp_path):
+    """Made again with a model loaded from disk and given round 0's final weights: the same latents;
+    with the base model: other latents (what a round that sampled the base would have stored)."""
+    torch.set_num_threads(1)
+    stored, again = sampled_again(straight, True, tmp_path)
+    assert torch.equal(stored, again)
+    stored, base = sampled_again(straight, False, tmp_path)
+    assert not torch.allclose(stored, base, atol=1e-4)
+
+
+def test_the_reference_stays_the_base_by_default(straight):
+    margins = {int(k): v for k, v in json.loads((straight.parent / "margins.json").read_text()).items()}
+    assert margins[1] < 1e-4  # step 0: the policy is the base
+    assert margins[STEPS + 1] > 1e-3  # round 1's first step: the policy moved away from the base
+
+
+MOVING = {
+    "lora": [
+        "model.finetune=lora",
+        "model.lora_rank=4",
+        "model.lora_dropout=0.0",
+        "train.learning_rate=1e-2",
+    ],
+    "full": ["model.finetune=full", "train.learning_rate=1e-3"],
+}
+
+
+@pytest.mark.parametrize("finetune", ["lora", pytest.param("full", marks=pytest.mark.slow)])
+def test_a_moving_reference_is_the_policy_the_round_started_from(finetune, models, tmp_path):
+    """``rounds.reference=previous``: at each round's first step the reference computes the policy's
+    own function (margin 0, loss log 2), at the step after not; and the next round's candidates are
+    sampled from that policy (LoRA: through the adapter)."""
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    with Margins() as margins:
+        assert (
+            main(
+                [
+                    "run",
+                    str(SDXL),
+                    *rounds_overrides(out, models, *MOVING[finetune], "rounds.reference=previous"),
+                ]
             )
-        return load_file(str(again.shard(plan.index)))["latents"]
-
-    assert torch.equal(made_by(True), stored)
-    assert not torch.allclose(made_by(False), stored, atol=1e-4)
+            == 0
+        )
+    assert margins[1] < 1e-4 and margins[STEPS + 1] < 1e-4, margins
+    assert margins[STEPS] > 1e-3 and margins[2 * STEPS] > 1e-3, margins
+    stored, again = sampled_again(out, True, tmp_path)
+    assert torch.allclose(stored, again, atol=1e-6)
+    stored, base = sampled_again(out, False, tmp_path)
+    assert not torch.allclose(stored, base, atol=1e-4)
 
 
 def test_a_finished_iterative_run_does_nothing_when_run_again(straight, models):
