@@ -275,6 +275,17 @@ def test_the_reference_stays_the_base_by_default(straight):
     assert margins[STEPS + 1] > 1e-3  # round 1's first step: the policy moved away from the base
 
 
+def curves(run: Path, tag: str) -> list[int]:
+    """The steps of a tensorboard scalar (the run's one event folder)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folders = {p.parent for p in run.rglob("events.out.tfevents.*")}
+    assert len(folders) == 1, folders
+    events = EventAccumulator(str(folders.pop()))
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+
+
 MOVING = {
     "lora": [
         "model.finetune=lora",
@@ -299,7 +310,13 @@ def test_a_moving_reference_is_the_policy_the_round_started_from(finetune, model
                 [
                     "run",
                     str(SDXL),
-                    *rounds_overrides(out, models, *MOVING[finetune], "rounds.reference=previous"),
+                    *rounds_overrides(
+                        out,
+                        models,
+                        *MOVING[finetune],
+                        "rounds.reference=previous",
+                        "tracking.tracker=tensorboard",
+                    ),
                 ]
             )
             == 0
@@ -308,6 +325,10 @@ def test_a_moving_reference_is_the_policy_the_round_started_from(finetune, model
     assert margins[STEPS] > 1e-3 and margins[2 * STEPS] > 1e-3, margins
     stored, again = sampled_again(out, True, tmp_path)
     assert torch.allclose(stored, again, atol=1e-6)
+    if finetune == "lora":  # the curves: one tracker run, the rounds' pair statistics on the step axis
+        assert curves(out, "rounds/#Dom") == [0, STEPS] and curves(out, "rounds/pairs / prompt") == [0, STEPS]
+        assert curves(out, "eval/total") == [0, STEPS, 2 * STEPS]
+        assert curves(out, "train/loss") == list(range(1, 2 * STEPS + 1))
     stored, base = sampled_again(out, False, tmp_path)
     assert not torch.allclose(stored, base, atol=1e-4)
 
@@ -393,12 +414,15 @@ def test_killed_mid_generate_of_round_1_and_mid_train_of_round_1_resumes_to_the_
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_rounds_on_two_ddp_processes_give_the_one_process_run(straight, models, tmp_path):
-    from tests.test_launch_run import DDP, assert_same_training, launch
+@pytest.mark.parametrize("config", ["cpu_ddp.yaml", "cpu_deepspeed_zero2.yaml"])
+def test_rounds_on_two_processes_give_the_one_process_run(config, straight, models, tmp_path):
+    from tests.test_launch_run import assert_same_training, launch
 
     out = tmp_path / "run"
     result = launch(
-        DDP, ["run", str(SDXL), *rounds_overrides(out, models, "train.batch_size=1")], timeout=600
+        ROOT / "launch" / config,
+        ["run", str(SDXL), *rounds_overrides(out, models, "train.batch_size=1")],
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-2500:] + result.stderr[-3500:]
     assert result.stdout.count("mpo run ->") == 1
