@@ -221,6 +221,8 @@ def test_every_round_has_its_folder_and_one_training_runs_across_them(straight):
         "checkpoint id": records[0]["checkpoint id"],
     }
     assert (root.export / "export.json").exists()
+    card = (root.export / "README.md").read_text()
+    assert f"{ROUNDS} rounds, each sampling from" in card and "| round | steps | prompts |" in card
     # The per-round table agrees with each round's selection statistics.
     table = rounds_table(root, load_recipe(str(root.recipe_yaml)))
     assert table["round"].tolist() == list(range(ROUNDS))
@@ -276,14 +278,16 @@ def test_the_reference_stays_the_base_by_default(straight):
 
 
 def curves(run: Path, tag: str) -> list[int]:
-    """The steps of a tensorboard scalar (the run's one event folder)."""
+    """The steps of a tensorboard scalar, over the run's event files (the tracker's config goes in a
+    folder of its own)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    folders = {p.parent for p in run.rglob("events.out.tfevents.*")}
-    assert len(folders) == 1, folders
-    events = EventAccumulator(str(folders.pop()))
-    events.Reload()
-    return [e.step for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+    steps = []
+    for folder in sorted({p.parent for p in run.rglob("events.out.tfevents.*")}):
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        steps += [e.step for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+    return sorted(steps)
 
 
 MOVING = {
@@ -339,6 +343,8 @@ def test_a_finished_iterative_run_does_nothing_when_run_again(straight, models):
     names = [f"round {r}: {s}" for r in range(ROUNDS) for s in ("generate", "score", "select", "train")]
     assert [r.name for r in reports] == [*names, "export"]
     assert [r.name for r in reports if r.did_work] == []
+    for command in ("eval", "export"):  # the training state at the root: the stages that read it work
+        assert main([command, str(SDXL), *rounds_overrides(straight, models)]) == 0
     assert {p: p.stat().st_mtime_ns for p in times if p.exists()} == times
 
 
@@ -445,3 +451,25 @@ def test_rounds_on_two_processes_give_the_one_process_run(config, straight, mode
         checkpoint_tensors(rb.checkpoints / final),
         {f"denoiser/{k}": v for k, v in base.items()},
     )
+
+
+@pytest.mark.slow
+def test_the_tiny_rounds_recipe_runs_three_rounds(models, tmp_path):
+    torch.set_num_threads(1)
+    recipe = ROOT / "recipes" / "tiny" / "sdxl_rounds.yaml"
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "run",
+                str(recipe),
+                f"output_dir={out}",
+                f"model.path={models / 'sdxl'}",
+                "tracking.tracker=none",
+            ]
+        )
+        == 0
+    )
+    table = rounds_table(RunDir(out), load_recipe(str(recipe)))
+    assert table["round"].tolist() == [0, 1, 2] and (table["pairs"] > 0).all()
+    assert read_parquet(out / "eval.parquet")["step"].tolist() == [0, 4, 8, 12]
