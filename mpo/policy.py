@@ -9,7 +9,7 @@ no bytes are copied and pruning the checkpoint later does not take them away) an
   replaced each round), so that no round reads the base model from disk again;
 - as the reference of the round's Diffusion-DPO (``rounds.reference=previous``): a frozen model of
   those weights (full: the frozen base copy the trainer already holds, overwritten; LoRA: a copy of
-  the policy with the round's adapter fused in).
+  the policy holding the round's adapter).
 
 Nothing here names a model family: the weights are the checkpoint's own format (:mod:`mpo.weights`).
 """
@@ -70,8 +70,9 @@ def reference_from_weights(
 
     backbone: the trainer's, whose pipeline holds ``policy`` (the unwrapped trained denoiser).
     reference: the trainer's frozen base copy (full fine-tuning), overwritten in place; None for LoRA,
-        whose reference is then a copy of ``policy`` with the adapter of ``weights`` fused in (one
-        denoiser's memory more, a forward as fast as the base's).
+        whose reference is then a copy of ``policy`` (the same layers and dtypes, so at the round's
+        first step it computes the policy's very function) given the adapter of ``weights``: one
+        denoiser's memory more.
     """
     if finetune == "full":
         if reference is None:
@@ -85,12 +86,10 @@ def reference_from_weights(
     path = weights / LORA_DIR / LORA_FILE
     if not path.exists():
         raise WeightsError(f"{path}: missing")
-    prefix = denoiser_component(backbone.pipeline(), policy) + "."
+    prefix = denoiser_component(backbone.pipeline(), policy) + "."  # the copy is in no pipeline
     state = {k[len(prefix) :]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
     frozen = copy.deepcopy(policy)
     result = set_peft_model_state_dict(frozen, convert_unet_state_dict_to_peft(state), adapter_name=ADAPTER)
     if not state or getattr(result, "unexpected_keys", None):
         raise WeightsError(f"{path}: does not match the model's adapter")
-    frozen.fuse_lora(adapter_names=[ADAPTER])  # W + scale * B A ...
-    frozen.unload_lora()  # ... in plain layers
     return frozen.requires_grad_(False).eval()
