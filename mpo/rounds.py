@@ -10,8 +10,9 @@ Offline MPO trains on pairs sampled from the base model; once the policy has mov
 longer describe where it is. Round r here samples ``generate.num_candidates`` candidates per prompt
 from the policy that round r-1 trained (round 0: the base), scores them, keeps the pairs of the same
 dominance rule (``select``, applied per round) and trains ``rounds.steps`` Diffusion-DPO steps on
-them. The rounds continue one training run (optimizer, learning-rate schedule over
-``train.max_steps``, data stream, checkpoints, eval curve, best checkpoint)::
+them. The rounds continue one training run (weights, optimizer, learning-rate schedule over
+``train.max_steps``, RNG, checkpoints, eval curve, best checkpoint); each round reads its own pairs
+as a stream of its own (noise and timesteps drawn with the round's seed, from position 0)::
 
     round r:  generate (the policy at step r*K) -> score -> select -> train steps (r*K, (r+1)*K]
 
@@ -193,6 +194,11 @@ class TrainRound:
         if step == self.start and self.start_settings is not None:
             return {**self.start_settings, "layout": settings["layout"]}
         return settings
+
+    def stream(self, seed: int, pairs_per_step: int) -> tuple[int, int]:
+        """(seed, pairs seen before the round) of the round's data stream: its own noise and timestep
+        draws (the round's seed), from its position 0 at the round's first step."""
+        return round_seed(seed, self.index), self.start * pairs_per_step
 
     def prepare(self, t: Any) -> None:
         """After the trainer is built and resumed: the reference of ``rounds.reference=previous``."""

@@ -279,10 +279,16 @@ def result_settings(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def setup(
-    recipe: Any, acc: Accelerator, run: RunDir, settings: dict[str, Any], resumed_settings: dict[str, Any] | None = None
+    recipe: Any,
+    acc: Accelerator,
+    run: RunDir,
+    settings: dict[str, Any],
+    resumed_settings: dict[str, Any] | None = None,
+    train_round: Any = None,
 ) -> Trainer:
     """Build model, optimizer, data and eval inputs; resume from the latest checkpoint if any (which
-    must have been made with ``resumed_settings``, by default ``settings``)."""
+    must have been made with ``resumed_settings``, by default ``settings``). ``train_round``
+    (:class:`mpo.rounds.TrainRound`): the data stream of one round of an iterative run."""
     pairs = load_train_pairs(run)
     verified = verify_candidates(run, acc.process_index, acc.num_processes)  # this rank's share
     wait_for_everyone(acc)  # every share checked: all of them are
@@ -304,12 +310,15 @@ def setup(
     )
     progress = resume(resumable, run, settings, resumed_settings)
     bounds = timestep_bounds(recipe.train.timestep_range, backbone.num_train_timesteps)
+    seed, before = recipe.train.seed, 0  # an iterative run: each round's own stream, from its position 0
+    if train_round is not None:
+        seed, before = train_round.stream(recipe.train.seed, settings["train"]["pairs per step"])
     loader = make_dataloader(
-        PairDataset(run, pairs, recipe.train.seed, bounds, verified=verified),
+        PairDataset(run, pairs, seed, bounds, verified=verified),
         recipe.train.batch_size,
         acc.process_index,
         acc.num_processes,
-        progress.pairs_seen,
+        progress.pairs_seen - before,
         recipe.train.num_workers,
     )
     resumed = progress.step if progress.step > 0 else None
@@ -602,7 +611,7 @@ def train_stage(
     if owns_trackers:
         init_tracking(recipe, acc, run)
     try:
-        t = setup(recipe, acc, run, settings, resumed)
+        t = setup(recipe, acc, run, settings, resumed, train_round)
         t.until = until
         if train_round is not None:
             train_round.prepare(t)  # e.g. the reference: the policy the round started from
