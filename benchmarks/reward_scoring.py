@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import reward_scoring_cogvlm2
 import torch
+from timing import timed
 
 from reward.backends.tiny_vlm import build_tiny_qwen2_vl
 from reward.backends.vlm import VLMBackend, load_processor, parse_dtype
@@ -98,20 +97,6 @@ def build_backend(args: argparse.Namespace, workdir: Path) -> VLMBackend:
     return VLMBackend(model, processor, source="random qwen2-vl-2b-sized")
 
 
-def timed(fn, device: str, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs (the caller has warmed it up)."""
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -129,7 +114,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     parser.add_argument("--naive-repeats", type=int, default=1, help="timed runs of the slow baseline")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: steady on a shared machine)")
-    parser.add_argument("--backend", default="vlm", choices=["vlm", "cogvlm2"], help="see reward_scoring_cogvlm2.py")
+    parser.add_argument(
+        "--backend", default="vlm", choices=["vlm", "cogvlm2"], help="see reward_scoring_cogvlm2.py"
+    )
     reward_scoring_cogvlm2.add_arguments(parser)
     args = parser.parse_args()
     if args.backend == "cogvlm2":

@@ -32,14 +32,15 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import time
 
 import torch
+from timing import timed
 
 from reward.backends.cogvlm2.backend import CogVLM2Backend
 from reward.backends.cogvlm2.config import CogVLM2Config
-from reward.backends.cogvlm2.tiny import answer_token_ids, build_tiny_model, tiny_config, tiny_tokenizer
+from reward.backends.cogvlm2.tiny import build_tiny_model, tiny_answer_ids, tiny_config, tiny_tokenizer
+from reward.backends.vlm import parse_dtype
 from reward.checklist import load_checklist
 from reward.types import Sample
 
@@ -91,7 +92,7 @@ def build(size: str, variant: str, device: str, dtype: torch.dtype) -> CogVLM2Ba
             model = CogVLM2ForCausalLM._from_config(config, dtype=dtype).eval()
     else:
         config = (tiny_config if size == "tiny" else _mid_config)(variant, tokenizer)
-        model = build_tiny_model(config, seed=0, answer_ids=answer_token_ids(tokenizer)).to(device, dtype)
+        model = build_tiny_model(config, seed=0, answer_ids=tiny_answer_ids(tokenizer)).to(device, dtype)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"{size} {variant} CogVLM2: {params:,.1f} M parameters, {str(dtype).split('.')[-1]}, {device}")
     return CogVLM2Backend(model, tokenizer, source=f"random {size}")
@@ -106,19 +107,6 @@ def samples_for(variant: str, count: int, frames: int, side: int) -> list[Sample
     ]
 
 
-def timed(fn, device: str, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def flops(fn) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -130,9 +118,7 @@ def flops(fn) -> float:
 def run(args: argparse.Namespace) -> None:
     torch.set_grad_enabled(False)
     torch.set_num_threads(args.threads)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-        args.dtype or ("bfloat16" if args.full_size else "float32")
-    ]
+    dtype = parse_dtype(args.dtype or ("bfloat16" if args.full_size else "float32"))
     sizes = ["full"] if args.full_size else ["tiny", "mid"]
     checklist = load_checklist(f"{args.variant}-official")
     print(

@@ -40,9 +40,11 @@ from reward.train_model import AnswerModel, LoraFinetune, one_question_at_a_time
 from reward.types import Sample
 
 try:  # run as a script from the repository root or from benchmarks/
-    from reward_scoring import qwen2_vl_2b_model, timed
+    from reward_scoring import qwen2_vl_2b_model
+    from timing import timed
 except ImportError:  # pragma: no cover
-    from benchmarks.reward_scoring import qwen2_vl_2b_model, timed
+    from benchmarks.reward_scoring import qwen2_vl_2b_model
+    from benchmarks.timing import timed
 
 
 class _Lora:

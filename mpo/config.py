@@ -35,15 +35,18 @@ from mpo.schema import (  # noqa: F401  (re-exported: the schema is part of this
     CAP_STRATEGIES,
     EXPORT_WHICH,
     FINETUNE_MODES,
+    LOSS_TYPES,
     LR_SCHEDULES,
     MIXED_PRECISION,
     MODEL_DTYPES,
+    REFERENCES,
     ROUND_PROMPTS,
     ROUND_REFERENCES,
     SELECT_LEVELS,
     SELECT_RULES,
     TRACKER_MODES,
     TRACKERS,
+    WEIGHTINGS,
     EvalConfig,
     ExportConfig,
     GenerateConfig,
@@ -197,6 +200,8 @@ class _Builder:
             if key not in self.schema:
                 self.unknown.append(_unknown_key(key, value, source, self.schema))
                 continue
+            if value is False and key in _YAML_NO:
+                value = "no"  # YAML 1.1 reads an unquoted `no` (or `off`) as false
             try:
                 OmegaConf.update(self.cfg, key, value, merge=False)
             except OmegaConfBaseException as err:
@@ -224,6 +229,10 @@ class _Builder:
 
     def problems(self) -> list[Problem]:
         return self.unknown + list(self.mistyped.values())
+
+
+# Keys whose allowed values include the word "no", which YAML turns into false when unquoted.
+_YAML_NO = frozenset({"train.mixed_precision"})
 
 
 # ---- value checks -----------------------------------------------------------------------------------
@@ -310,6 +319,11 @@ RULES: tuple[_Rule, ...] = (
     _at_least("train.keep_checkpoints", 1),
     _at_least("train.num_workers", 0),
     _Rule("train.timestep_range", _unit_interval, "[low, high] with 0 <= low < high <= 1"),
+    _one_of("train.loss_type", LOSS_TYPES),
+    _at_least("train.sft_weight", 0),
+    _one_of("train.weighting", WEIGHTINGS),
+    _positive("train.snr_gamma"),
+    _one_of("train.reference", REFERENCES),
     _at_least("eval.every", 0, why="0 = only before and after training"),
     _at_least("eval.num_prompts", 1, optional=True),
     _at_least("eval.samples_per_prompt", 1),
@@ -392,7 +406,11 @@ class _Checker:
 
             if c.reward.backend not in BACKENDS:
                 self.add("reward.backend", f"must be one of {list(BACKENDS)}")
-            elif c.reward.backend in MODEL_BACKENDS and not c.reward.model_path and self.wanted("reward.model_path"):
+            elif (
+                c.reward.backend in MODEL_BACKENDS
+                and not c.reward.model_path
+                and self.wanted("reward.model_path")
+            ):
                 self.add(
                     "reward.model_path",
                     f"required when reward.backend={c.reward.backend!r} (a local folder or hub id)",
@@ -404,6 +422,13 @@ class _Checker:
                 self.add("train.attention", "needs the xformers package: pip install 'mpo-trainer[xformers]'")
         self.check_rounds()
         backbone = self.check_family()
+        self.check_precision()
+        weightings = getattr(backbone, "supported_weightings", ("none",))
+        if backbone is not None and self.wanted("train.weighting") and c.train.weighting not in weightings:
+            self.add(
+                "train.weighting",
+                f"is not defined for model.family={c.model.family!r}; it supports {list(weightings)}",
+            )
         modality = self.check_checklist()
         if backbone is not None and modality is not None and modality != backbone.modality:
             self.add(
@@ -428,6 +453,23 @@ class _Checker:
                 "rounds.steps",
                 f"x rounds.count = {r.steps} x {r.count} = {r.steps * r.count} steps must equal train.max_steps="
                 f"{steps} (the total, which the learning-rate schedule spans): set train.max_steps={r.steps * r.count}",
+            )
+
+    def check_precision(self) -> None:
+        """LoRA under mixed precision keeps its frozen base in the compute dtype: in float32 it takes
+        twice the memory and autocast re-casts every weight on every forward; in the other half
+        type every forward re-rounds it. (Full fine-tuning trains float32 master weights whatever
+        model.dtype is, which then only sets the VAE's, the text encoders' and sampling's dtype.)"""
+        c = self.cfg
+        keys = ("model.dtype", "model.finetune", "train.mixed_precision")
+        if not all(self.wanted(k) for k in keys) or c.model.finetune != "lora":
+            return
+        compute = {"bf16": "bfloat16", "fp16": "float16"}.get(c.train.mixed_precision)
+        if compute is not None and c.model.dtype != compute:
+            self.add(
+                "model.dtype",
+                f"with model.finetune='lora' and train.mixed_precision={c.train.mixed_precision!r} the "
+                f"frozen base must be stored in the compute dtype: set model.dtype={compute}",
             )
 
     def check_family(self) -> Any:

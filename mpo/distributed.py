@@ -164,8 +164,10 @@ def _is_distributed() -> bool:
 
 def _group_alive() -> bool:
     """Several processes with a live group (never raises: for the error paths)."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and (
-        torch.distributed.get_world_size() > 1
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and (torch.distributed.get_world_size() > 1)
     )
 
 

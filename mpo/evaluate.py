@@ -233,7 +233,7 @@ def eval_stage(recipe: Any, accelerator: Accelerator | None = None, force: bool 
     if not force and _evaluated_alike(run, step, path, recipe, acc):
         summary = {"checkpoint": str(path), "step": step, "evaluated now": False}
         if is_main(acc):
-            from mpo.generate import print_summary
+            from mpo.summary import print_summary
 
             print_summary("eval (up to date)", summary)
         return summary
@@ -255,7 +255,7 @@ def eval_stage(recipe: Any, accelerator: Accelerator | None = None, force: bool 
             save_grid(run, step, result["grid"])
         summary = {"checkpoint": str(path), "step": step, **{k: v for k, v in result.items() if k != "grid"}}
         summary["seconds"] = round(time.perf_counter() - start, 2)
-        from mpo.generate import print_summary
+        from mpo.summary import print_summary
 
         print_summary("eval", summary)
     wait_for_everyone(acc)

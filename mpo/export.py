@@ -80,7 +80,9 @@ def read_record(run: RunDir) -> dict[str, Any] | None:
 def remove_leftovers(run: RunDir) -> list[Path]:
     """The temporary folders of killed exports (main process, under the run lock: nobody else
     exports into this run directory)."""
-    leftovers = sorted(run.root.glob(f".{run.export.name}.tmp-*")) + sorted(run.root.glob(f".{run.export.name}.old-*"))
+    leftovers = sorted(run.root.glob(f".{run.export.name}.tmp-*")) + sorted(
+        run.root.glob(f".{run.export.name}.old-*")
+    )
     for path in leftovers:
         shutil.rmtree(path, ignore_errors=True)
     return leftovers
@@ -106,7 +108,7 @@ def export_stage(recipe: Any, accelerator: Accelerator | None = None, force: boo
     wait_for_everyone(accelerator)
     summary["seconds"] = round(time.perf_counter() - started, 2)
     if is_main(accelerator):
-        from mpo.generate import print_summary
+        from mpo.summary import print_summary
 
         print_summary("export" if summary.get("exported", True) else "export (up to date)", summary)
     return summary

@@ -80,6 +80,7 @@ from mpo.store import (
     write_parquet,
     write_shard,
 )
+from mpo.summary import print_summary
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,9 @@ def save_recipe(recipe: Any, run: RunDir, force: bool = False) -> None:
         save_resolved(recipe, run.recipe_yaml)
 
 
-def discard_mismatched(run: RunDir, plans: Sequence[ShardPlan], recipe: Any, fingerprint: dict[str, Any]) -> int:
+def discard_mismatched(
+    run: RunDir, plans: Sequence[ShardPlan], recipe: Any, fingerprint: dict[str, Any]
+) -> int:
     """``--force``: delete the shards made by other settings (or for other prompts) and the ones the
     plan no longer has, so that they are made again; returns how many. Main process only."""
     planned = {p.index for p in plans}
@@ -231,21 +234,6 @@ def discard_mismatched(run: RunDir, plans: Sequence[ShardPlan], recipe: Any, fin
             path.unlink()
             removed += 1
     return removed
-
-
-def print_summary(title: str, summary: dict[str, Any]) -> None:
-    """The end-of-stage table (main process only)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title, show_header=False)
-    for key, value in summary.items():
-        if isinstance(value, float):
-            text = "n/a" if value != value else f"{value:.4g}"  # NaN: nothing the reward could judge
-        else:
-            text = str(value)
-        table.add_row(key, text)
-    Console().print(table)
 
 
 @errors_reach_every_rank

@@ -88,7 +88,9 @@ class RunLock:
         except OSError as err:
             if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and self.root.is_dir():
                 return self  # read-only: nothing can be written, so nothing to protect
-            raise RunLockedError(f"output_dir={str(self.root)!r}: cannot be created ({err.strerror})") from err
+            raise RunLockedError(
+                f"output_dir={str(self.root)!r}: cannot be created ({err.strerror})"
+            ) from err
         record = {
             "host": socket.gethostname(),
             "pid": os.getpid(),

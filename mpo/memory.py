@@ -42,7 +42,9 @@ def check_fits(needed: int, what: str, keys: Sequence[str], device: torch.device
         )
 
 
-def generation_bytes(num_candidates: int, latent_shape: Sequence[int], dtype: torch.dtype, embeds: Any) -> int:
+def generation_bytes(
+    num_candidates: int, latent_shape: Sequence[int], dtype: torch.dtype, embeds: Any
+) -> int:
     """One prompt's sampling batch: noise, latents and the doubled (guided) model input and output of
     its N candidates, and their conditional and unconditional prompt embeddings."""
     latent = math.prod(latent_shape) * dtype.itemsize

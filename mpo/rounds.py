@@ -135,16 +135,22 @@ def prompts_per_round(recipe: Any, train_prompts: int) -> int:
             if r.prompts_per_round is None
             else f"must be in [1, {train_prompts}], the number of train prompts"
         )
-        raise StoreError(f"rounds.prompts_per_round={r.prompts_per_round}: {why}; set rounds.prompts_per_round")
+        raise StoreError(
+            f"rounds.prompts_per_round={r.prompts_per_round}: {why}; set rounds.prompts_per_round"
+        )
     return n
 
 
 def round_prompts(prompts: pd.DataFrame, recipe: Any, index: int) -> pd.DataFrame:
     """The train prompts of round ``index`` (rows of prompts.parquet, by prompt_id): the same ones
     every round, or the round's slice of one seeded permutation, taken cyclically."""
-    train = prompts[prompts["split"] == "train"].sort_values("prompt_id", kind="stable").reset_index(drop=True)
+    train = (
+        prompts[prompts["split"] == "train"].sort_values("prompt_id", kind="stable").reset_index(drop=True)
+    )
     n = prompts_per_round(recipe, len(train))
-    order = np.random.default_rng(candidate_seed(recipe.prompts.split_seed, "rounds", 0)).permutation(len(train))
+    order = np.random.default_rng(candidate_seed(recipe.prompts.split_seed, "rounds", 0)).permutation(
+        len(train)
+    )
     if recipe.rounds.prompts == "fresh":
         picks = order[(index * n + np.arange(n)) % len(train)]
     else:
@@ -200,14 +206,57 @@ class TrainRound:
         draws (the round's seed), from its position 0 at the round's first step."""
         return round_seed(seed, self.index), self.start * pairs_per_step
 
-    def prepare(self, t: Any) -> None:
-        """After the trainer is built and resumed: the reference of ``rounds.reference=previous``."""
-        if self.reference is None:
-            return
-        from mpo.policy import reference_from_weights
+    def reference_for(self, t: Any, pairs: pd.DataFrame) -> Any:
+        """The round's reference, once the trainer is built and resumed (:func:`mpo.train.setup`).
 
-        policy = t.acc.unwrap_model(t.model)
-        t.reference = reference_from_weights(t.backbone, policy, t.reference, t.recipe.model.finetune, self.reference)
+        Live (``train.reference=live``): the trainer's own (the base: a frozen copy, or adapters
+        off), or with ``rounds.reference=previous`` a frozen model of the weights the round started
+        from (:func:`mpo.policy.reference_from_weights`). Precomputed: the errors of the round's own
+        stream positions, computed by that same reference at the round's first step: the policy
+        itself where it is the reference (round 0, or a moving reference), adapters off (LoRA), or
+        for full fine-tuning past round 0 the base denoiser read from disk again for the pass."""
+        from mpo.reference import REFERENCE_DIR, LiveReference
+
+        recipe = t.recipe
+        moving = self.reference is not None
+        if recipe.train.reference != "precomputed":
+            if not moving:
+                return t.reference
+            from mpo.policy import reference_from_weights
+
+            frozen = t.reference.module if recipe.model.finetune == "full" else None
+            module = reference_from_weights(
+                t.backbone, t.policy, frozen, recipe.model.finetune, self.reference
+            )
+            return LiveReference(t.backbone, module)
+        from mpo.train import setup_precomputed_reference
+
+        seed, _ = self.stream(recipe.train.seed, 0)
+        extra = {"round": self.index, "stream seed": seed, "reference": "previous" if moving else "base"}
+        if moving:
+            extra["policy"] = json.loads((self.reference.parent / POLICY_RECORD).read_text())["checkpoint id"]
+
+        def live() -> Any:
+            if t.progress.step != self.start:
+                return None  # the round has trained: its errors are stored (or the pass says what is missing)
+            if moving or (self.index == 0 and t.switch is None):
+                return LiveReference(t.backbone, t.policy)
+            if t.switch is not None:
+                return LiveReference(t.backbone, t.policy, t.switch)
+            return LiveReference(t.backbone, base_denoiser(recipe, t))
+
+        stream = (seed, self.until - self.start, self.run.folder / REFERENCE_DIR)
+        return setup_precomputed_reference(t, pairs, stream=stream, live=live, extra=extra)
+
+
+def base_denoiser(recipe: Any, t: Any) -> Any:
+    """The base model's denoiser, read from disk, frozen, in the dtypes of the trainer's policy."""
+    from mpo.reference import match_dtypes
+
+    with whole_model_loading():
+        denoiser = load_backbone(recipe.model, t.acc.device).denoiser
+    match_dtypes(denoiser, t.policy)
+    return denoiser.requires_grad_(False).eval()
 
 
 @dataclass(frozen=True)
@@ -280,7 +329,9 @@ def read_record(view: RunDir) -> dict[str, Any] | None:
         return None
 
 
-def write_record(view: RunDir, index: int, step: int, settings: dict[str, Any], acc: Accelerator) -> dict[str, Any]:
+def write_record(
+    view: RunDir, index: int, step: int, settings: dict[str, Any], acc: Accelerator
+) -> dict[str, Any]:
     """Record that round ``index`` trained to ``step`` (main process writes; every process reads)."""
     if is_main(acc):
         checkpoint = checkpoint_dir(view, step)
@@ -359,6 +410,7 @@ def check_rounds_launch(recipe: Any, acc: Accelerator) -> None:
     if (
         recipe.rounds.reference == "previous"
         and recipe.model.finetune == "lora"
+        and recipe.train.reference == "live"
         and is_deepspeed(acc)
         and plugin is not None
         and plugin.zero_stage == 3
@@ -366,9 +418,9 @@ def check_rounds_launch(recipe: Any, acc: Accelerator) -> None:
         from mpo.config import RecipeError
 
         raise RecipeError(
-            "rounds.reference='previous' with model.finetune='lora' under DeepSpeed ZeRO-3: the reference "
-            "copies the sharded policy, which ZeRO-3 does not allow; use ZeRO-2 / DDP, full fine-tuning, "
-            "or rounds.reference=base"
+            "rounds.reference='previous' with model.finetune='lora' under DeepSpeed ZeRO-3: the live reference "
+            "copies the sharded policy, which ZeRO-3 does not allow; use train.reference=precomputed, ZeRO-2 / "
+            "DDP, full fine-tuning, or rounds.reference=base"
         )
 
 
@@ -478,7 +530,9 @@ def _all_rounds(
             until=until,
             settings=settings["rounds"],
             start_settings=previous["settings"] if previous is not None else None,
-            reference=policy.folder / WEIGHTS if policy is not None and recipe.rounds.reference == "previous" else None,
+            reference=policy.folder / WEIGHTS
+            if policy is not None and recipe.rounds.reference == "previous"
+            else None,
         )
         if not _training_fits(train, record, settings, force, acc, root, count) and index > 0:
             return False
@@ -558,7 +612,9 @@ def _announce(index: int, count: int, start: int, until: int) -> None:
 
 
 # ---- curves and the summary table -------------------------------------------------------------------
-def round_row(root: RunDir, recipe: Any, index: int, eval_table: pd.DataFrame | None = None) -> dict[str, Any] | None:
+def round_row(
+    root: RunDir, recipe: Any, index: int, eval_table: pd.DataFrame | None = None
+) -> dict[str, Any] | None:
     """One round's numbers: its prompts and candidates, the mean reward of its candidates (the
     policy it started from, on its train prompts), #Dom / #Not-Dom, the pairs kept, and the held-out
     reward at its last step (NaN before it is measured). None before the round selected its pairs."""
@@ -585,7 +641,9 @@ def round_row(root: RunDir, recipe: Any, index: int, eval_table: pd.DataFrame | 
         row[f"candidate {column}"] = float(scores[column].mean())
     if eval_table is None and root.eval_parquet.exists():
         eval_table = read_parquet(root.eval_parquet)
-    at_end = eval_table[eval_table["step"] == until] if eval_table is not None and not eval_table.empty else None
+    at_end = (
+        eval_table[eval_table["step"] == until] if eval_table is not None and not eval_table.empty else None
+    )
     row["eval total"] = float(at_end["total"].iloc[0]) if at_end is not None and len(at_end) else float("nan")
     return row
 
@@ -597,7 +655,18 @@ def rounds_table(root: RunDir, recipe: Any) -> pd.DataFrame:
     return pd.DataFrame([r for r in rows if r is not None])
 
 
-SHOWN = ("round", "steps", "prompts", "candidates", "candidate total", "#Dom", "#Not-Dom", "pairs", "pairs / prompt", "eval total")
+SHOWN = (
+    "round",
+    "steps",
+    "prompts",
+    "candidates",
+    "candidate total",
+    "#Dom",
+    "#Not-Dom",
+    "pairs",
+    "pairs / prompt",
+    "eval total",
+)
 
 
 def print_rounds_table(root: RunDir, recipe: Any) -> None:
@@ -607,7 +676,9 @@ def print_rounds_table(root: RunDir, recipe: Any) -> None:
     frame = rounds_table(root, recipe)
     if frame.empty:
         return
-    table = Table(title="rounds (candidate total: the round's samples; eval total: held-out, at the round's end)")
+    table = Table(
+        title="rounds (candidate total: the round's samples; eval total: held-out, at the round's end)"
+    )
     for column in SHOWN:
         table.add_column(column, justify="left" if column == "steps" else "right")
     for row in frame.to_dict("records"):
@@ -649,7 +720,9 @@ class _Tracking:
         row = round_row(self.root, self.recipe, index)
         if row is None:
             return
-        values = {f"rounds/{k}": v for k, v in row.items() if isinstance(v, int | float) and k != "eval total"}
+        values = {
+            f"rounds/{k}": v for k, v in row.items() if isinstance(v, int | float) and k != "eval total"
+        }
         self.acc.log(values, step=step)
 
     def finish(self) -> None:

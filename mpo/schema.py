@@ -23,6 +23,9 @@ TRACKER_MODES = ("online", "offline")
 EXPORT_WHICH = ("best", "last")
 ROUND_PROMPTS = ("same", "fresh")
 ROUND_REFERENCES = ("base", "previous")
+LOSS_TYPES = ("sigmoid", "hinge", "ipo")  # mpo.loss
+WEIGHTINGS = ("none", "min_snr")  # timestep weightings; a backbone says which it supports
+REFERENCES = ("live", "precomputed")
 
 
 @dataclass
@@ -31,7 +34,9 @@ class ModelConfig:
     path: str = "???"  # local folder or hub id, loaded with from_pretrained
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16" weight files on the hub
-    dtype: str = "float32"  # dtype of the frozen parts (VAE, text encoders) and of sampling
+    # dtype of the frozen weights (VAE, text encoders, LoRA's base denoiser) and of sampling; what
+    # trains is float32 whatever this says. LoRA under mixed precision: the compute dtype.
+    dtype: str = "float32"
     finetune: str = "lora"  # lora | full
     lora_rank: int = 8
     lora_alpha: int = 8
@@ -110,6 +115,11 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     timestep_range: list[float] = field(default_factory=lambda: [0.0, 1.0])  # fraction of the schedule
+    loss_type: str = "sigmoid"  # sigmoid (Diffusion-DPO) | hinge | ipo (formulas in mpo/loss.py)
+    sft_weight: float = 0.0  # weight of the winner's plain denoising loss added to the DPO loss
+    weighting: str = "none"  # timestep weight of the errors: none | min_snr (epsilon / v families)
+    snr_gamma: float = 5.0  # gamma of min_snr
+    reference: str = "live"  # live (frozen copy / adapters off) | precomputed (one pass before training)
 
 
 @dataclass

@@ -41,7 +41,6 @@ from mpo.distributed import (
     wait_for_everyone,
     whole_model_loading,
 )
-from mpo.generate import print_summary
 from mpo.memory import check_fits, pixel_bytes
 from mpo.store import (
     CandidateStore,
@@ -55,6 +54,7 @@ from mpo.store import (
     shard_index,
     write_parquet,
 )
+from mpo.summary import print_summary
 from reward.types import Sample
 
 KEY_COLUMNS = ["prompt_id", "sample_idx", "split"]
@@ -86,7 +86,10 @@ def score_is_done(run: RunDir, index: int, fingerprint: dict[str, Any], force: b
     want = shard_fingerprint(run, index, fingerprint)
     if stored == want:
         return True
-    if stored.get("candidates") != want["candidates"] and {**stored, "candidates": None} == {**want, "candidates": None}:
+    if stored.get("candidates") != want["candidates"] and {**stored, "candidates": None} == {
+        **want,
+        "candidates": None,
+    }:
         return False  # the same reward, a new candidate shard
     if force:
         return False

@@ -571,7 +571,9 @@ def _up_to_date(
             f"{run.pairs_parquet} was selected with other settings ({'; '.join(changes)}); restore "
             "them, use a new output_dir, or add --force to select again (training then starts over)"
         )
-    same_scores = (stored.get("source") or {}).get("content_hash") == file_fingerprint(run.scores_parquet)["content_hash"]
+    same_scores = (stored.get("source") or {}).get("content_hash") == file_fingerprint(run.scores_parquet)[
+        "content_hash"
+    ]
     return SelectionStats.from_dict(stored) if not changes and same_scores else None
 
 

@@ -311,7 +311,9 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
     try:
         return _read_prompts(path, suffix)
     except UnicodeDecodeError as err:
-        raise StoreError(f"prompts.file={str(path)!r}: not UTF-8 text (byte {err.start}: {err.reason})") from err
+        raise StoreError(
+            f"prompts.file={str(path)!r}: not UTF-8 text (byte {err.start}: {err.reason})"
+        ) from err
 
 
 def _read_prompts(path: Path, suffix: str) -> list[str]:
@@ -475,7 +477,10 @@ def write_shard(
         "fingerprint": json.dumps(fingerprint, sort_keys=True),
     }
     metadata[HASH_KEY] = _tensors_hash(
-        {k: (_DTYPE_CODES[v.dtype], list(v.shape), v.view(-1).view(torch.uint8).numpy()) for k, v in tensors.items()},
+        {
+            k: (_DTYPE_CODES[v.dtype], list(v.shape), v.view(-1).view(torch.uint8).numpy())
+            for k, v in tensors.items()
+        },
         metadata,
     )
     with atomic_write(path) as tmp:

@@ -10,16 +10,31 @@
 Each step draws ``train.batch_size`` pairs per process from the cached candidates (no VAE, no text
 encoder), noises winner and loser with the same noise and timestep, runs the policy once on the
 stacked ``[win; lose]`` batch and the reference once without gradients, and takes the loss of
-:mod:`mpo.loss`. The reference is the same network with its LoRA adapters disabled (LoRA) or a frozen
-copy of the base denoiser made before training (full fine-tuning; not given to ``prepare``, so under
-DeepSpeed ZeRO-3 it stays whole on every GPU, in the compute dtype: use LoRA where that does not fit).
+:mod:`mpo.loss` (``train.loss_type``, ``train.sft_weight``, ``train.weighting``). The reference
+(:mod:`mpo.reference`) is the same network with its LoRA adapters switched off (LoRA), a frozen copy
+of the base denoiser made before training (full fine-tuning; not given to ``prepare``, so under
+DeepSpeed ZeRO-3 it stays whole on every GPU), or, with ``train.reference: precomputed``, its errors
+computed once before the first step and read back, so that the step runs the policy only.
+
+Precision: what trains is float32 (master weights, whatever ``model.dtype`` says: AdamW's updates at
+lr 1e-6 vanish in bf16 weights); the frozen weights (VAE, text encoders, LoRA's base) stay in
+``model.dtype``, which the recipe check requires to be the compute dtype for LoRA under mixed
+precision; the forward runs under the autocast of ``train.mixed_precision``; the regression target
+and the loss are float32. The reference computes the policy's own function at step 0 (loss log 2,
+margin 0).
+
+Host cost per micro-step: nothing is read back on the host (no ``.item()``, no finiteness check that
+syncs; :mod:`mpo.finite`), the unwrapped policy, its LoRA switch and its trainable parameters are
+looked up once, batches come from pinned memory without blocking, and the optimizer is the fused
+AdamW kernel where the device has one.
 
 The loop is step, log, eval, checkpoint. A run directory with checkpoints resumes from the latest
 complete one (model, optimizer, scheduler, RNG, data position), and gives the weights an uninterrupted
 run would have given: pairs, noise and timesteps are functions of the data position
 (:mod:`mpo.train_data`). A non-finite loss stops training with an error naming the step and the pair;
-the checkpoints already written stay as they are. SIGTERM or SIGINT (SLURM's time limit, Ctrl-C)
-stops every process at the end of the current step with a checkpoint there (:mod:`mpo.interrupt`).
+the checkpoints already written stay as they are; the weights never take that step's update. SIGTERM or
+SIGINT (SLURM's time limit, Ctrl-C) stops every process at the end of the current step with a
+checkpoint there (:mod:`mpo.interrupt`).
 
 A checkpoint records the settings and inputs its weights depend on (:func:`run_settings`: the model,
 every ``train`` key that changes the result, eval, the reward, the selection and the content hashes
@@ -38,14 +53,15 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
@@ -62,8 +78,19 @@ from mpo.distributed import (
     wait_for_everyone,
     whole_model_loading,
 )
+from mpo.finite import FiniteGuard
 from mpo.interrupt import Interrupted, restore_signals, signal_name, stop_on_signals
-from mpo.loss import DPOOutput, diffusion_dpo_loss, split_pairs
+from mpo.loss import DPOOutput, dpo_loss_from_errors, per_sample_mse
+from mpo.reference import (
+    REFERENCE_DIR,
+    LiveReference,
+    Plan,
+    PrecomputedReference,
+    StepInputs,
+    fingerprint_of,
+    match_dtypes,
+    precompute_reference,
+)
 from mpo.store import RunDir, candidates_hash, parquet_hash, read_parquet
 from mpo.train_data import (
     PairDataset,
@@ -89,11 +116,39 @@ from mpo.train_state import (
     verify_checkpoint,
     write_best,
 )
-from mpo.weights import adapters_disabled, add_lora, load_weights_into, save_weights
+from mpo.weights import LoraSwitch, add_lora, load_weights_into, save_weights
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message names the step and the pair."""
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What the step reads every micro-step, as plain values: an OmegaConf lookup costs ~50 us."""
+
+    beta: float
+    loss_type: str
+    sft_weight: float
+    weighting: str
+    snr_gamma: float
+    max_grad_norm: float
+    deepspeed: bool  # the engine clips and steps inside backward
+    scaler: bool  # fp16's GradScaler decides the skipping
+
+    @classmethod
+    def of(cls, recipe: Any, acc: Accelerator) -> StepSettings:
+        cfg = recipe.train
+        return cls(
+            beta=float(cfg.beta),
+            loss_type=str(cfg.loss_type),
+            sft_weight=float(cfg.sft_weight),
+            weighting=str(cfg.weighting),
+            snr_gamma=float(cfg.snr_gamma),
+            max_grad_norm=float(cfg.max_grad_norm),
+            deepspeed=is_deepspeed(acc),
+            scaler=getattr(acc, "scaler", None) is not None,
+        )
 
 
 @dataclass
@@ -102,21 +157,33 @@ class Trainer:
 
     recipe: Any
     acc: Accelerator
-    run: RunDir
     backbone: Backbone
     model: nn.Module  # the prepared policy denoiser
-    reference: nn.Module | None  # frozen copy (full fine-tuning) or None (LoRA: adapters disabled)
+    reference: LiveReference | PrecomputedReference
     optimizer: Any
     scheduler: Any
-    loader: Iterator[dict[str, Any]]
-    progress: TrainProgress
-    pairs: int
-    eval_inputs: dict[str, Any] | None  # prompts, embeddings, negative, reward; None: no val prompts
+    # The run (set by setup; a trainer from prepare_step alone has none).
+    run: RunDir | None = None
+    loader: Iterator[dict[str, Any]] | None = None
+    progress: TrainProgress = field(default_factory=TrainProgress)
+    pairs: int = 0
+    eval_inputs: dict[str, Any] | None = None  # prompts, embeddings, negative, reward; None: no val prompts
     best_total: float = -math.inf
     saved_step: int = -1
     resumed_from: int | None = None
     history: list[dict[str, float]] = field(default_factory=list)
-    resumable: Resumable | None = None  # what a checkpoint saves besides the progress
+    # Looked up once: the step reads these every micro-step.
+    settings: StepSettings | None = None
+    policy: nn.Module | None = None  # the model without its DDP / DeepSpeed wrapper
+    switch: LoraSwitch | None = None  # LoRA: turns the policy's adapters off for the reference
+    trainable: list[nn.Parameter] = field(default_factory=list)
+    input_dtype: torch.dtype = torch.float32  # what the denoiser's inputs are cast to
+    guard: FiniteGuard | None = None
+    grad_norm: Any = None  # pre-clip norm of the last optimizer step (device tensor), None under DeepSpeed
+    lr_used: float = 0.0  # learning rate of the last optimizer step (the scheduler is one ahead)
+    aside_seconds: float = 0.0  # eval and checkpoint time inside the loop
+    resumable: Resumable | None = None  # what a checkpoint saves besides the progress (set by setup)
+    verified: list[str] = field(default_factory=list)  # candidate shards checked by every process
     until: int | None = None  # the step training stops at (an iterative run's round end; None: max_steps)
 
 
@@ -159,51 +226,68 @@ def flat_config(recipe: Any, tracker: str) -> dict[str, Any]:
     return flat
 
 
-def setup_model(recipe: Any, acc: Accelerator) -> tuple[Backbone, nn.Module, nn.Module | None]:
-    """Load the backbone; make its denoiser trainable (LoRA or full); build the reference."""
-    # The first load may build and save a tiny model; ZeRO-3 partitions the denoiser at prepare().
-    with main_process_first(acc), whole_model_loading():
-        backbone = load_backbone(recipe.model, acc.device)
+def setup_model(
+    recipe: Any, acc: Accelerator, backbone: Backbone | None = None
+) -> tuple[Backbone, nn.Module, nn.Module | None]:
+    """Load the backbone (unless given one); make its denoiser trainable (LoRA or full) in float32;
+    the frozen copy that serves as the reference of a full fine-tuning run with a live reference
+    (else None)."""
+    if backbone is None:
+        # The first load may build and save a tiny model; ZeRO-3 partitions the denoiser at prepare().
+        with main_process_first(acc), whole_model_loading():
+            backbone = load_backbone(recipe.model, acc.device)
     backbone.set_attention(recipe.train.attention)
     denoiser = backbone.denoiser
-    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.train.mixed_precision)
-    reference = None
     if recipe.model.finetune == "lora":
         add_lora(denoiser, recipe.model, backbone.lora_target_modules)
     else:
-        reference = copy.deepcopy(denoiser).requires_grad_(False).eval()
-        if compute is not None:
-            reference.to(compute)  # it only runs forwards in the compute dtype: half the memory
         denoiser.requires_grad_(True)
-    if compute is not None:  # fp32 master weights of what trains (AMP needs them; fp16 insists)
-        from diffusers.training_utils import cast_training_params
+    # Float32 master weights of what trains, whatever model.dtype is: AMP needs them (fp16 insists),
+    # and without mixed precision bf16 weights would round most AdamW updates at lr ~1e-6 away.
+    from diffusers.training_utils import cast_training_params
 
-        cast_training_params(denoiser, torch.float32)
+    cast_training_params(denoiser, torch.float32)
+    frozen = None
+    if recipe.model.finetune == "full" and recipe.train.reference == "live":
+        # Made after the cast: the policy's own dtypes, so both compute one function at step 0.
+        frozen = copy.deepcopy(denoiser).requires_grad_(False).eval()
     if recipe.train.gradient_checkpointing:
         backbone.enable_gradient_checkpointing()
     denoiser.train()
-    return backbone, denoiser, reference
+    return backbone, denoiser, frozen
 
 
-def setup_optimizer(recipe: Any, denoiser: nn.Module, world_size: int) -> torch.optim.Optimizer:
-    """AdamW on the trainable parameters (lr times pairs per step when ``train.scale_lr``)."""
+def setup_optimizer(
+    recipe: Any, denoiser: nn.Module, world_size: int, fused: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW on the trainable parameters (lr times pairs per step when ``train.scale_lr``).
+
+    fused: the one-kernel AdamW (where the parameters' device has it), which also takes the
+    ``found_inf`` flag that skips a step on the device (:mod:`mpo.finite`); DeepSpeed brings its own
+    step, so it gets the plain one."""
     cfg = recipe.train
     lr = cfg.learning_rate
     if cfg.scale_lr:
         lr *= cfg.batch_size * cfg.gradient_accumulation_steps * world_size
-    return torch.optim.AdamW(
-        [p for p in denoiser.parameters() if p.requires_grad],
-        lr=lr,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_epsilon,
-        weight_decay=cfg.weight_decay,
-    )
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    kwargs = {
+        "lr": lr,
+        "betas": (cfg.adam_beta1, cfg.adam_beta2),
+        "eps": cfg.adam_epsilon,
+        "weight_decay": cfg.weight_decay,
+    }
+    if fused:
+        try:
+            return torch.optim.AdamW(params, fused=True, **kwargs)
+        except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
+            pass
+    return torch.optim.AdamW(params, **kwargs)
 
 
 def setup_scheduler(recipe: Any, optimizer: torch.optim.Optimizer) -> Any:
     """diffusers' schedule, counted in optimizer steps and stepped by the loop itself (not prepared:
-    accelerate would step it once per process). Built on the prepared optimizer, whose ``step``
-    accelerate has already wrapped."""
+    accelerate would step it once per process). Built on the optimizer object whose ``step`` the
+    trainer calls (:func:`stepped_optimizer`), so that torch sees the optimizer step before it."""
     from diffusers.optimization import get_scheduler
 
     cfg = recipe.train
@@ -211,6 +295,16 @@ def setup_scheduler(recipe: Any, optimizer: torch.optim.Optimizer) -> Any:
     if name == "constant" and cfg.warmup_steps > 0:
         name = "constant_with_warmup"
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+
+
+def stepped_optimizer(acc: Accelerator, optimizer: Any) -> Any:
+    """What the step calls ``step()`` / ``zero_grad()`` on: the torch optimizer itself where
+    accelerate's wrapper would only forward the call (no DeepSpeed, no GradScaler), after a
+    file-system lookup for an optional package and a signature inspection on every call (1-2 ms a
+    step); the wrapper otherwise."""
+    if is_deepspeed(acc) or getattr(acc, "scaler", None) is not None:
+        return optimizer
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def fill_deepspeed_config(recipe: Any, acc: Accelerator) -> None:
@@ -229,7 +323,13 @@ def fill_deepspeed_config(recipe: Any, acc: Accelerator) -> None:
 
 # train.* keys that do not change what training produces: how often to save and how many to keep,
 # data-loading workers, recomputation to save memory, and the attention kernel.
-UNFINGERPRINTED_TRAIN_KEYS = ("checkpoint_every", "keep_checkpoints", "num_workers", "gradient_checkpointing", "attention")
+UNFINGERPRINTED_TRAIN_KEYS = (
+    "checkpoint_every",
+    "keep_checkpoints",
+    "num_workers",
+    "gradient_checkpointing",
+    "attention",
+)
 
 
 def run_settings(recipe: Any, acc: Accelerator, run: RunDir) -> dict[str, Any]:
@@ -243,7 +343,11 @@ def run_settings(recipe: Any, acc: Accelerator, run: RunDir) -> dict[str, Any]:
 
     r = resolve_paths(recipe)
     m, t, g = r.model, r.train, r.generate
-    train = {k: v for k, v in OmegaConf.to_container(t, resolve=True).items() if k not in UNFINGERPRINTED_TRAIN_KEYS}
+    train = {
+        k: v
+        for k, v in OmegaConf.to_container(t, resolve=True).items()
+        if k not in UNFINGERPRINTED_TRAIN_KEYS
+    }
     if t.lr_schedule == "constant":
         train.pop("max_steps")  # a constant schedule does not depend on it: training may be extended
     layout = {
@@ -273,6 +377,39 @@ def run_settings(recipe: Any, acc: Accelerator, run: RunDir) -> dict[str, Any]:
     }
 
 
+def prepare_step(recipe: Any, acc: Accelerator, backbone: Backbone | None = None) -> Trainer:
+    """What the step needs, prepared by accelerate: the policy (trainable weights in float32),
+    optimizer, lr schedule, live reference and finiteness guard; no run directory, data or eval
+    (:func:`setup` adds those). benchmarks/dpo_step.py builds its trainer here, around its own backbone."""
+    set_seed(recipe.train.seed)  # LoRA's initial weights; a resume then restores every RNG state
+    backbone, denoiser, frozen = setup_model(recipe, acc, backbone)
+    optimizer = setup_optimizer(recipe, denoiser, acc.num_processes, fused=not is_deepspeed(acc))
+    fill_deepspeed_config(recipe, acc)
+    model, optimizer = acc.prepare(denoiser, optimizer)
+    scheduler = setup_scheduler(recipe, stepped_optimizer(acc, optimizer))
+    policy = acc.unwrap_model(model)
+    backbone.set_denoiser(policy)
+    if frozen is not None:
+        match_dtypes(frozen, policy)  # DeepSpeed bf16 / fp16 casts the prepared module itself
+    switch = LoraSwitch(policy) if recipe.model.finetune == "lora" else None
+    return Trainer(
+        recipe=recipe,
+        acc=acc,
+        backbone=backbone,
+        model=model,
+        reference=LiveReference(backbone, frozen if frozen is not None else policy, switch),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        settings=StepSettings.of(recipe, acc),
+        policy=policy,
+        switch=switch,
+        trainable=[p for p in policy.parameters() if p.requires_grad],
+        input_dtype=next(p.dtype for p in policy.parameters() if p.is_floating_point()),
+        # Under fp16 the GradScaler judges gradient overflow (routine there) and skips the step itself.
+        guard=FiniteGuard(acc, judge_grad_norm=getattr(acc, "scaler", None) is None),
+    )
+
+
 def result_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """``settings`` without its layout: what decides whether finished training is up to date."""
     return {k: v for k, v in settings.items() if k != "layout"}
@@ -292,20 +429,17 @@ def setup(
     pairs = load_train_pairs(run)
     verified = verify_candidates(run, acc.process_index, acc.num_processes)  # this rank's share
     wait_for_everyone(acc)  # every share checked: all of them are
-    set_seed(recipe.train.seed)  # LoRA's initial weights; a resume then restores every RNG state
-    backbone, denoiser, reference = setup_model(recipe, acc)
-    optimizer = setup_optimizer(recipe, denoiser, acc.num_processes)
-    fill_deepspeed_config(recipe, acc)
-    model, optimizer = acc.prepare(denoiser, optimizer)
-    scheduler = setup_scheduler(recipe, optimizer)
-    backbone.set_denoiser(acc.unwrap_model(model))
+    trainer = prepare_step(recipe, acc)
+    backbone, model = trainer.backbone, trainer.model
     finetune = recipe.model.finetune
     resumable = Resumable(
         acc,
         model,
-        optimizer,
-        scheduler,
-        save_weights=lambda folder, state: save_weights(backbone, acc.unwrap_model(model), state, finetune, folder),
+        trainer.optimizer,
+        trainer.scheduler,
+        save_weights=lambda folder, state: save_weights(
+            backbone, acc.unwrap_model(model), state, finetune, folder
+        ),
         load_weights=lambda folder: load_weights_into(backbone, acc.unwrap_model(model), finetune, folder),
     )
     progress = resume(resumable, run, settings, resumed_settings)
@@ -320,27 +454,104 @@ def setup(
         acc.num_processes,
         progress.pairs_seen - before,
         recipe.train.num_workers,
+        pin_memory=acc.device.type == "cuda",
     )
     resumed = progress.step if progress.step > 0 else None
-    trainer = Trainer(
-        recipe=recipe,
-        acc=acc,
-        run=run,
-        backbone=backbone,
-        model=model,
-        reference=reference,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        loader=iter(loader),
-        progress=progress,
-        pairs=len(pairs),
-        eval_inputs=setup_eval(recipe, run, acc.device),
-        resumed_from=resumed,
-        saved_step=resumed if resumed is not None else -1,
-        resumable=resumable,
-    )
+    trainer.run, trainer.loader, trainer.progress, trainer.pairs = run, iter(loader), progress, len(pairs)
+    trainer.eval_inputs = setup_eval(recipe, run, acc.device)
+    trainer.resumed_from, trainer.saved_step = resumed, resumed if resumed is not None else -1
+    trainer.resumable, trainer.verified = resumable, verified
     trainer.best_total = best_so_far(run, progress.step)
+    if train_round is not None:  # the round's reference: the base, or the policy the round started from
+        trainer.reference = train_round.reference_for(trainer, pairs)
+    elif recipe.train.reference == "precomputed":
+        trainer.reference = setup_precomputed_reference(trainer, pairs)
     return trainer
+
+
+def reference_settings(settings: dict[str, Any], backbone: Backbone) -> dict[str, Any]:
+    """What the reference's errors depend on, out of the run's :func:`run_settings`: the base model
+    (not how it is fine-tuned: the reference is the base either way), the data stream (seed, timestep
+    range, pairs and candidates), and the precision (dtype, autocast, DeepSpeed's cast)."""
+    model = {k: v for k, v in settings["model"].items() if k != "finetune" and not k.startswith("lora_")}
+    train = settings["train"]
+    return {
+        "model": model,
+        "train": {k: train[k] for k in ("seed", "timestep_range", "mixed_precision")},
+        "deepspeed": settings["layout"]["deepspeed"],
+        "inputs": {k: settings["inputs"][k] for k in ("pairs.parquet", "candidates")},
+        "num_train_timesteps": backbone.num_train_timesteps,
+    }
+
+
+def setup_precomputed_reference(
+    t: Trainer,
+    pairs: pd.DataFrame,
+    *,
+    stream: tuple[int, int, Path] | None = None,
+    live: Callable[[], LiveReference | None] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> PrecomputedReference:
+    """``train.reference: precomputed``: the stored reference errors of every planned position, after
+    computing those that are missing (:mod:`mpo.reference`) with the policy itself at step 0 (full
+    fine-tuning, in eval mode like a frozen copy) or with its adapters off (LoRA).
+
+    A round of an iterative run (:meth:`mpo.rounds.TrainRound.reference_for`) gives its own
+    ``stream`` (seed, optimizer steps, folder), the ``live`` reference that computes its errors and
+    what they depend on besides the settings (``extra``)."""
+    acc, cfg = t.acc, t.recipe.train
+    settings = reference_settings(t.progress.settings, t.backbone)
+    if extra is not None:
+        settings["round"] = extra
+    digest, fingerprint = fingerprint_of(settings, pairs)
+    seed, steps, folder = stream if stream is not None else (cfg.seed, cfg.max_steps, t.run.root / REFERENCE_DIR)
+    plan = Plan(steps * cfg.gradient_accumulation_steps, cfg.batch_size, acc.process_index, acc.num_processes)
+    bounds = timestep_bounds(cfg.timestep_range, t.backbone.num_train_timesteps)
+    dataset = PairDataset(t.run, pairs, seed, bounds, verified=t.verified)
+
+    def batches_from(micro_step: int) -> Iterator[dict[str, Any]]:
+        pairs_seen = micro_step * cfg.batch_size * acc.num_processes
+        loader = make_dataloader(
+            dataset,
+            cfg.batch_size,
+            acc.process_index,
+            acc.num_processes,
+            pairs_seen,
+            0,
+            acc.device.type == "cuda",
+        )
+        return iter(loader)
+
+    if live is None:
+        at_base = t.switch is not None or t.progress.step == 0
+        reference = LiveReference(t.backbone, t.policy, t.switch) if at_base else None
+    else:
+        reference = live()
+    bar = tqdm(desc="reference errors", unit="chunk", disable=not acc.is_main_process)
+
+    def advance(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    if reference is not None and reference.module is t.policy and reference.switch is None:
+        t.policy.eval()  # the policy itself is the reference: as a frozen copy would be
+    try:
+        stored = precompute_reference(
+            folder,
+            digest,
+            fingerprint,
+            plan,
+            batches_from,
+            lambda batch: step_inputs(t, batch),
+            reference,
+            acc.autocast,
+            acc,
+            advance,
+        )
+    finally:
+        t.policy.train()
+        bar.close()
+    return stored
 
 
 def resume(
@@ -385,58 +596,87 @@ def best_so_far(run: RunDir, step: int) -> float:
 
 
 # ---- one step ---------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def reference_model(t: Trainer) -> Iterator[nn.Module]:
-    """The frozen copy, or the policy itself with its adapters off for the duration (LoRA)."""
-    if t.reference is not None:
-        yield t.reference
-        return
-    with adapters_disabled(t.acc.unwrap_model(t.model)) as base:
-        yield base
+def step_inputs(t: Trainer, batch: dict[str, Any]) -> StepInputs:
+    """The stacked ``[win; lose]`` inputs of a micro-batch: one noise and one timestep per pair, shared
+    by winner and loser; noising and target in float32 (a bf16 v-target is off by up to 8e-3)."""
+    device, cfg = t.acc.device, t.settings
+
+    def move(x: torch.Tensor) -> torch.Tensor:  # from pinned memory on a GPU: no host sync
+        return x.to(device, non_blocking=True)
+
+    latents = torch.cat([move(batch["latents_w"]), move(batch["latents_l"])]).float()
+    noise = move(batch["noise"]).float()
+    noise = torch.cat([noise, noise])
+    timestep = move(batch["timestep"])
+    timesteps = torch.cat([timestep, timestep])
+    embeds = {k: torch.cat([move(v), move(v)]) for k, v in batch["embeds"].items()}
+    noisy = t.backbone.add_noise(latents, noise, timesteps).to(t.input_dtype)
+    target = t.backbone.target(latents, noise, timesteps).float()
+    weighting = t.backbone.loss_weighting(timestep, cfg.weighting, cfg.snr_gamma)
+    return StepInputs(noisy, timesteps, embeds, target, weighting)
 
 
 def dpo_step(t: Trainer, batch: dict[str, Any]) -> DPOOutput:
     """The loss of one micro-batch of pairs: shared noise and timestep, one stacked policy forward on
-    [win; lose], one reference forward without gradients."""
-    device = t.acc.device
-    dtype = next(t.acc.unwrap_model(t.model).parameters()).dtype  # DeepSpeed bf16 does not autocast
-    latents = torch.cat([batch["latents_w"], batch["latents_l"]]).to(device, dtype)
-    noise = torch.cat([batch["noise"], batch["noise"]]).to(device, dtype)
-    timesteps = torch.cat([batch["timestep"], batch["timestep"]]).to(device)
-    embeds = {k: torch.cat([v, v]).to(device) for k, v in batch["embeds"].items()}
-    noisy = t.backbone.add_noise(latents, noise, timesteps)
-    target = t.backbone.target(latents, noise, timesteps)
+    [win; lose], the reference's errors (a forward without gradients, or the stored ones)."""
+    cfg = t.settings
+    inputs = step_inputs(t, batch)
     with t.acc.autocast():
-        with torch.no_grad(), reference_model(t) as reference:
-            ref_pred = t.backbone.predict(reference, noisy.to(_dtype_of(reference)), timesteps, embeds)
-        pred = t.backbone.predict(t.model, noisy, timesteps, embeds)
-    return diffusion_dpo_loss(
-        *split_pairs(pred), *split_pairs(ref_pred), *split_pairs(target), t.recipe.train.beta
+        ref_w, ref_l = t.reference.errors(batch, inputs)
+        pred = t.backbone.predict(t.model, inputs.noisy, inputs.timesteps, inputs.embeds)
+    mse_w, mse_l = per_sample_mse(pred, inputs.target).chunk(2)
+    return dpo_loss_from_errors(
+        mse_w,
+        mse_l,
+        ref_w,
+        ref_l,
+        cfg.beta,
+        inputs.weighting,
+        loss_type=cfg.loss_type,
+        sft_weight=cfg.sft_weight,
     )
 
 
-def _dtype_of(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
+def micro_step(t: Trainer, batch: dict[str, Any], step: int, step_pairs: list[torch.Tensor]) -> DPOOutput:
+    """Forward, backward and, at the last micro-step of an optimizer step, clip and update; nothing
+    is read back on the host (the finiteness flags stay on the device: :mod:`mpo.finite`)."""
+    acc, cfg = t.acc, t.settings
+    with acc.accumulate(t.model):
+        out = dpo_step(t, batch)
+        t.guard.loss(step, batch["pair"], out.per_pair_loss)
+        acc.backward(out.loss)  # under DeepSpeed this also steps, at the last micro-step
+        if not acc.sync_gradients:
+            return out  # the optimizer acts at the last micro-step only
+        optimizer = stepped_optimizer(acc, t.optimizer)
+        if not cfg.deepspeed:  # (DeepSpeed clipped and stepped inside backward)
+            t.grad_norm = acc.clip_grad_norm_(t.trainable, cfg.max_grad_norm)
+            skip = t.guard.found_inf(step, torch.cat(step_pairs), t.grad_norm)
+            inner = getattr(t.optimizer, "optimizer", t.optimizer)
+            if cfg.scaler:
+                pass  # the GradScaler sets found_inf itself
+            elif getattr(inner, "_step_supports_amp_scaling", False):
+                inner.found_inf = skip  # fused AdamW leaves everything untouched when it is 1
+            elif bool(skip):  # no fused kernel: one host read per optimizer step
+                inner.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return out
 
 
-def stop_if_not_finite(t: Trainer, values: torch.Tensor, pairs: torch.Tensor, step: int, what: str) -> None:
-    """Raise on every process if any process saw a non-finite value, naming the pairs it came from.
-
-    Checked before ``backward``, so a NaN never reaches the weights or the optimizer state; the cost is
-    one tiny all-reduce and host sync per micro-step."""
-    bad = ~torch.isfinite(values.detach().float())
-    count = t.acc.reduce(bad.sum().to(t.acc.device), reduction="sum")
-    if int(count) == 0:
+def stop_if_not_finite(t: Trainer) -> None:
+    """Raise on every process if any process saw a non-finite value since the last look, naming the
+    first step and its pairs. One all-reduce and one host read; called at log, eval and checkpoint
+    steps, so a step that went bad (whose update was skipped) is never checkpointed."""
+    found = t.guard.look()
+    if found is None:
         return
-    rows = pairs[bad.cpu()] if bad.numel() == len(pairs) > 1 else pairs  # per pair, or all of them
-    named = [dict(zip(("prompt_id", "win", "lose"), map(int, row))) for row in rows.tolist()]
-    found = [p for part in gather_object([named]) for p in part]
+    step, what, pairs = found
     latest = latest_checkpoint(t.run)
     kept = f"the last good checkpoint is {latest[1]}" if latest else "no checkpoint was written yet"
     raise TrainingError(
-        f"non-finite {what} at step {step} for pair(s) {found[:8]}{' ...' if len(found) > 8 else ''} "
-        f"(look for NaN/inf in their cached latents, or lower train.learning_rate / beta); training "
-        f"stopped, {kept}"
+        f"non-finite {what} at step {step} for pair(s) {pairs[:8]}{' ...' if len(pairs) > 8 else ''} "
+        f"(look for NaN/inf in their cached latents, or lower train.learning_rate / beta); the weights "
+        f"never took that step's update; training stopped at step {t.progress.step}, {kept}"
     )
 
 
@@ -451,59 +691,70 @@ def train_loop(t: Trainer) -> dict[str, Any]:
     bar = tqdm(
         total=until, initial=progress.step, desc="train", unit="step", disable=not acc.is_main_process
     )
-    start_step, started, window, grad_norm = progress.step, time.perf_counter(), [], None
+    start_step, started, window = progress.step, time.perf_counter(), []
+    t.aside_seconds = 0.0
     stop = stop_on_signals()  # undone by train_stage
     while progress.step < until:
         step, step_pairs = progress.step + 1, []
         for _ in range(cfg.gradient_accumulation_steps):
             batch = next(t.loader)
             step_pairs.append(batch["pair"])
-            with acc.accumulate(t.model):
-                out = dpo_step(t, batch)
-                stop_if_not_finite(t, out.per_pair_loss, batch["pair"], step, "DPO loss")
-                acc.backward(out.loss)
-                if acc.sync_gradients:
-                    grad_norm = acc.clip_grad_norm_(t.model.parameters(), cfg.max_grad_norm)
-                    if grad_norm is not None and not is_deepspeed(acc):
-                        stop_if_not_finite(
-                            t, grad_norm.reshape(1), torch.cat(step_pairs), step, "gradient norm"
-                        )
-                t.optimizer.step()
-                t.optimizer.zero_grad(set_to_none=True)
-            window.append(out.scalars())
+            window.append(micro_step(t, batch, step, step_pairs).scalars())
+        t.lr_used = t.scheduler.get_last_lr()[0]  # what this step used; the scheduler now moves on
         if not acc.optimizer_step_was_skipped:
             t.scheduler.step()
         progress.step, progress.pairs_seen = step, progress.pairs_seen + pairs_per_step
         bar.update(1)
 
-        if step % max(t.recipe.tracking.log_every, 1) == 0 or step == until:
-            log_train(t, window, grad_norm, step)
+        logging = step % max(t.recipe.tracking.log_every, 1) == 0 or step == until
+        evaluating = (t.recipe.eval.every > 0 and step % t.recipe.eval.every == 0) or step == until
+        saving = (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or step == until
+        if logging:
+            log_train(t, window, step, torch.cat(step_pairs))  # raises first if a value went non-finite
             window = []
-        if (t.recipe.eval.every > 0 and step % t.recipe.eval.every == 0) or step == until:
+        elif evaluating or saving:
+            stop_if_not_finite(t)
+        aside = time.perf_counter()
+        if evaluating:
             run_eval(t, step)
-        if (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or step == until:
+        if saving:
             checkpoint(t)
+        if evaluating or saving:
+            t.aside_seconds += time.perf_counter() - aside
         if step < until and (signum := stop.agreed()) is not None:
             stop_here(t, signum)
     bar.close()
     seconds = time.perf_counter() - started
+    pairs = (progress.step - start_step) * pairs_per_step
+    training = seconds - t.aside_seconds
     return {
         "steps trained now": progress.step - start_step,
         "seconds": round(seconds, 2),
-        "pairs / s": (progress.step - start_step) * pairs_per_step / seconds if seconds > 0 else 0.0,
+        "seconds in eval and checkpoints": round(t.aside_seconds, 2),
+        "pairs / s (training steps)": pairs / training if training > 0 else 0.0,
+        "pairs / s (with eval and checkpoints)": pairs / seconds if seconds > 0 else 0.0,
     }
 
 
-def log_train(t: Trainer, window: list[dict[str, torch.Tensor]], grad_norm: Any, step: int) -> None:
+def log_train(
+    t: Trainer, window: list[dict[str, torch.Tensor]], step: int, step_pairs: torch.Tensor | None = None
+) -> None:
     """Means over the steps since the last log and over processes: loss, implicit accuracy, reward
-    margin, model / reference error differences; plus lr and gradient norm."""
+    margin, model / reference error differences; plus the lr and pre-clip gradient norm of the last
+    optimizer step. The one host read of the window, after the finiteness check."""
+    norm = t.grad_norm
+    if is_deepspeed(t.acc):  # the engine's pre-clip norm of its last step, whatever accelerate returns
+        norm = t.model.get_global_grad_norm()
+        pairs = step_pairs if step_pairs is not None else torch.zeros(0, 3, dtype=torch.long)
+        t.guard.grad_norm(step, pairs, norm)
+    stop_if_not_finite(t)
     names = list(window[0])
     means = torch.stack([torch.stack([w[n] for w in window]).mean() for n in names]).to(t.acc.device)
     means = t.acc.reduce(means, reduction="mean")
     values = {f"train/{n}": float(v) for n, v in zip(names, means.tolist())}
-    values["train/lr"] = float(t.scheduler.get_last_lr()[0])
-    if grad_norm is not None:
-        values["train/grad_norm"] = float(grad_norm)
+    values["train/lr"] = float(t.lr_used)
+    if norm is not None:
+        values["train/grad_norm"] = float(norm)
     t.history.append({"step": step, **values})
     t.acc.log(values, step=step)
 
@@ -520,15 +771,16 @@ def run_eval(t: Trainer, step: int) -> None:
     model.eval()
     try:
         inputs = t.eval_inputs
-        result = ev.evaluate(
-            t.backbone,
-            inputs["reward"],
-            inputs["prompts"],
-            t.recipe,
-            accelerator=t.acc,
-            embeddings=inputs["embeddings"],
-            negative=inputs["negative"],
-        )
+        with sampling_precision(t):
+            result = ev.evaluate(
+                t.backbone,
+                inputs["reward"],
+                inputs["prompts"],
+                t.recipe,
+                accelerator=t.acc,
+                embeddings=inputs["embeddings"],
+                negative=inputs["negative"],
+            )
     finally:
         model.train()
     if t.acc.is_main_process:
@@ -544,6 +796,18 @@ def run_eval(t: Trainer, step: int) -> None:
         wait_for_everyone(t.acc)
 
 
+def sampling_precision(t: Trainer) -> Any:
+    """Eval sampling where the policy's dtype is not the pipeline's: float32 master weights among
+    ``model.dtype`` parts (embeddings arrive in the text encoders' dtype), or a DeepSpeed bf16 module
+    among float32 parts. Autocast to the half type of the two lets them meet."""
+    from mpo.backbones.base import torch_dtype
+
+    frozen, policy = torch_dtype(t.recipe.model.dtype), t.input_dtype
+    if frozen == policy:
+        return contextlib.nullcontext()
+    return torch.autocast(t.acc.device.type, dtype=policy if policy != torch.float32 else frozen)
+
+
 def checkpoint(t: Trainer) -> None:
     """Save ``step-<n>`` (once per step) and prune old ones, never the best."""
     if t.saved_step == t.progress.step:
@@ -557,7 +821,9 @@ def checkpoint(t: Trainer) -> None:
 
 
 def stop_here(t: Trainer, signum: int) -> None:
-    """A signal reached a process: checkpoint this step on every process, then stop all of them."""
+    """A signal reached a process: checkpoint this step on every process, then stop all of them (a
+    step whose values went non-finite raises instead: it is never checkpointed)."""
+    stop_if_not_finite(t)
     checkpoint(t)
     step = t.progress.step
     error = Interrupted(
@@ -613,8 +879,6 @@ def train_stage(
     try:
         t = setup(recipe, acc, run, settings, resumed, train_round)
         t.until = until
-        if train_round is not None:
-            train_round.prepare(t)  # e.g. the reference: the policy the round started from
         done = train_loop(t)
     finally:
         restore_signals()
@@ -652,7 +916,7 @@ def _may_continue(latest: tuple[int, Any], settings: dict[str, Any], max_steps: 
 
 
 def _print(acc: Accelerator | None, title: str, summary: dict[str, Any]) -> None:
-    from mpo.generate import print_summary
+    from mpo.summary import print_summary
 
     if is_main(acc):
         print_summary(title, summary)

@@ -144,9 +144,18 @@ class StreamBatchSampler(Sampler[list[int]]):
 
 
 def make_dataloader(
-    dataset: PairDataset, batch_size: int, rank: int, world_size: int, pairs_seen: int, num_workers: int
+    dataset: PairDataset,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    pairs_seen: int,
+    num_workers: int,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """An endless loader resuming after ``pairs_seen`` pairs (a whole number of global micro-batches)."""
+    """An endless loader resuming after ``pairs_seen`` pairs (a whole number of global micro-batches).
+
+    pin_memory: page-locked batches (on a GPU machine), so that the step copies them to the device
+    without blocking the host."""
     per_micro_step = batch_size * world_size
     if pairs_seen % per_micro_step:
         raise ValueError(
@@ -161,5 +170,6 @@ def make_dataloader(
         batch_sampler=sampler,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(dataset.seed),
     )

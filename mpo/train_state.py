@@ -215,7 +215,9 @@ def _write_error(run: RunDir, tmp: Path, step: int, err: BaseException) -> BaseE
     if isinstance(err, (CheckpointError, RankFailure)) or not is_environment_error(err):
         return err
     latest = latest_checkpoint(run)
-    kept = f"the last complete checkpoint, {latest[1]}, is kept" if latest else "no checkpoint was written yet"
+    kept = (
+        f"the last complete checkpoint, {latest[1]}, is kept" if latest else "no checkpoint was written yet"
+    )
     return CheckpointError(
         f"{tmp}: cannot write checkpoint {PREFIX}{step} ({cannot_write_reason(err)}); {kept}; free space "
         "and rerun the same command to resume from it"
@@ -385,7 +387,9 @@ def _files_read_by(path: Path, rank: int, deepspeed: bool) -> list[Path]:
         # The module's states (whole, or this rank's ZeRO-3 partition) and this rank's optimizer partition.
         folder = path / DEEPSPEED_TAG
         mine = sorted(
-            p for p in folder.glob("*.pt") if p.name.startswith("mp_rank_") or f"zero_pp_rank_{rank}_mp" in p.name
+            p
+            for p in folder.glob("*.pt")
+            if p.name.startswith("mp_rank_") or f"zero_pp_rank_{rank}_mp" in p.name
         )
         files += mine or [folder / "mp_rank_00_model_states.pt"]
     else:
@@ -425,7 +429,9 @@ def _parse(file: Path, remedy: str) -> None:
         elif file.suffix == ".pt":
             safe_torch_load(file, map_location="cpu")
     except Exception as err:
-        raise CheckpointError(f"{file}: refused, not a plain-data {file.suffix} file ({_reason(err)}); {remedy}") from err
+        raise CheckpointError(
+            f"{file}: refused, not a plain-data {file.suffix} file ({_reason(err)}); {remedy}"
+        ) from err
 
 
 def _reason(err: BaseException) -> str:

@@ -104,9 +104,10 @@ class AnswerTable:
 
     @classmethod
     def from_scores(cls, path: str | Path, checklist: Checklist) -> AnswerTable:
-        from reward.train_data import DataError, read_table
+        from reward.answers import read_table
+        from reward.train_data import DataError
 
-        table = read_table(path)
+        table = read_table(path, DataError)
         if not table:
             raise DataError(f"{path}: no rows")
         q_ids = checklist.question_ids
@@ -165,18 +166,14 @@ def _lookup(index: dict[str, int], key: str) -> int | None:
 # ---- preference accuracy -------------------------------------------------------------------------
 def read_id_pairs(path: str | Path) -> list[tuple[str, str, str, float]]:
     """(where, a id, b id, label) per row of a pairs file over sample ids."""
-    from reward.train_data import DataError, read_table
+    from reward.answers import pair_label, read_table
+    from reward.train_data import DataError
 
-    labels = {"a": 1.0, "b": 0.0, "tie": 0.5}
     out = []
-    for where, row in read_table(path):
+    for where, row in read_table(path, DataError):
         if not all(k in row for k in ("a", "b", "label")):
             raise DataError(f"{where}: needs 'a', 'b' (sample ids) and 'label'")
-        label = row["label"]
-        label = labels.get(label, label) if isinstance(label, str) else label
-        if label not in (0, 1, 0.5):
-            raise DataError(f"{where}: label {row['label']!r} is not 1 (a better), 0 (b better) or 0.5 (tie)")
-        out.append((where, str(row["a"]), str(row["b"]), float(label)))
+        out.append((where, str(row["a"]), str(row["b"]), pair_label(row["label"], where, DataError)))
     if not out:
         raise DataError(f"{path}: no pairs")
     return out

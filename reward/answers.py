@@ -25,32 +25,53 @@ from typing import Any
 import torch
 
 from reward.checklist import Checklist, ChecklistError
+from reward.errors import RewardInputError
 
 
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """JSONL (or a JSON list) or parquet -> list of dicts; errors name the file and line."""
+def read_table(
+    path: str | Path, error: type[RewardInputError] = ChecklistError
+) -> list[tuple[str, dict[str, Any]]]:
+    """(where, row) for every row of a JSONL / JSON-list / parquet / CSV file; ``where`` is
+    ``file:line`` for JSONL and ``file: row n`` otherwise. A file that cannot be read raises ``error``
+    (the caller's kind: answers, training data) naming the file and line."""
     path = Path(path)
-    if not path.exists():
-        raise ChecklistError(f"{path}: no such file")
-    if path.suffix == ".parquet":
+    if not path.is_file():
+        raise error(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as err:  # pyarrow raises several types for a damaged file
+            raise error(f"{path}: cannot read parquet ({err})") from err
+        return [(f"{path}: row {i}", r) for i, r in enumerate(rows)]
+    if suffix == ".csv":
+        import pandas as pd
+
+        rows = pd.read_csv(path).to_dict("records")
+        return [(f"{path}: row {i}", r) for i, r in enumerate(rows)]
     text = path.read_text()
     if text.lstrip().startswith("["):
         try:
-            return list(json.loads(text))
+            rows = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ChecklistError(f"{path}: invalid JSON ({err})") from err
-    rows = []
+            raise error(f"{path}: invalid JSON ({err})") from err
+        return [(f"{path}: row {i}", r) for i, r in enumerate(rows)]
+    out = []
     for line_no, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            out.append((f"{path}:{line_no}", json.loads(line)))
         except json.JSONDecodeError as err:
-            raise ChecklistError(f"{path}:{line_no}: invalid JSON ({err.msg})") from err
-    return rows
+            raise error(f"{path}:{line_no}: invalid JSON ({err.msg})") from err
+    return out
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of an answers file (:func:`read_table` without the locations)."""
+    return [row for _, row in read_table(path)]
 
 
 def _probability(value: Any, where: str) -> float:
@@ -130,6 +151,14 @@ def answers_to_tensors(
 _LABELS = {"a": 1.0, "b": 0.0, "tie": 0.5}
 
 
+def pair_label(value: Any, where: str, error: type[RewardInputError] = ChecklistError) -> float:
+    """A pair's preference label: 1 (a better), 0 (b better), 0.5 (a tie); "a" / "b" / "tie" too."""
+    label = _LABELS.get(value, value) if isinstance(value, str) else value
+    if label not in (0, 1, 0.5):
+        raise error(f"{where}: label {value!r} is not 1 (a better), 0 (b better) or 0.5 (tie)")
+    return float(label)
+
+
 def read_pairs(checklist: Checklist, path: str | Path):
     """Pairs file -> (p_a [N,Q], align_a, p_b [N,Q], align_b, labels [N])."""
     rows = read_rows(path)
@@ -140,15 +169,9 @@ def read_pairs(checklist: Checklist, path: str | Path):
         where = f"{path}: pair {n}"
         if "a" not in row or "b" not in row or "label" not in row:
             raise ChecklistError(f"{where}: needs 'a', 'b' and 'label'")
-        label = row["label"]
-        label = _LABELS.get(label, label) if isinstance(label, str) else label
-        if label not in (0, 1, 0.5, 0.0, 1.0):
-            raise ChecklistError(
-                f"{where}: label {row['label']!r} is not 1 (a better), 0 (b better) or 0.5 (tie)"
-            )
+        labels.append(pair_label(row["label"], where))
         a_rows.append(row["a"])
         b_rows.append(row["b"])
-        labels.append(float(label))
     _, p_a, al_a = answers_to_tensors(checklist, a_rows, f"{path} (side a)")
     _, p_b, al_b = answers_to_tensors(checklist, b_rows, f"{path} (side b)")
     return p_a, al_a, p_b, al_b, torch.tensor(labels, dtype=torch.float64)

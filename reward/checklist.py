@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from reward.errors import RewardInputError
+
 CHECKLIST_DIR = Path(__file__).parent / "checklists"
 ANSWER_MODES = ("soft", "binary", "signed")
 GATE_MODES = ("soft", "hard")
@@ -54,7 +56,7 @@ _TOP_KEYS = {
 }
 
 
-class ChecklistError(ValueError):
+class ChecklistError(RewardInputError):
     """A checklist or weights file that cannot be used; the message names the file and the entry."""
 
 

@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from reward.backends import BackendError
 from reward.checklist import ChecklistError, available_checklists, load_checklist, weights_path
+from reward.errors import RewardInputError
 from reward.media import MediaError
 
 OUT_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
@@ -137,9 +137,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.alignment_model:  # VQAScore (CLIP-FlanT5) or a VLM's p(yes), for any backend
         kwargs.update(alignment_model_path=args.alignment_model, dtype=args.dtype, device=args.device)
         kwargs["batch_size"] = args.batch_size
-    reward = VisionReward(
-        checklist, build_backend(backend, model_path=args.model, **kwargs), args.batch_size
-    )
+    reward = VisionReward(checklist, build_backend(backend, model_path=args.model, **kwargs), args.batch_size)
     rows: list[dict[str, Any]] = []
     failed: list[str] = []
     batch = []
@@ -184,6 +182,10 @@ def _pair_features(checklist, pairs_path: str):
 
     scorer = ChecklistScorer(checklist)
     p_a, al_a, p_b, al_b, labels = read_pairs(checklist, pairs_path)
+    if not bool((labels != 0.5).any()):
+        raise ChecklistError(
+            f"{pairs_path}: all {len(labels)} pairs are ties (label 0.5); fitting and accuracy need pairs with a preference"
+        )
     fa = scorer.features(p_a, al_a).nan_to_num(0.0)
     fb = scorer.features(p_b, al_b).nan_to_num(0.0)
     return scorer, (p_a, al_a, p_b, al_b), fa, fb, labels
@@ -386,13 +388,20 @@ def _add_training_commands(sub: Any) -> None:
 
 
 def _bad_input_errors() -> tuple[type[Exception], ...]:
-    """Errors that mean bad input (exit status 2, one line, no traceback)."""
+    """Errors that mean bad input (exit status 2, one line, no traceback): the reward's own, and the
+    recipe and checkpoint errors of the training machinery it shares with ``mpo``."""
     from mpo.config import RecipeError
     from mpo.train_state import CheckpointError
-    from reward.train_data import DataError
-    from reward.train_model import ModelSetupError
 
-    return (ChecklistError, RecipeError, CheckpointError, MediaError, DataError, ModelSetupError)
+    return (RewardInputError, RecipeError, CheckpointError)
+
+
+def _stopped_errors() -> tuple[type[Exception], ...]:
+    """Errors that stop a run for a reason its message states (a non-finite loss at a named step):
+    one line and exit status 1; what was saved before stays."""
+    from reward.train import TrainingError
+
+    return (TrainingError,)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -461,9 +470,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (*_bad_input_errors(), BackendError) as err:
+    except _bad_input_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except _stopped_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from reward.errors import RewardInputError
 from reward.types import Sample
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".avi", ".mkv", ".gif"}
 
 
-class MediaError(ValueError):
+class MediaError(RewardInputError):
     """A file that cannot be read as an image or a video; the message names the path."""
 
 
@@ -44,6 +45,11 @@ def frame_indices_per_second(num_frames: int, fps: float, max_frames: int = 24) 
 def frames_per_second(pixels: torch.Tensor, fps: float, max_frames: int = 24) -> torch.Tensor:
     """``[T,3,H,W]`` -> the per-second subset ``[T',3,H,W]`` used by the video reward."""
     return pixels[frame_indices_per_second(pixels.shape[0], fps, max_frames)]
+
+
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """Float pixels in [0, 1] -> the 8-bit values a decoder or image file would hold (on the CPU)."""
+    return (pixels.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
 def _to_tensor(array: np.ndarray) -> torch.Tensor:

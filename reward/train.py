@@ -41,6 +41,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,7 +201,19 @@ def setup_model(recipe: Any, acc: Accelerator) -> tuple[AnswerModel, Any, tuple[
     )
     vlm.train()
     taught = taught_tokens(backend, list(recipe.train.answer_words))
-    return AnswerModel(vlm, backend), mode, taught
+    return AnswerModel(vlm, backend, agree=_together(acc)), mode, taught
+
+
+def _together(acc: Accelerator) -> Callable[[bool], bool] | None:
+    """A yes / no decision every process takes together (yes if any says yes); None on one process."""
+    if acc.num_processes == 1:
+        return None
+
+    def agree(flag: bool) -> bool:
+        votes = acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum")
+        return bool(votes.item() > 0)
+
+    return agree
 
 
 def setup_optimizer(recipe: Any, model: nn.Module) -> torch.optim.Optimizer:
@@ -450,14 +463,16 @@ def evaluated(run: RunDir, step: int) -> bool:
 
 
 def _eval_plan(t: RewardTrainer) -> list[list[int | None]]:
-    """This process's held-out batches. Every process runs the same number of forwards (ZeRO-3 gathers
-    weights in lockstep): one that has run out asks one stand-in sample (None) and discards it."""
+    """This process's held-out batches. Every process runs the same forwards (ZeRO-3 gathers weights in
+    lockstep, and a sliding-window model may run one pass per sample): each batch has as many samples
+    as the first process's, and one that has run out asks stand-in samples (None) and discards them."""
     ids = td.iterate_val(t.data, t.split, t.recipe.eval.limit)
     size, world, rank = t.recipe.eval.batch_size, t.acc.num_processes, t.acc.process_index
     plan: list[list[int | None]] = []
     for start in range(0, len(ids), size * world):
+        width = len(ids[start : start + size])  # the first process's batch, the largest of the round
         chunk: list[int | None] = list(ids[start + rank * size : start + (rank + 1) * size])
-        plan.append(chunk or [None])
+        plan.append(chunk + [None] * (width - len(chunk)))
     return plan
 
 
@@ -634,14 +649,7 @@ def _exported_step(run: RunDir) -> int | None:
 
 def _print(acc: Accelerator | None, title: str, summary: dict[str, Any]) -> None:
     from mpo.distributed import is_main
+    from mpo.summary import print_summary
 
-    if not is_main(acc):
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title, show_header=False)
-    for key, value in summary.items():
-        text = ("n/a" if value != value else f"{value:.4g}") if isinstance(value, float) else str(value)
-        table.add_row(key, text)
-    Console().print(table)
+    if is_main(acc):
+        print_summary(title, summary)

@@ -20,7 +20,17 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from mpo import config as mpo_config
-from mpo.config import RecipeError, _at_least, _Checker, _fraction, _one_of, _positive, _Rule, _schema
+from mpo.config import (
+    RecipeError,
+    _at_least,
+    _Checker,
+    _fraction,
+    _non_empty_list,
+    _one_of,
+    _positive,
+    _Rule,
+    _schema,
+)
 from reward.train_schema import (
     ANSWER_REDUCE,
     ATTENTION,
@@ -43,7 +53,7 @@ RULES: tuple[_Rule, ...] = (
     _at_least("model.lora_rank", 1),
     _positive("model.lora_alpha"),
     _fraction("model.lora_dropout"),
-    _Rule("model.lora_target_modules", lambda v: v is None or len(v) > 0, "a non-empty list or null"),
+    _non_empty_list("model.lora_target_modules"),
     _one_of("model.attention", ATTENTION),
     _one_of("model.answer_reduce", ANSWER_REDUCE),
     _Rule("data.annotations", lambda v: v is None or len(v) > 0, "a non-empty list of files or null"),

@@ -43,11 +43,10 @@ Every error names the file and row (``annotations.jsonl:12``, ``scores.parquet: 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mpo.seeds import candidate_seed
+from reward.answers import read_table
 from reward.checklist import Checklist
+from reward.errors import RewardInputError
 from reward.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES, MediaError, load_image, load_video
 from reward.types import Sample
 
@@ -65,7 +66,7 @@ _YES = {"yes", "y", "true", "1"}
 _NO = {"no", "n", "false", "0"}
 
 
-class DataError(ValueError):
+class DataError(RewardInputError):
     """Training data that cannot be used; the message names the file and the row."""
 
 
@@ -112,7 +113,6 @@ class QAData:
     samples: list[SampleRef]
     rows: list[QARow]
     soft: bool = False  # targets are a teacher's probabilities, not human answers
-    notes: list[str] = field(default_factory=list)
 
     def rows_of(self, sample_ids: Sequence[int]) -> list[QARow]:
         wanted = set(sample_ids)
@@ -120,44 +120,6 @@ class QAData:
 
 
 # ---- reading --------------------------------------------------------------------------------------
-def read_table(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
-    """(where, row) for every row of a JSONL / JSON-list / parquet / CSV file; ``where`` is
-    ``file:line`` for JSONL and ``file: row n`` otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as err:  # pyarrow raises several types for a damaged file
-            raise DataError(f"{path}: cannot read parquet ({err})") from err
-        return [(f"{path}: row {i}", r) for i, r in enumerate(rows)]
-    if suffix == ".csv":
-        import pandas as pd
-
-        rows = pd.read_csv(path).to_dict("records")
-        return [(f"{path}: row {i}", r) for i, r in enumerate(rows)]
-    text = path.read_text()
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: invalid JSON ({err})") from err
-        return [(f"{path}: row {i}", r) for i, r in enumerate(rows)]
-    out = []
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append((f"{path}:{line_no}", json.loads(line)))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{line_no}: invalid JSON ({err.msg})") from err
-    return out
-
-
 def _media_path(row: dict[str, Any], where: str, base: Path) -> tuple[Path, str]:
     given = [k for k in MEDIA_KEYS if row.get(k) not in (None, "")]
     if len(given) != 1:
@@ -256,7 +218,7 @@ def read_annotations(
     out = _Collector(checklist)
     for path in paths:
         base = Path(media_root) if media_root else Path(path).parent
-        table = read_table(path)
+        table = read_table(path, DataError)
         if not table:
             raise DataError(f"{path}: no rows")
         for where, row in table:
@@ -287,7 +249,7 @@ def read_teacher_scores(
     path: str | Path, checklist: Checklist, media_root: str | Path | None = None
 ) -> QAData:
     """A teacher's scores table -> :class:`QAData` with soft targets p(yes)."""
-    table = read_table(path)
+    table = read_table(path, DataError)
     if not table:
         raise DataError(f"{path}: no rows")
     # `reward score` records media paths as given on its command line: relative to where it ran.
@@ -542,8 +504,3 @@ def describe(data: QAData, split: Sequence[str], train: TrainSet) -> dict[str, A
         "question rows (held out)": val_rows,
         "targets": "teacher p(yes) (soft)" if data.soft else "human yes / no",
     }
-
-
-def batches(items: Sequence[int], size: int) -> Iterator[list[int]]:
-    for start in range(0, len(items), size):
-        yield list(items[start : start + size])

@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from reward.backends.yes_no import pool_answer_logits
+
 LOSSES = ("token_ce", "binary")
 
 
@@ -52,10 +54,7 @@ def pooled_answer_logits(
     logits: torch.Tensor, yes_ids: list[int], no_ids: list[int], reduce: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The scorer's pooling of the spellings: ``max`` (greedy-compatible) or ``logsumexp``."""
-    yes, no = logits[:, yes_ids].float(), logits[:, no_ids].float()
-    if reduce == "max":
-        return yes.max(-1).values, no.max(-1).values
-    return yes.logsumexp(-1), no.logsumexp(-1)
+    return pool_answer_logits(logits[:, yes_ids], logits[:, no_ids], reduce)
 
 
 def answer_loss(

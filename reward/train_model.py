@@ -13,7 +13,11 @@ the repeat (whose backward sums the copies) into the one prefix pass, and from t
 tower and the prefix tokens: the shared part receives the sum over questions of each question's
 gradient. Because attention is causal, the prefix activations do not depend on which question follows,
 so this sum is exactly the gradient of asking each question in its own full forward (tested equal in
-float32), at the cost of one prefix forward and backward instead of one per question.
+float32), at the cost of one prefix forward and backward instead of one per question. The prefix
+passes are the scorer's own (:meth:`reward.backends.vlm.VLMBackend.prefix_passes`), so where a
+right-padded prefix would shift a sliding window (Gemma 3) training runs one sample per pass exactly
+as scoring does; the processes of a run agree on that per step, since under DeepSpeed ZeRO-3 they
+must run the same forwards.
 
 Where gradient checkpointing is wanted: transformers turns the key/value cache off inside checkpointed
 decoder layers, which the shared prefix needs, so it is not offered here (at 2B scale the activations
@@ -35,8 +39,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from reward.backends.vlm import VLMBackend, VLMError, answer_token_ids, chat_template_of, load_processor
+from reward.backends.vlm import VLMBackend, VLMError, checked_processor, load_processor, repeat_cache_rows
 from reward.backends.vlm import parse_dtype as vlm_dtype
+from reward.backends.yes_no import answer_token_ids
+from reward.errors import RewardInputError
 from reward.types import Sample
 
 ADAPTER_DIR = "adapter"
@@ -50,7 +56,7 @@ PROCESSOR_FILES = (
 )
 
 
-class ModelSetupError(ValueError):
+class ModelSetupError(RewardInputError):
     """A model or a setting the trainer cannot use; the message names the key or the path."""
 
 
@@ -65,8 +71,7 @@ def load_vlm(cfg: Any, device: torch.device | str) -> tuple[nn.Module, Any]:
 
         build_tiny_qwen2_vl(path)
     source = str(path) if path.exists() else str(cfg.path)
-    processor = load_processor(source)
-    chat_template_of(processor, source)  # fail before loading the weights
+    processor = checked_processor(source)  # fails before the weights load
     model = AutoModelForImageTextToText.from_pretrained(
         source, dtype=vlm_dtype(cfg.dtype), attn_implementation=cfg.attention
     )
@@ -97,45 +102,33 @@ def taught_tokens(backend: VLMBackend, words: list[str]) -> tuple[int, int]:
         if encoded[0] not in allowed:
             raise ModelSetupError(
                 f"train.answer_words: {word!r} is not a '{side}' spelling the scorer reads "
-                f"(reward.backends.vlm.{side.upper()}_SPELLINGS)"
+                f"(reward.backends.yes_no.{side.upper()}_SPELLINGS)"
             )
         ids.append(encoded[0])
     return ids[0], ids[1]
 
 
 # ---- the trained module -----------------------------------------------------------------------------
-def repeat_cache_rows(cache: Any, counts: list[int]) -> None:
-    """Repeat sample i's cache row ``counts[i]`` times, in order (public cache methods only)."""
-    most = max(counts)
-    cache.batch_repeat_interleave(most)
-    if any(c != most for c in counts):
-        keep = [i * most + j for i, c in enumerate(counts) for j in range(c)]
-        cache.batch_select_indices(torch.tensor(keep, device=_cache_device(cache)))
-
-
-def _cache_device(cache: Any) -> torch.device:
-    for layer in getattr(cache, "layers", []):
-        keys = getattr(layer, "keys", None)
-        if isinstance(keys, torch.Tensor):
-            return keys.device
-    return torch.device("cpu")
-
-
 class AnswerModel(nn.Module):
     """The VLM with the scorer's rendering: ``forward(samples, questions)`` -> ``[rows, vocab]`` logits
     at every question's answer position (rows: the samples' questions in order). See the module doc
-    for how the gradient flows through the shared prefix."""
+    for how the gradient flows through the shared prefix. ``agree`` makes the processes of a run take
+    the sliding-window decision together (:meth:`VLMBackend.prefix_passes`)."""
 
-    def __init__(self, vlm: nn.Module, backend: VLMBackend) -> None:
+    def __init__(
+        self, vlm: nn.Module, backend: VLMBackend, agree: Callable[[bool], bool] | None = None
+    ) -> None:
         super().__init__()
         self.vlm = vlm
         self.backend = backend
+        self.agree = agree
 
     def forward(self, samples: list[Sample], questions: list[list[str]]) -> torch.Tensor:
-        cache, mask, start, suffixes = self.backend.prefix_cache(samples, questions)
-        repeat_cache_rows(cache, [len(s) for s in suffixes])
-        last = self.backend.suffix_states(cache, mask, start, suffixes)
-        return self.vlm.get_output_embeddings()(last)
+        states = []
+        for cache, mask, start, suffixes in self.backend.prefix_passes(samples, questions, self.agree):
+            repeat_cache_rows(cache, [len(s) for s in suffixes])
+            states.append(self.backend.suffix_states(cache, mask, start, suffixes))
+        return self.vlm.get_output_embeddings()(torch.cat(states))
 
 
 def one_question_at_a_time(
@@ -143,11 +136,7 @@ def one_question_at_a_time(
 ) -> torch.Tensor:
     """The reference the shared prefix is checked against: every question in its own full forward
     (the visual re-encoded each time) -> ``[rows, vocab]`` answer-position logits."""
-    rows = []
-    for sample, sample_questions in zip(samples, questions):
-        for question in sample_questions:
-            inputs = backend.encode([sample], [backend.render(sample, question)])
-            rows.append(backend.model(**inputs, logits_to_keep=1).logits[:, -1])
+    rows = [backend.full_pass_logits(s, q) for s, qs in zip(samples, questions) for q in qs]
     return torch.cat(rows)
 
 

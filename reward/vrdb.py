@@ -34,8 +34,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from reward.answers import read_table
 from reward.checklist import Checklist, load_checklist
-from reward.train_data import DataError, read_table
+from reward.train_data import DataError
 
 _FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp"}
 
@@ -105,7 +106,7 @@ def convert_rows(
     media = Path(media_dir) if media_dir else out.parent / "media"
     lines, counts = [], {"samples": 0, "answers": 0, "masked": 0}
     for source in sources:
-        for where, row in read_table(source):
+        for where, row in read_table(source, DataError):
             if "internal_id" not in row or "meta_result" not in row:
                 raise DataError(f"{where}: needs 'internal_id' and 'meta_result' (a VisionRewardDB row)")
             results = list(row["meta_result"])
@@ -164,6 +165,6 @@ def default_checklist(sources: Sequence[str | Path]) -> Checklist:
 
         names = set(pq.read_schema(first).names)
     else:
-        rows = read_table(first)
+        rows = read_table(first, DataError)
         names = set(rows[0][1]) if rows else set()
     return load_checklist("video-full" if "video_path" in names else "image-full")

@@ -1,5 +1,6 @@
 """Fixtures shared by the trainer, eval and export tests: the session's tiny models, and a run
-directory already through generate, score and select (per test module, copied before mutation)."""
+directory already through generate, score and select (once per session; tests copy it before they
+write anything)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ import torch
 from tests.scripts.tiny_runs import SDXL, finished_overrides, prepare, shared_models
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def models(tmp_path_factory) -> Path:
     return shared_models(tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prepared(tmp_path_factory, models) -> Path:
     torch.set_num_threads(1)
     return prepare(tmp_path_factory.mktemp("prepared") / "run", models)

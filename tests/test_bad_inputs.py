@@ -110,8 +110,12 @@ def _locked(ctx: Ctx) -> list[str]:
 CASES: dict[str, Case] = {
     # recipes and the command line
     "recipe is not UTF-8": Case(lambda c: ["run", str(_file(c, "r.yaml", b"name: caf\xe9\n"))], "not UTF-8"),
-    "unknown recipe key": Case(lambda c: c.command("run", c.tmp / "o", "train.betta=5"), "did you mean train.beta"),
-    "prompts file missing": Case(lambda c: c.command("run", c.tmp / "o", "prompts.file=nope.txt"), "nope.txt"),
+    "unknown recipe key": Case(
+        lambda c: c.command("run", c.tmp / "o", "train.betta=5"), "did you mean train.beta"
+    ),
+    "prompts file missing": Case(
+        lambda c: c.command("run", c.tmp / "o", "prompts.file=nope.txt"), "nope.txt"
+    ),
     "prompts file is not UTF-8": Case(
         lambda c: c.command("generate", c.tmp / "o", "prompts.file=" + str(_file(c, "p.txt", b"a caf\xe9"))),
         "not UTF-8",
@@ -121,7 +125,8 @@ CASES: dict[str, Case] = {
         "model.path=",
     ),
     "a million candidates": Case(
-        lambda c: c.command("generate", c.tmp / "o", "generate.num_candidates=100000000"), "generate.num_candidates"
+        lambda c: c.command("generate", c.tmp / "o", "generate.num_candidates=100000000"),
+        "generate.num_candidates",
     ),
     "height of 10^5 pixels": Case(
         lambda c: c.command("generate", c.tmp / "o", "generate.height=100000", "generate.width=100000"),
@@ -129,23 +134,40 @@ CASES: dict[str, Case] = {
     ),
     # the output directory
     "output_dir is a file": Case(lambda c: c.command("run", _file(c, "f", b"x")), "is a file, not a folder"),
-    "output_dir under a file": Case(lambda c: c.command("run", _file(c, "f", b"x") / "run"), "a file, not a folder"),
+    "output_dir under a file": Case(
+        lambda c: c.command("run", _file(c, "f", b"x") / "run"), "a file, not a folder"
+    ),
     "output_dir on a read-only disk": Case(
-        lambda c: (_refuse(c.monkeypatch, os, "mkdir", c.tmp / "ro", errno.EROFS), c.command("run", c.tmp / "ro"))[1],
+        lambda c: (
+            _refuse(c.monkeypatch, os, "mkdir", c.tmp / "ro", errno.EROFS),
+            c.command("run", c.tmp / "ro"),
+        )[1],
         "Read-only file system",
     ),
     "output_dir in use by another command": Case(_locked, "is in use by another mpo command"),
     # settings a finished stage was made with
-    "changed train.beta on a finished run": Case(lambda c: c.command("run", c.run_copy(), "train.beta=500"), "train.beta: 50.0 -> 500"),
-    "changed select.rule on a finished run": Case(lambda c: c.command("run", c.run_copy(), "select.rule=dpo"), "select.rule: 'mpo' -> 'dpo'"),
-    "changed generate.seed on a finished run": Case(lambda c: c.command("run", c.run_copy(), "generate.seed=7"), "generate.seed: 0 -> 7"),
+    "changed train.beta on a finished run": Case(
+        lambda c: c.command("run", c.run_copy(), "train.beta=500"), "train.beta: 50.0 -> 500"
+    ),
+    "changed select.rule on a finished run": Case(
+        lambda c: c.command("run", c.run_copy(), "select.rule=dpo"), "select.rule: 'mpo' -> 'dpo'"
+    ),
+    "changed generate.seed on a finished run": Case(
+        lambda c: c.command("run", c.run_copy(), "generate.seed=7"), "generate.seed: 0 -> 7"
+    ),
     # damaged files
     "candidate shard cut by 4 bytes": Case(
-        lambda c: (_truncate((r := c.run_copy()) / "candidates" / "shard-00001.safetensors", 4), c.command("run", r))[1],
+        lambda c: (
+            _truncate((r := c.run_copy()) / "candidates" / "shard-00001.safetensors", 4),
+            c.command("run", r),
+        )[1],
         "shard-00001.safetensors: damaged",
     ),
     "bit flip in a candidate shard": Case(
-        lambda c: (_flip_byte((r := c.run_copy()) / "candidates" / "shard-00002.safetensors", 9), c.command("train", r, "train.max_steps=3"))[1],
+        lambda c: (
+            _flip_byte((r := c.run_copy()) / "candidates" / "shard-00002.safetensors", 9),
+            c.command("train", r, "train.max_steps=3"),
+        )[1],
         "shard-00002.safetensors: damaged",
     ),
     "garbage score shard": Case(
@@ -153,29 +175,40 @@ CASES: dict[str, Case] = {
         "score-00000.parquet",
     ),
     "garbage candidates.parquet": Case(
-        lambda c: (_garbage(r := c.run_copy(), "candidates.parquet"), c.command("score", r))[1], "candidates.parquet"
+        lambda c: (_garbage(r := c.run_copy(), "candidates.parquet"), c.command("score", r))[1],
+        "candidates.parquet",
     ),
     "garbage pairs.parquet": Case(
         lambda c: (_garbage(r := c.run_copy(), "pairs.parquet"), c.command("train", r))[1], "pairs.parquet"
     ),
     "garbage checkpoints/best": Case(
-        lambda c: (_garbage(r := c.run_copy(), "checkpoints/best"), c.command("export", r))[1], "checkpoints/best"
+        lambda c: (_garbage(r := c.run_copy(), "checkpoints/best"), c.command("export", r))[1],
+        "checkpoints/best",
     ),
     "garbage export.json": Case(
-        lambda c: (_garbage(r := c.run_copy(), "export/export.json"), c.command("export", r))[1], "export.json"
+        lambda c: (_garbage(r := c.run_copy(), "export/export.json"), c.command("export", r))[1],
+        "export.json",
     ),
     "missing weights file": Case(
         lambda c: _changed_checkpoint(c, "weights/denoiser/diffusion_pytorch_model.safetensors", Path.unlink),
         "weights: no weights file in the checkpoint",
     ),
     "truncated optimizer state": Case(
-        lambda c: _changed_checkpoint(c, "optimizer.safetensors", lambda p: _truncate(p, 100)), "optimizer.safetensors"
+        lambda c: _changed_checkpoint(c, "optimizer.safetensors", lambda p: _truncate(p, 100)),
+        "optimizer.safetensors",
     ),
-    "garbage progress.json": Case(lambda c: _changed_checkpoint(c, "progress.json", lambda p: p.write_text("{")), "progress.json"),
-    "garbage trainer.json": Case(lambda c: _changed_checkpoint(c, "trainer.json", lambda p: p.write_text("[")), "trainer.json"),
+    "garbage progress.json": Case(
+        lambda c: _changed_checkpoint(c, "progress.json", lambda p: p.write_text("{")), "progress.json"
+    ),
+    "garbage trainer.json": Case(
+        lambda c: _changed_checkpoint(c, "trainer.json", lambda p: p.write_text("[")), "trainer.json"
+    ),
     # the file system refusing writes
     "disk full while writing a shard": Case(
-        lambda c: (c.monkeypatch.setattr(mpo.store, "save_file", _disk_full), c.command("generate", c.tmp / "o"))[1],
+        lambda c: (
+            c.monkeypatch.setattr(mpo.store, "save_file", _disk_full),
+            c.command("generate", c.tmp / "o"),
+        )[1],
         "No space left on device",
     ),
     "disk full while writing a checkpoint": Case(
@@ -186,7 +219,13 @@ CASES: dict[str, Case] = {
         "cannot write checkpoint step-3 (No space left on device)",
     ),
     "select --scores on a garbage file": Case(
-        lambda c: ["select", "--scores", str(_file(c, "s.parquet", b"PAR1 nope")), "--out", str(c.tmp / "p.parquet")],
+        lambda c: [
+            "select",
+            "--scores",
+            str(_file(c, "s.parquet", b"PAR1 nope")),
+            "--out",
+            str(c.tmp / "p.parquet"),
+        ],
         "s.parquet",
     ),
 }
@@ -278,4 +317,3 @@ def test_stale_lock_of_a_dead_process_is_taken_over(finished, models, tmp_path, 
     assert main(["run", str(SDXL), *overrides(run, models)]) == 0
     assert "took over the stale run lock of pid 4194321" in capsys.readouterr().err
     assert not (run / mpo.lock.LOCK_NAME).exists()  # released at the end
-

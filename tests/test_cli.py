@@ -24,7 +24,9 @@ def calls(monkeypatch) -> list[tuple[str, tuple]]:
     seen: list[tuple[str, tuple]] = []
     for module, function in STAGES.values():
         fake = types.ModuleType(module)
-        setattr(fake, function, lambda recipe, *args, _name=function, **kwargs: seen.append((_name, (recipe,))))
+        setattr(
+            fake, function, lambda recipe, *args, _name=function, **kwargs: seen.append((_name, (recipe,)))
+        )
         if module == "mpo.select":
             fake.select_from_file = lambda *args: seen.append(("select_from_file", args))
         monkeypatch.setitem(sys.modules, module, fake)
@@ -33,7 +35,9 @@ def calls(monkeypatch) -> list[tuple[str, tuple]]:
 
 @pytest.mark.parametrize("command", list(STAGES))
 def test_each_command_calls_its_stage(command: str, calls, tmp_path):
-    assert main([command, TINY_SDXL, "train.max_steps=3", "select.threshold=0.2", f"output_dir={tmp_path}"]) == 0
+    assert (
+        main([command, TINY_SDXL, "train.max_steps=3", "select.threshold=0.2", f"output_dir={tmp_path}"]) == 0
+    )
     ((function, (recipe,)),) = calls
     assert function == STAGES[command][1]
     assert recipe.train.max_steps == 3 and recipe.select.threshold == 0.2

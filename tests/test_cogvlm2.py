@@ -24,10 +24,10 @@ from reward.backends.cogvlm2.config import CogVLM2Error
 from reward.backends.cogvlm2.loading import detect_layout, load_model
 from reward.backends.cogvlm2.modeling import VISION, expert_mask, position_ids
 from reward.backends.cogvlm2.tiny import (
-    answer_token_ids,
     build_tiny_model,
     save_remote_layout,
     save_sat_layout,
+    tiny_answer_ids,
     tiny_config,
     tiny_tokenizer,
 )
@@ -49,7 +49,7 @@ def built(tokenizer):
     """The directly built tiny models: image (visual expert), video, and the image model of the SAT
     code (its adapter convolution keeps the vision width)."""
     torch.set_num_threads(1)
-    answers = answer_token_ids(tokenizer)
+    answers = tiny_answer_ids(tokenizer)
     return {
         "image": build_tiny_model(tiny_config("image", tokenizer), seed=1, answer_ids=answers),
         "video": build_tiny_model(tiny_config("video", tokenizer), seed=2, answer_ids=answers),
@@ -165,7 +165,9 @@ def test_layouts_that_do_not_match_name_the_first_odd_weight(tmp_path, remote, b
     (broken / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CogVLM2Error, match=rf"weight '{dropped}' is missing"):
         load_model(broken, dtype=torch.float32)
-    weights[dropped] = torch.zeros(load_file(str(sorted(remote["video"].glob("model-*.safetensors"))[0]))[dropped].shape)
+    weights[dropped] = torch.zeros(
+        load_file(str(sorted(remote["video"].glob("model-*.safetensors"))[0]))[dropped].shape
+    )
     save_file(weights, str(shard), metadata={"format": "pt"})
     index["weight_map"][dropped] = shard.name
     (broken / "model.safetensors.index.json").write_text(json.dumps(index))

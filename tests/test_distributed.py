@@ -47,7 +47,9 @@ def _load_first(rank: int, failing: int) -> str:
 
 
 SCENARIOS = {
-    "rank 1 fails (bad input)": lambda r: _stage_failing_on(r, 1, StoreError("shard-00001.safetensors: damaged")),
+    "rank 1 fails (bad input)": lambda r: _stage_failing_on(
+        r, 1, StoreError("shard-00001.safetensors: damaged")
+    ),
     "rank 0 fails (bad input)": lambda r: _stage_failing_on(r, 0, StoreError("prompts.parquet: damaged")),
     "rank 1 hits a bug": lambda r: _stage_failing_on(r, 1, KeyError("oops")),
     "main fails while loading first": lambda r: _load_first(r, 0),
@@ -124,4 +126,3 @@ def test_one_process_raises_its_own_error():
     with pytest.raises(StoreError, match="damaged"):
         _stage_failing_on(0, 0, StoreError("damaged"))
     assert gather(None, 5) == [5] and any_rank(True) and not any_rank(False)
-

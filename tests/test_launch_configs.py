@@ -209,7 +209,10 @@ def test_slurm_script_starts_one_ranked_launcher_per_node(tmp_path, monkeypatch)
         assert launched["cmd_args"][-5:] == args[-5:] and "-m" in launched["cmd_args"]
         assert launched["env"]["ACCELERATE_USE_DEEPSPEED"] == "true"
         assert (ROOT / launched["env"]["ACCELERATE_DEEPSPEED_CONFIG_FILE"]).is_file()
-        ranks += [config.rdzv_configs["rank"] * config.nproc_per_node + local for local in range(config.nproc_per_node)]
+        ranks += [
+            config.rdzv_configs["rank"] * config.nproc_per_node + local
+            for local in range(config.nproc_per_node)
+        ]
     assert sorted(ranks) == list(range(16))  # every global rank once, none twice
 
 

@@ -87,7 +87,9 @@ def assert_same_training(one: dict, two: dict, base: dict) -> None:
     delta_one = torch.cat([(one[k] - base[k]).flatten() for k in sorted(one)])
     delta_two = torch.cat([(two[k] - base[k]).flatten() for k in sorted(one)])
     moved, apart = delta_one.norm().item(), (delta_one - delta_two).norm().item()
-    assert moved > 0 and apart < 0.05 * moved, f"1 vs 2 processes differ by {apart} (L2); training moved {moved}"
+    assert moved > 0 and apart < 0.05 * moved, (
+        f"1 vs 2 processes differ by {apart} (L2); training moved {moved}"
+    )
 
 
 def assert_whole_run(result: subprocess.CompletedProcess, out: Path) -> None:
@@ -103,7 +105,9 @@ def test_mpo_run_on_two_ddp_processes_exits_0_and_exports_the_one_process_model(
     result = launch(DDP, ["run", str(SDXL), *overrides(out, models, TWO_RANKS)])
     assert_whole_run(result, out)
     progress = json.loads((out / "checkpoints" / "step-2" / "progress.json").read_text())
-    assert progress["settings"]["layout"]["processes"] == 2 and not progress["settings"]["layout"]["deepspeed"]
+    assert (
+        progress["settings"]["layout"]["processes"] == 2 and not progress["settings"]["layout"]["deepspeed"]
+    )
     unet = Path("export") / "pipeline" / "unet"
     assert_same_training(_weights(finished / unet), _weights(out / unet), _weights(models / "sdxl" / "unet"))
 
@@ -123,7 +127,9 @@ def test_mpo_run_on_two_zero2_processes_exports_the_one_process_model(zero2_run,
     progress = json.loads((zero2_run / "checkpoints" / "step-2" / "progress.json").read_text())
     assert progress["settings"]["layout"]["deepspeed"] and progress["settings"]["layout"]["processes"] == 2
     unet = Path("export") / "pipeline" / "unet"
-    assert_same_training(_weights(finished / unet), _weights(zero2_run / unet), _weights(models / "sdxl" / "unet"))
+    assert_same_training(
+        _weights(finished / unet), _weights(zero2_run / unet), _weights(models / "sdxl" / "unet")
+    )
 
 
 def _cogvideox_full(out: Path, models: Path, *extra: str) -> list[str]:
@@ -145,7 +151,9 @@ def _cogvideox_full(out: Path, models: Path, *extra: str) -> list[str]:
 def test_mpo_run_on_two_zero3_processes_full_cogvideox_exports_the_one_process_model(models, tmp_path):
     """ZeRO-3 shards the video transformer: its export is gathered whole on rank 0."""
     config = tmp_path / "zero3.yaml"
-    text = ZERO2.read_text().replace("launch/deepspeed/zero2.json", str(ROOT / "launch" / "deepspeed" / "zero3.json"))
+    text = ZERO2.read_text().replace(
+        "launch/deepspeed/zero2.json", str(ROOT / "launch" / "deepspeed" / "zero3.json")
+    )
     config.write_text(text)
     one, two = tmp_path / "one", tmp_path / "two"
     torch.set_num_threads(1)
@@ -181,7 +189,10 @@ def test_deepspeed_checkpoint_files_cannot_run_code(zero2_run, models, tmp_path)
     for file in files:
         run = tmp_path / file.stem / "run"
         shutil.copytree(zero2_run, run)
-        torch.save({"optimizer_state_dict": Payload(marker)}, run / "checkpoints" / "step-2" / "pytorch_model" / file.name)
+        torch.save(
+            {"optimizer_state_dict": Payload(marker)},
+            run / "checkpoints" / "step-2" / "pytorch_model" / file.name,
+        )
         rank = 1 if "rank_1" in file.name else 0
         with pytest.raises(CheckpointError, match=re.escape(file.name)):
             verify_checkpoint(run / "checkpoints" / "step-2", rank, deepspeed=True)
@@ -190,7 +201,12 @@ def test_deepspeed_checkpoint_files_cannot_run_code(zero2_run, models, tmp_path)
     result = launch(ZERO2, ["train", str(SDXL), *overrides(run, models, TWO_RANKS, "train.max_steps=3")])
     assert result.returncode != 0 and not marker.exists()
     lines = _messages(result.stderr, "mpo train:")
-    assert len(lines) == 2 and lines[0] == lines[1] and files[-1].name in lines[0] and "(rank 1 of 2)" in lines[0]
+    assert (
+        len(lines) == 2
+        and lines[0] == lines[1]
+        and files[-1].name in lines[0]
+        and "(rank 1 of 2)" in lines[0]
+    )
 
 
 # ---- slow: an error on one rank, signals ---------------------------------------------------------------
@@ -216,7 +232,12 @@ def test_an_error_on_rank_1_alone_stops_both_ranks_with_its_message(finished, mo
     assert not (run / LOCK_NAME).exists()
 
 
-SIGNAL_TRAIN = ["train.max_steps=6", "train.checkpoint_every=100", "train.lr_schedule=linear", "train.warmup_steps=1"]
+SIGNAL_TRAIN = [
+    "train.max_steps=6",
+    "train.checkpoint_every=100",
+    "train.lr_schedule=linear",
+    "train.warmup_steps=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +259,12 @@ def test_a_signal_to_the_launcher_checkpoints_both_ranks_and_the_resume_matches(
     args = ["train", str(SDXL), *overrides(run, models, TWO_RANKS, *SIGNAL_TRAIN)]
     script = [str(ROOT / "tests" / "scripts" / "slow_steps.py"), "0.5", str(markers)]
     job = subprocess.Popen(
-        _command(DDP, args, script), cwd=ROOT, env=_env(False), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        _command(DDP, args, script),
+        cwd=ROOT,
+        env=_env(False),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 200
     while not all((markers / f"rank-{r}-step-3").exists() for r in (0, 1)):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mpo.loss import DPOOutput, diffusion_dpo_loss, split_pairs
+from mpo.loss import DPOOutput, diffusion_dpo_loss, min_snr_weight, split_pairs
 
 KINDS = ("epsilon", "v_prediction", "flow")
 # (latent shape, beta, prediction error scale) chosen so that the logits are O(1): both signs occur.
@@ -260,3 +260,89 @@ def test_scalars_are_detached_batch_means():
     assert set(scalars) == {f for f in DPOOutput.__dataclass_fields__}
     assert all(v.dim() == 0 and not v.requires_grad for v in scalars.values())
     assert scalars["mse_w"].item() == pytest.approx(result.mse_w.mean().item())
+
+
+def _variant_reference(tensors, beta, loss_type, sft_weight, weights=None) -> list[float]:
+    """Per-pair losses of the variants from their formulas, in Python floats."""
+    ref = _reference(*tensors, beta, weights=weights)
+    out = []
+    for inside, mse_w in zip(ref["inside"], ref["mse_w"]):
+        if loss_type == "sigmoid":
+            ell = math.log1p(math.exp(-inside))
+        elif loss_type == "hinge":
+            ell = max(0.0, 1.0 - inside)
+        else:  # IPO: (h - 1/(2 tau))^2 with h = inside / beta, tau = beta, times beta^2
+            ell = beta**2 * (inside / beta - 1.0 / (2.0 * beta)) ** 2
+        out.append(ell + sft_weight * mse_w)
+    return out
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
+@pytest.mark.parametrize("sft_weight", [0.0, 0.7])
+def test_loss_variants_and_sft_term_match_their_formulas_in_float64(loss_type, sft_weight):
+    tensors, beta = _case("v_prediction", seed=12)
+    beta *= 10  # margins from -5 to 3: both sides of the hinge, the sigmoid far from linear
+    weights = torch.linspace(0.3, 1.7, tensors[0].shape[0], dtype=torch.float64)
+    result = diffusion_dpo_loss(
+        *tensors, beta=beta, weighting=weights, loss_type=loss_type, sft_weight=sft_weight
+    )
+    expected = _variant_reference(tensors, beta, loss_type, sft_weight, weights)
+    torch.testing.assert_close(
+        result.per_pair_loss, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-10
+    )
+    assert result.loss.item() == pytest.approx(math.fsum(expected) / len(expected), abs=1e-12)
+    hinge_active = [1.0 - m for m in _reference(*tensors, beta, weights=weights)["inside"]]
+    if loss_type == "hinge":
+        assert min(hinge_active) < 0 < max(hinge_active), "the case should cover both sides of the hinge"
+
+
+def test_loss_variants_at_a_zero_margin():
+    tensors, beta = _case("epsilon", seed=13)
+    for loss_type, value in (("sigmoid", math.log(2)), ("hinge", 1.0), ("ipo", 0.25)):
+        at_zero = diffusion_dpo_loss(*tensors, beta=0.0, loss_type=loss_type)
+        assert at_zero.loss.item() == pytest.approx(value, abs=1e-15), loss_type
+    with pytest.raises(ValueError, match=r"train\.loss_type='dpo'"):
+        diffusion_dpo_loss(*tensors, beta=beta, loss_type="dpo")
+    with pytest.raises(ValueError, match="sft_weight must be >= 0"):
+        diffusion_dpo_loss(*tensors, beta=beta, sft_weight=-1.0)
+
+
+def test_sft_term_pulls_the_winner_towards_its_target_only():
+    tensors, beta = _case("epsilon", batch=4, seed=14)
+    pw, pl, rw, rl, yw, yl = tensors
+    pw.requires_grad_(True)
+    pl.requires_grad_(True)
+    plain = diffusion_dpo_loss(pw, pl, rw, rl, yw, yl, beta=beta)
+    with_sft = diffusion_dpo_loss(pw, pl, rw, rl, yw, yl, beta=beta, sft_weight=2.0)
+    g_plain = torch.autograd.grad(plain.loss, (pw, pl))
+    g_sft = torch.autograd.grad(with_sft.loss, (pw, pl))
+    # d/dpw of 2 * mean_pairs(mean((pw - yw)^2)) = 2 * 2 (pw - yw) / (numel per pair * pairs)
+    numel = pw[0].numel()
+    torch.testing.assert_close(
+        g_sft[0] - g_plain[0], 4.0 * (pw - yw).detach() / (numel * 4), rtol=1e-10, atol=1e-14
+    )
+    torch.testing.assert_close(g_sft[1], g_plain[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weight_matches_its_formula_in_float64(prediction_type):
+    gen = torch.Generator().manual_seed(15)
+    betas = torch.rand(1000, generator=gen, dtype=torch.float64) * 0.02 + 1e-4
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    alphas_cumprod[-1] = 0.0  # a zero-terminal-SNR schedule's last step (CogVideoX)
+    timesteps = torch.tensor([0, 10, 100, 400, 999])
+    gamma = 5.0
+    got = min_snr_weight(alphas_cumprod, timesteps, gamma, prediction_type)
+    expected = []
+    for t in timesteps.tolist():
+        abar = float(alphas_cumprod[t])
+        snr = abar / (1.0 - abar)
+        if prediction_type == "epsilon":
+            expected.append(1.0 if snr <= gamma else gamma / snr)
+        else:
+            expected.append(min(snr, gamma) / (snr + 1.0))
+    assert got.dtype == torch.float32
+    assert got.double().tolist() == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    assert any(w < 1.0 for w in expected) and (prediction_type == "v_prediction") == (expected[-1] == 0.0)
+    with pytest.raises(ValueError, match="flow"):
+        min_snr_weight(alphas_cumprod, timesteps, gamma, "flow")

@@ -22,7 +22,12 @@ from tests.scripts.tiny_runs import ROOT, SDXL, checkpoint_tensors, copy_run
 from tests.scripts.tiny_runs import finished_overrides as overrides
 
 STEPS = 4
-TRAIN = [f"train.max_steps={STEPS}", "train.checkpoint_every=100", "train.lr_schedule=linear", "train.warmup_steps=1"]
+TRAIN = [
+    f"train.max_steps={STEPS}",
+    "train.checkpoint_every=100",
+    "train.lr_schedule=linear",
+    "train.warmup_steps=1",
+]
 
 
 def _train(run: Path, models: Path, *extra: str) -> int:
@@ -110,7 +115,10 @@ def test_a_planted_payload_in_any_checkpoint_file_is_refused(name, finished, mod
     assert name.split("/")[-1] in err and "Traceback" not in err
     assert not marker.exists(), "the payload ran"
     (run / "checkpoints" / "step-2" / name).write_bytes(payload)  # a bare pickle
-    assert main(["export", str(SDXL), *overrides(run, models, "export.which=last", "train.max_steps=3")]) in (0, 2)
+    assert main(["export", str(SDXL), *overrides(run, models, "export.which=last", "train.max_steps=3")]) in (
+        0,
+        2,
+    )
     assert not marker.exists(), "the payload ran"
 
 
@@ -123,8 +131,16 @@ def test_force_redoes_a_changed_stage_and_everything_after_it(finished, models, 
     assert "select.rule: 'mpo' -> 'dpo'" in capsys.readouterr().err
     assert main([*command, "--force"]) == 0
     out = capsys.readouterr().out
-    for stage, work in (("generate", "skipped"), ("score", "skipped"), ("select", "done now"), ("train", "done now"), ("export", "done now")):
-        assert any(line.split("│")[1].strip() == stage and work in line for line in out.splitlines() if "│" in line), stage
+    for stage, work in (
+        ("generate", "skipped"),
+        ("score", "skipped"),
+        ("select", "done now"),
+        ("train", "done now"),
+        ("export", "done now"),
+    ):
+        assert any(
+            line.split("│")[1].strip() == stage and work in line for line in out.splitlines() if "│" in line
+        ), stage
     assert read_parquet(run / "pairs.parquet")["rule"].eq("dpo").all()
     progress = json.loads((run / "checkpoints" / "step-2" / "progress.json").read_text())
     assert progress["settings"]["select"]["rule"] == "dpo"
@@ -134,7 +150,9 @@ def test_force_redoes_a_changed_stage_and_everything_after_it(finished, models, 
     assert "done now" not in capsys.readouterr().out
 
 
-def test_the_run_directorys_own_recipe_resumes_it_from_anywhere(finished, models, tmp_path, monkeypatch, capsys):
+def test_the_run_directorys_own_recipe_resumes_it_from_anywhere(
+    finished, models, tmp_path, monkeypatch, capsys
+):
     """model.path relative in the command, absolute in recipe.yaml: both resolve to the same run."""
     run = tmp_path / "run"
     shutil.copytree(finished, run)
@@ -152,7 +170,11 @@ def test_leftovers_of_killed_stages_are_removed(finished, models, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     dead = 2**22 + 17  # above Linux's largest pid: no such process
-    killed = [run / f".export.tmp-{dead}-0badf00d", run / ".export.old-0badf00d", run / "checkpoints" / "step-7.tmp"]
+    killed = [
+        run / f".export.tmp-{dead}-0badf00d",
+        run / ".export.old-0badf00d",
+        run / "checkpoints" / "step-7.tmp",
+    ]
     for folder in killed:
         (folder / "pipeline").mkdir(parents=True)
     dead_build = models / f".sdxl.tmp-{dead}-0badf00d"

@@ -268,3 +268,53 @@ def test_fit_and_eval_with_a_checklist_given_as_a_yaml_path(tmp_path, capsys):
     for extra in ([], ["--checklist", str(custom)]):
         assert main(["eval", "--pairs", str(pairs), "--weights", str(weights), *extra]) == 0
         assert json.loads(capsys.readouterr().out)["pairs"] == 80
+
+
+def test_every_reward_input_error_is_the_one_the_cli_ends_with_exit_2():
+    """The reward's bad-input errors derive from the one base the CLIs catch (exit 2, one line): no
+    class of the package derives from ValueError itself but that base, so none reaches the user as
+    a traceback."""
+    import ast
+
+    from reward.backends import BackendError
+    from reward.checklist import ChecklistError
+    from reward.errors import RewardInputError
+    from reward.media import MediaError
+
+    package = Path(__file__).resolve().parents[1] / "reward"
+    direct = sorted(
+        f"{path.relative_to(package)}:{node.name}"
+        for path in package.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef) and any(getattr(b, "id", None) == "ValueError" for b in node.bases)
+    )
+    assert direct == ["errors.py:RewardInputError"]
+    assert all(issubclass(e, RewardInputError) for e in (BackendError, ChecklistError, MediaError))
+
+
+def test_fit_and_eval_refuse_pairs_that_are_all_ties(tmp_path, capsys):
+    checklist = load_checklist("image-full")
+    rows = _pairs_from_weights(checklist, np.ones(len(checklist.features)), 8, seed=1)
+    for row in rows:
+        row["label"] = 0.5
+    pairs = _write_jsonl(tmp_path / "ties.jsonl", rows)
+    weights = tmp_path / "weights.json"
+    assert main(["fit", "--checklist", "image-full", "--pairs", str(pairs), "--out", str(weights)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(pairs) in err and "ties" in err
+    assert not weights.exists()
+    assert main(["eval", "--pairs", str(pairs), "--weights", "image-full.release-weights"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(pairs) in err
+
+
+def test_a_training_stop_is_one_line_and_status_1(monkeypatch, capsys):
+    import reward.cli as cli
+    from reward.train import TrainingError
+
+    def stop(_args):
+        raise TrainingError("loss is not finite at step 3 (samples a, b)")
+
+    monkeypatch.setattr(cli, "cmd_checklists", stop)
+    assert main(["checklists"]) == 1
+    assert capsys.readouterr().err.strip() == "error: loss is not finite at step 3 (samples a, b)"

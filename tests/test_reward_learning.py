@@ -97,13 +97,18 @@ def _resized_tiny(path: Path, hidden: int, layers: int) -> Path:
 
 
 @pytest.mark.slow  # ~30-50 s on 2 cores
-def test_a_distilled_student_answers_like_its_teacher(shapes, tmp_path):
+def test_a_distilled_student_answers_like_its_teacher(shapes, tmp_path, monkeypatch):
     # The teacher: the pixel-statistics backend on the full image checklist (it answers 17 of its
-    # questions, with soft p(yes); the rest are unknown and left out), through `reward score`.
-    images = sorted(str(p) for p in shapes["images"].glob("*.png"))
+    # questions, with soft p(yes); the rest are unknown and left out), through `reward score`. The
+    # media paths are relative (data.media_root), so the held-out split, which hashes the paths as
+    # written, is the same in every run wherever pytest puts its temporary folders.
+    folder = shapes["images"]
+    monkeypatch.chdir(folder)
+    images = sorted(p.name for p in folder.glob("*.png"))
     teacher = tmp_path / "teacher.parquet"
     assert main(["score", "--checklist", "image-full", "--backend", "pixel-stats", "--images", *images,
                  "--out", str(teacher)]) == 0  # fmt: skip
+    monkeypatch.chdir(tmp_path)
     student = _resized_tiny(tmp_path / "student", hidden=32, layers=3)  # the teacher-free tiny is 64 x 2
     run = tmp_path / "distill"
     recipe = load_train_recipe(
@@ -113,6 +118,7 @@ def test_a_distilled_student_answers_like_its_teacher(shapes, tmp_path):
             f"model.path={student}",
             "data.checklist=image-full",
             f"data.teacher_scores={teacher}",
+            f"data.media_root={folder}",
             "data.balance=none",
             "model.finetune=full",
             "model.train_vision=true",
@@ -128,7 +134,8 @@ def test_a_distilled_student_answers_like_its_teacher(shapes, tmp_path):
     # A baseline that ignores the image: each question's mean teacher p(yes) over the training samples.
     table = pd.read_parquet(teacher)
     split = pd.read_parquet(run / "split.parquet").set_index("media")["split"]
-    side = table["id"].map(split)
+    side = table["id"].map(lambda name: str(folder / name)).map(split)
+    assert side.notna().all()
     q = [c for c in table.columns if c.startswith("q.") and table[c].notna().all()]
     constant = (table.loc[side == "val", q] - table.loc[side == "train", q].mean()).abs().to_numpy().mean()
     assert before["mean_abs_dp"] > 0.25

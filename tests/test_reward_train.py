@@ -175,6 +175,33 @@ def test_training_forward_reads_the_scorers_p_yes(tiny_vlm, shapes):
     assert scorer_view.std() > 0.05  # the random model discriminates, or equality would prove little
 
 
+def test_sliding_window_training_runs_one_sample_per_prefix_pass_like_the_scorer(tmp_path):
+    """Gemma 3 with a 24-token sliding window, shorter than these prompts: one right-padded prefix pass
+    would shift the window of the shorter prefixes, so the training forward, like the scorer, runs one
+    sample per pass and equals one question at a time. Agreeing on one padded pass (what a process
+    would be told if the others decided so) visibly changes the logits: the fallback is what matters."""
+    from reward.backends.tiny_vlms import build_tiny_gemma3
+
+    torch.set_num_threads(1)
+    backend = VLMBackend.from_pretrained(
+        build_tiny_gemma3(tmp_path / "gemma3"), dtype="float32", device="cpu"
+    )
+    samples, questions = _samples()
+    images = [0, 1, 3]  # Gemma 3 takes no video
+    samples, questions = [samples[i] for i in images], [questions[i] for i in images]
+    votes: list[bool] = []
+    with torch.no_grad():
+        reference = one_question_at_a_time(backend, samples, questions)
+        shared = AnswerModel(backend.model, backend, agree=lambda flag: votes.append(flag) or flag)(
+            samples, questions
+        )
+        padded = AnswerModel(backend.model, backend, agree=lambda flag: False)(samples, questions)
+    assert votes == [True]
+    assert shared.shape == reference.shape == (8, len(backend.tokenizer))
+    torch.testing.assert_close(shared, reference, atol=1e-4, rtol=0)
+    assert (padded - reference).abs().max() > 1e-2
+
+
 # ---- runs ---------------------------------------------------------------------------------------------
 LORA_WITH_DROPOUT = ["model.lora_dropout=0.1", "train.lr_schedule=linear", "train.warmup_steps=1"]
 

@@ -271,6 +271,19 @@ def test_round_1_candidates_are_the_policy_round_0_trained_sampling_them(straigh
     assert not torch.allclose(stored, base, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_a_precomputed_base_reference_gives_the_live_ones_margins(straight, models, tmp_path):
+    """Full fine-tuning past round 0 no longer holds the base: the pass reads it from disk again."""
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    with Margins() as margins:
+        assert main(["run", str(SDXL), *rounds_overrides(out, models, "train.reference=precomputed")]) == 0
+    live = {int(k): v for k, v in json.loads((straight.parent / "margins.json").read_text()).items()}
+    assert margins.keys() == live.keys()
+    assert all(margins[k] == pytest.approx(live[k], rel=1e-3, abs=1e-6) for k in live), (margins, live)
+    assert (out / "rounds" / "round-001" / "reference").is_dir() and not (out / "reference").exists()
+
+
 def test_the_reference_stays_the_base_by_default(straight):
     margins = {int(k): v for k, v in json.loads((straight.parent / "margins.json").read_text()).items()}
     assert margins[1] < 1e-4  # step 0: the policy is the base
@@ -301,11 +314,20 @@ MOVING = {
 }
 
 
-@pytest.mark.parametrize("finetune", ["lora", pytest.param("full", marks=pytest.mark.slow)])
-def test_a_moving_reference_is_the_policy_the_round_started_from(finetune, models, tmp_path):
+@pytest.mark.parametrize(
+    ("finetune", "reference"),
+    [
+        ("lora", "live"),
+        ("lora", "precomputed"),
+        pytest.param("full", "live", marks=pytest.mark.slow),
+        pytest.param("full", "precomputed", marks=pytest.mark.slow),
+    ],
+)
+def test_a_moving_reference_is_the_policy_the_round_started_from(finetune, reference, models, tmp_path):
     """``rounds.reference=previous``: at each round's first step the reference computes the policy's
-    own function (margin 0, loss log 2), at the step after not; and the next round's candidates are
-    sampled from that policy (LoRA: through the adapter)."""
+    own function (margin 0, loss log 2), at the step after not, whether it runs next to the policy or
+    its errors were computed before the round (``train.reference``); and the next round's candidates
+    are sampled from that policy (LoRA: through the adapter)."""
     torch.set_num_threads(1)
     out = tmp_path / "run"
     with Margins() as margins:
@@ -319,6 +341,7 @@ def test_a_moving_reference_is_the_policy_the_round_started_from(finetune, model
                         models,
                         *MOVING[finetune],
                         "rounds.reference=previous",
+                        f"train.reference={reference}",
                         "tracking.tracker=tensorboard",
                     ),
                 ]
@@ -329,7 +352,14 @@ def test_a_moving_reference_is_the_policy_the_round_started_from(finetune, model
     assert margins[STEPS] > 1e-3 and margins[2 * STEPS] > 1e-3, margins
     stored, again = sampled_again(out, True, tmp_path)
     assert torch.allclose(stored, again, atol=1e-6)
-    if finetune == "lora":  # the curves: one tracker run, the rounds' pair statistics on the step axis
+    if reference == "precomputed":  # each round's errors, of its own positions only, with the round
+        assert [
+            len(list((out / "rounds" / f"round-{r:03d}" / "reference").glob("part-*"))) for r in (0, 1)
+        ] == [1, 1]
+    if (finetune, reference) == (
+        "lora",
+        "live",
+    ):  # the curves: one tracker run, the rounds' pair statistics on the step axis
         assert curves(out, "rounds/#Dom") == [0, STEPS] and curves(out, "rounds/pairs / prompt") == [0, STEPS]
         assert curves(out, "eval/total") == [0, STEPS, 2 * STEPS]
         assert curves(out, "train/loss") == list(range(1, 2 * STEPS + 1))

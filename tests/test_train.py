@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -39,29 +41,39 @@ class Killed(Exception):
 
 class Capture:
     """Records the trainable parameters when the optimizer is built (initial values, and the live
-    tensors, which hold the final values once training returns) and the gradient of every optimizer
-    step, as the optimizer sees it (accumulated and clipped)."""
+    tensors, which hold the final values once training returns), the gradient and learning rate of
+    every optimizer step, as the optimizer sees them (accumulated and clipped), and the trainer."""
 
     def __init__(self, monkeypatch) -> None:
         self.initial: dict[str, torch.Tensor] = {}
         self.live: dict[str, torch.Tensor] = {}
         self.all_names: list[str] = []
         self.grads: list[dict[str, torch.Tensor]] = []
+        self.lrs: list[float] = []
+        self.trainer = None
         original = mpo.train.setup_optimizer
+        loop = mpo.train.train_loop
 
-        def wrapped(recipe, denoiser, world_size):
+        def keep(t):
+            self.trainer = t
+            return loop(t)
+
+        monkeypatch.setattr(mpo.train, "train_loop", keep)
+
+        def wrapped(recipe, denoiser, world_size, **kwargs):
             named = [(n, p) for n, p in denoiser.named_parameters() if p.requires_grad]
             self.initial = {n: p.detach().clone() for n, p in named}
             self.live = dict(named)
             self.all_names = [n for n, _ in denoiser.named_parameters()]
-            optimizer = original(recipe, denoiser, world_size)
+            optimizer = original(recipe, denoiser, world_size, **kwargs)
             step = optimizer.step
 
-            def recording_step(*args, **kwargs):
+            def recording_step(opt, *args, **kwargs):
                 self.grads.append({n: p.grad.detach().clone() for n, p in named})
+                self.lrs.append(opt.param_groups[0]["lr"])
                 return step(*args, **kwargs)
 
-            optimizer.step = recording_step
+            optimizer.step = types.MethodType(recording_step, optimizer)  # bound, as lr schedulers expect
             return optimizer
 
         monkeypatch.setattr(mpo.train, "setup_optimizer", wrapped)
@@ -141,11 +153,18 @@ def test_kill_and_resume_gives_the_uninterrupted_weights_and_every_parameter_tra
 
 
 def test_batch_one_times_accumulation_two_equals_batch_two(prepared, models, tmp_path, monkeypatch):
+    """The gradient of an optimizer step does not depend on how its pairs are split into micro-steps:
+    compared with clipping off (a clip would hide a scale error: the norms here are above 1), and
+    the scheduler steps once per optimizer step, with the lr each step used logged for that step."""
+    lr = 1e-3
     common = [
         *FINETUNE["full"],
-        "train.learning_rate=1e-3",
+        f"train.learning_rate={lr}",
         "train.max_steps=3",
         "train.checkpoint_every=100",
+        "train.max_grad_norm=1e9",  # off
+        "train.warmup_steps=2",  # lr used: 0, lr / 2, lr
+        "tracking.log_every=1",
     ]
     runs = {}
     for name, batch, accumulation in (("b2a1", 2, 1), ("b1a2", 1, 2)):
@@ -160,6 +179,15 @@ def test_batch_one_times_accumulation_two_equals_batch_two(prepared, models, tmp
         runs[name] = capture
     a, b = runs["b2a1"], runs["b1a2"]
     assert len(a.grads) == len(b.grads) == 3  # one optimizer step per 2 pairs in both
+    for capture in (a, b):
+        assert capture.lrs == pytest.approx([0.0, lr / 2, lr])
+        assert [h["train/lr"] for h in capture.trainer.history] == pytest.approx(capture.lrs)
+        norms = [h["train/grad_norm"] for h in capture.trainer.history]
+        own = [
+            math.sqrt(sum(float(g.double().square().sum()) for g in step.values())) for step in capture.grads
+        ]
+        assert norms == pytest.approx(own, rel=1e-4)  # logged norms are the unclipped ones
+    assert min(own) > 1.0, f"pre-clip norms {own}: a clip at 1 would have hidden a scale error"
     # Step 1 starts from the same weights, so its gradients must agree to float rounding; later steps
     # start from weights that differ by Adam's amplification of that rounding, so a little less.
     for step, tolerance in ((0, 1e-4), (1, 1e-2), (2, 1e-2)):
@@ -187,7 +215,7 @@ def test_non_finite_loss_names_step_and_pair_and_keeps_the_last_checkpoint(
     run = copy_run(prepared, tmp_path / "run")
     extra = ["train.batch_size=2", "train.max_steps=4", "train.checkpoint_every=2"]
     calls = []
-    original = mpo.train.diffusion_dpo_loss
+    original = mpo.train.dpo_loss_from_errors
 
     def poisoned(*args, **kwargs):
         out = original(*args, **kwargs)
@@ -198,7 +226,8 @@ def test_non_finite_loss_names_step_and_pair_and_keeps_the_last_checkpoint(
             out = dataclasses.replace(out, per_pair_loss=per_pair, loss=per_pair.mean())
         return out
 
-    monkeypatch.setattr(mpo.train, "diffusion_dpo_loss", poisoned)
+    monkeypatch.setattr(mpo.train, "dpo_loss_from_errors", poisoned)
+    capture = Capture(monkeypatch)
     with pytest.raises(TrainingError) as err:
         _train(run, models, extra)
     prompt_id, win, lose = _dataset(run, recipe_for(run, models, extra=extra)).pair_at(2 * 2 + 1)
@@ -209,7 +238,12 @@ def test_non_finite_loss_names_step_and_pair_and_keeps_the_last_checkpoint(
     assert "step-2" in message
     assert latest_checkpoint(RunDir(run))[0] == 2
     assert not list((run / "checkpoints").glob("*.tmp"))
-    assert all(torch.isfinite(t).all() for t in checkpoint_tensors(run / "checkpoints" / "step-2").values())
+    saved = checkpoint_tensors(run / "checkpoints" / "step-2")
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    # The poisoned step's update was skipped on the device: the weights are still step 2's.
+    live = capture.final()
+    assert len(capture.grads) == 3 and live.keys() == {k.split("/", 1)[1] for k in saved}
+    assert all(torch.equal(live[k.split("/", 1)[1]], v) for k, v in saved.items())
 
 
 def test_poisoned_latent_stops_at_its_first_pair(prepared, models, tmp_path, monkeypatch):
@@ -234,12 +268,17 @@ def test_poisoned_latent_stops_at_its_first_pair(prepared, models, tmp_path, mon
     assert latest_checkpoint(RunDir(run)) is None
 
 
-def test_two_process_deepspeed_zero2_matches_one_process(prepared, models, tmp_path):
+def test_two_process_deepspeed_zero2_matches_one_process(prepared, models, tmp_path, monkeypatch):
+    """2 processes x 1 pair x accumulation 2 under ZeRO-2 = 1 process x 2 pairs x accumulation 2, with
+    warmup: same pairs, weights, logged lr and (DeepSpeed's own, pre-clip) gradient norm."""
     extra = [
         *FINETUNE["full"],
         "train.learning_rate=1e-3",
         "train.max_steps=2",
         "train.checkpoint_every=2",
+        "train.gradient_accumulation_steps=2",
+        "train.warmup_steps=1",  # lr used: 0, then 1e-3
+        "tracking.log_every=1",
         "eval.num_prompts=2",
     ]
     two = copy_run(prepared, tmp_path / "two")
@@ -261,13 +300,21 @@ def test_two_process_deepspeed_zero2_matches_one_process(prepared, models, tmp_p
     assert [r["process_index"] for r in ranks] == [0, 1]
     assert all(r["num_processes"] == 2 and r["distributed_type"] == "DEEPSPEED" for r in ranks)
     # Global micro-batch k is stream positions [2k, 2k+2): rank 0 takes the first, rank 1 the second.
-    assert ranks[0]["positions"] == [0, 2] and ranks[1]["positions"] == [1, 3]
+    assert ranks[0]["positions"] == [0, 2, 4, 6] and ranks[1]["positions"] == [1, 3, 5, 7]
     step = two / "checkpoints" / "step-2"
     assert (step / "progress.json").exists() and (step / "weights" / "denoiser").is_dir()
-    assert json.loads((step / "progress.json").read_text())["pairs_seen"] == 4
+    assert json.loads((step / "progress.json").read_text())["pairs_seen"] == 8
 
     one = copy_run(prepared, tmp_path / "one")
-    _train(one, models, [*extra, "train.batch_size=2"])
+    with monkeypatch.context() as m:
+        capture = Capture(m)
+        _train(one, models, [*extra, "train.batch_size=2"])
+    logged_one, logged_two = capture.trainer.history, ranks[0]["history"]
+    assert [h["train/lr"] for h in logged_two] == [h["train/lr"] for h in logged_one] == [0.0, 1e-3]
+    assert ranks[1]["history"] == logged_two  # every process logs the means over processes
+    for a, b in zip(logged_one, logged_two):
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-3)
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
     a, b = checkpoint_tensors(one / "checkpoints" / "step-2"), checkpoint_tensors(step)
     base = load_file(str(next((models / "sdxl" / "unet").glob("*.safetensors"))))
     assert a.keys() == b.keys() == {f"denoiser/{k}" for k in base}

@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from reward.backends.alignment import AlignedBackend
 from reward.backends.tiny_vlm import build_tiny_qwen2_vl
 from reward.backends.video_frames import QwenFramesProcessor
 from reward.backends.vlm import VLMBackend, VLMError
@@ -136,9 +137,7 @@ def test_alignment_row_present_or_absent(backend, fast_and_naive, questions, tin
     torch.testing.assert_close(with_alignment.alignment[:2], asked.p_yes[:, 0], atol=1e-5, rtol=0)
 
     other = VLMBackend.from_pretrained(build_tiny_qwen2_vl(tmp_path / "other", seed=7), dtype="float32")
-    separate = VLMBackend(
-        backend.model, backend.processor, source=backend.source, alignment_model=other
-    ).answer(samples[:2], [qs] * 2, [align] * 2)
+    separate = AlignedBackend(backend, other).answer(samples[:2], [qs] * 2, [align] * 2)
     torch.testing.assert_close(separate.p_yes, without.p_yes, atol=1e-6, rtol=0)
     torch.testing.assert_close(separate.alignment, other.answer(samples[:2], [[align]] * 2).p_yes[:, 0])
     assert not torch.allclose(separate.alignment, with_alignment.alignment[:2], atol=1e-3)

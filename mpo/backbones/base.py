@@ -25,6 +25,7 @@ from torch import nn
 class ModelPathError(ValueError):
     """``model.path`` names no loadable model of the family; the message says what was found."""
 
+
 if TYPE_CHECKING:
     from mpo.schema import GenerateConfig, ModelConfig
 
@@ -37,6 +38,8 @@ class Backbone(ABC):
 
     family: ClassVar[str]
     modality: ClassVar[Literal["image", "video"]]
+    # The values of train.weighting this family's schedule defines (see loss_weighting).
+    supported_weightings: ClassVar[tuple[str, ...]] = ("none",)
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
@@ -112,6 +115,17 @@ class Backbone(ABC):
     ) -> torch.Tensor:
         """One denoiser forward on cached embeddings (``denoiser`` may be wrapped by accelerate)."""
 
+    def loss_weighting(self, timesteps: torch.Tensor, scheme: str, gamma: float) -> torch.Tensor | None:
+        """Per-pair weight ``omega_t`` of the squared errors (``train.weighting``), ``[B]`` float32, or
+        None for a constant weight. A family with another schedule (flow matching: its density
+        weight) overrides this and lists its schemes in ``supported_weightings``."""
+        if scheme == "none":
+            return None
+        raise ValueError(
+            f"train.weighting={scheme!r} is not defined for model.family={self.family!r} "
+            f"(it supports {list(self.supported_weightings)})"
+        )
+
     # ---- export -----------------------------------------------------------------------------------
     @abstractmethod
     def pipeline(self):  # -> diffusers.DiffusionPipeline
@@ -134,6 +148,7 @@ class DiffusersBackbone(Backbone):
 
     pipeline_class: ClassVar[type]
     denoiser_attr: ClassVar[str]  # "unet" or "transformer"
+    supported_weightings: ClassVar[tuple[str, ...]] = ("none", "min_snr")
 
     def __init__(self, pipe, device: torch.device | str = "cpu") -> None:
         """Wrap a loaded pipeline: move it to ``device`` and freeze it.
@@ -183,18 +198,34 @@ class DiffusersBackbone(Backbone):
     def num_train_timesteps(self) -> int:
         return self._train_scheduler.config.num_train_timesteps
 
+    def _schedule_on(self, device: torch.device):
+        """The training scheduler with its ``alphas_cumprod`` on ``device``: diffusers copies it there
+        on every call otherwise (CogVideoX's scheduler), a host-to-device copy that syncs each step."""
+        scheduler = self._train_scheduler
+        if scheduler.alphas_cumprod.device != device:
+            scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+        return scheduler
+
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         # float32 arithmetic: alphas_cumprod near 1 is not representable in bfloat16.
-        noisy = self._train_scheduler.add_noise(latents.float(), noise.float(), timesteps.to(latents.device))
+        scheduler = self._schedule_on(latents.device)
+        noisy = scheduler.add_noise(latents.float(), noise.float(), timesteps.to(latents.device))
         return noisy.to(latents.dtype)
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         if self.prediction_type == "epsilon":
             return noise
-        velocity = self._train_scheduler.get_velocity(
-            latents.float(), noise.float(), timesteps.to(latents.device)
-        )
+        scheduler = self._schedule_on(latents.device)
+        velocity = scheduler.get_velocity(latents.float(), noise.float(), timesteps.to(latents.device))
         return velocity.to(latents.dtype)
+
+    def loss_weighting(self, timesteps: torch.Tensor, scheme: str, gamma: float) -> torch.Tensor | None:
+        if scheme == "min_snr":
+            from mpo.loss import min_snr_weight
+
+            scheduler = self._schedule_on(timesteps.device)
+            return min_snr_weight(scheduler.alphas_cumprod, timesteps, gamma, self.prediction_type)
+        return super().loss_weighting(timesteps, scheme, gamma)
 
 
 _REGISTRY: dict[str, type[Backbone]] = {}
@@ -274,7 +305,9 @@ def load_pipeline(pipeline_cls: type, cfg: ModelConfig):
     except (OSError, ValueError) as err:
         if isinstance(err, ValueError) and Path(cfg.path).is_dir():
             # a local folder that was found but is broken: diffusers' message says how
-            raise ModelPathError(f"model.path={cfg.path!r}: a broken {pipeline_cls.__name__} folder: {err}") from err
+            raise ModelPathError(
+                f"model.path={cfg.path!r}: a broken {pipeline_cls.__name__} folder: {err}"
+            ) from err
         hint = "" if cfg.tiny else "; set model.tiny=true to build the tiny test model there"
         raise ModelPathError(
             f"model.path={cfg.path!r}: cannot load a {pipeline_cls.__name__} (not a local diffusers folder, "

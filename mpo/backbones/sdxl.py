@@ -64,6 +64,7 @@ class SDXLBackbone(DiffusersBackbone):
         pipe.vae.enable_slicing()  # decode one image at a time: bounded memory, batch-independent
         # A separate object: diffusers schedulers cache tensors on whatever device they last saw.
         self._train_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self._time_id_cache: dict[tuple, torch.Tensor] = {}
 
     @property
     def vae_scale_factor(self) -> int:
@@ -105,17 +106,21 @@ class SDXLBackbone(DiffusersBackbone):
         return (self._pipe.unet.config.in_channels, gen.height // factor, gen.width // factor)
 
     def _time_ids(self, latents: torch.Tensor) -> torch.Tensor:
-        """SDXL micro-conditioning for an uncropped image of the latents' pixel size, ``[B, 6]``."""
+        """SDXL micro-conditioning for an uncropped image of the latents' pixel size, ``[B, 6]``.
+        Cached per size, dtype and device: building it copies a host list to the device (a sync)."""
         size = (latents.shape[-2] * self.vae_scale_factor, latents.shape[-1] * self.vae_scale_factor)
-        encoder_2 = self._pipe.text_encoder_2
-        time_ids = self._pipe._get_add_time_ids(
-            size,
-            (0, 0),
-            size,
-            dtype=latents.dtype,
-            text_encoder_projection_dim=encoder_2.config.projection_dim,
-        )
-        return time_ids.to(latents.device).expand(latents.shape[0], -1)
+        key = (size, latents.dtype, latents.device)
+        if key not in self._time_id_cache:
+            encoder_2 = self._pipe.text_encoder_2
+            time_ids = self._pipe._get_add_time_ids(
+                size,
+                (0, 0),
+                size,
+                dtype=latents.dtype,
+                text_encoder_projection_dim=encoder_2.config.projection_dim,
+            )
+            self._time_id_cache[key] = time_ids.to(latents.device)
+        return self._time_id_cache[key].expand(latents.shape[0], -1)
 
     @torch.no_grad()
     def sample(

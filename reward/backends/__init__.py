@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from reward.errors import RewardInputError
 from reward.types import AnswerBackend
 
 BACKENDS = ("vlm", "pixel-stats", "cogvlm2")
 MODEL_BACKENDS = ("vlm", "cogvlm2")  # the backends that answer with a model (reward.model_path)
 
 
-class BackendError(ValueError):
+class BackendError(RewardInputError):
     """A backend that cannot be built or used as asked; the message names the model, key or sample."""
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,23 +31,39 @@ SPECIAL_TOKENS = (
     "<|video_pad|>",
 )
 
+
+def chatml_template(image: str, video: str, system: str | None = None) -> str:
+    """A chat template in the ChatML turn layout (``<|im_start|>role\n ... <|im_end|>\n``, the
+    assistant turn opened by the generation prompt) whose content parts put ``image`` / ``video`` where
+    a picture / clip stands; ``system``, if given, is the system turn written when the conversation
+    starts without one (Qwen2-VL's default)."""
+    default_system = (
+        "{% if loop.first and message['role'] != 'system' %}"
+        f"<|im_start|>system\n{system}<|im_end|>\n"
+        "{% endif %}"
+        if system is not None
+        else ""
+    )
+    return (
+        "{% for message in messages %}" + default_system + "<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}"
+        f"{{% if part['type'] == 'image' %}}{image}"
+        f"{{% elif part['type'] == 'video' %}}{video}"
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}"
+        "{% endif %}{% endfor %}{% endif %}"
+        "<|im_end|>\n"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
 # Qwen2-VL's conversation layout: a default system turn, visual placeholders wrapped in
-# <|vision_start|>/<|vision_end|>, every turn closed by <|im_end|> and a newline.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+# <|vision_start|>/<|vision_end|>.
+CHAT_TEMPLATE = chatml_template(
+    "<|vision_start|><|image_pad|><|vision_end|>",
+    "<|vision_start|><|video_pad|><|vision_end|>",
+    system="You are a helpful assistant.",
 )
 
 # What the tokenizer is trained on: checklist-style questions and both answers in every spelling the
@@ -109,10 +126,22 @@ def build_tokenizer(
     return fast
 
 
-def _build_tokenizer():
+def qwen_tokenizer():
+    """The tiny tokenizer with the Qwen VL families' special tokens (image / video placeholders)."""
     return build_tokenizer(
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
+        SPECIAL_TOKENS, extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
     )
+
+
+def qwen_vision_token_ids(tokenizer) -> dict[str, int]:
+    """The placeholder and vision start / end token ids a Qwen VL config names."""
+    ids = tokenizer.convert_tokens_to_ids
+    return {
+        "image_token_id": ids("<|image_pad|>"),
+        "video_token_id": ids("<|video_pad|>"),
+        "vision_start_token_id": ids("<|vision_start|>"),
+        "vision_end_token_id": ids("<|vision_end|>"),
+    }
 
 
 def build_tiny_qwen2_vl(
@@ -128,7 +157,7 @@ def build_tiny_qwen2_vl(
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = _build_tokenizer()
+    tokenizer = qwen_tokenizer()
     token_id = tokenizer.convert_tokens_to_ids
     hidden = 64
     config = Qwen2VLConfig(
@@ -158,26 +187,11 @@ def build_tiny_qwen2_vl(
             "temporal_patch_size": 2,
             "initializer_range": 0.2,
         },
-        image_token_id=token_id("<|image_pad|>"),
-        video_token_id=token_id("<|video_pad|>"),
-        vision_start_token_id=token_id("<|vision_start|>"),
-        vision_end_token_id=token_id("<|vision_end|>"),
+        **qwen_vision_token_ids(tokenizer),
     )
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = token_id("<|endoftext|>")
-    model.generation_config.eos_token_id = token_id("<|im_end|>")
-    model.save_pretrained(path)
-
     pixels = {"min_pixels": min_pixels, "max_pixels": max_pixels}
-    # Saved piece by piece rather than through Qwen2VLProcessor: building that class needs the
-    # torchvision-backed video processor, which CPU-only installs may lack. Loading the folder back with
-    # AutoProcessor gives the same processor either way.
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(path)
-    Qwen2VLImageProcessorPil(**pixels).save_pretrained(path)
-    (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    (path / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}, indent=2))
     video_config = {
         "video_processor_type": "Qwen2VLVideoProcessor",
         "processor_class": "Qwen2VLProcessor",
@@ -187,5 +201,49 @@ def build_tiny_qwen2_vl(
         "merge_size": 2,
         "do_sample_frames": False,
     }
-    (path / "video_preprocessor_config.json").write_text(json.dumps(video_config, indent=2))
+    return save_tiny_checkpoint(
+        path,
+        model,
+        tokenizer,
+        CHAT_TEMPLATE,
+        Qwen2VLImageProcessorPil(**pixels),
+        None,
+        {"processor_class": "Qwen2VLProcessor"},
+        video_config,
+    )
+
+
+def save_tiny_checkpoint(
+    path: Path,
+    model: Any,
+    tokenizer: Any,
+    template: str,
+    image_processor: Any,
+    image_processor_type: str | None,
+    processor: dict[str, Any],
+    video: dict[str, Any] | None = None,
+) -> Path:
+    """Write a tiny checkpoint folder in the hub layout, piece by piece rather than through the
+    library's processor class (building that may need the torchvision-backed video processor, which
+    CPU-only installs lack; loading the folder back with AutoProcessor gives the same processor).
+
+    ``image_processor_type`` replaces the saved image processor's class name with the one a hub
+    checkpoint names (None keeps it); ``processor`` is ``processor_config.json``; ``video``, if given,
+    ``video_preprocessor_config.json``."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(path)
+    image_processor.save_pretrained(path)
+    if image_processor_type is not None:
+        config_file = path / "preprocessor_config.json"
+        image_config = json.loads(config_file.read_text())
+        image_config["image_processor_type"] = image_processor_type
+        config_file.write_text(json.dumps(image_config, indent=2))
+    (path / "chat_template.jinja").write_text(template)
+    (path / "processor_config.json").write_text(json.dumps(processor, indent=2))
+    if video is not None:
+        (path / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
     return path

@@ -16,7 +16,6 @@ yes/no logits differ clearly between questions.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,15 @@ from typing import Any
 import torch
 
 from reward.backends.tiny_vlm import CHAT_TEMPLATE as QWEN2_VL_TEMPLATE
-from reward.backends.tiny_vlm import SPECIAL_TOKENS as QWEN_TOKENS
-from reward.backends.tiny_vlm import build_tiny_qwen2_vl, build_tokenizer
+from reward.backends.tiny_vlm import (
+    build_tiny_qwen2_vl,
+    build_tokenizer,
+    chatml_template,
+    qwen_tokenizer,
+    qwen_vision_token_ids,
+    save_tiny_checkpoint,
+)
+from reward.backends.video_frames import CLIP_MEAN, CLIP_STD, HALF
 
 INIT = 0.2
 HIDDEN = 64
@@ -65,35 +71,6 @@ def _vision(**extra: Any) -> dict[str, Any]:
     return config
 
 
-def _save(
-    path: Path,
-    model: Any,
-    tokenizer: Any,
-    template: str,
-    image_processor: Any,
-    image_processor_type: str,
-    processor: dict[str, Any],
-    video: dict[str, Any] | None = None,
-) -> Path:
-    """Write the folder piece by piece (building the library's processor object may need torchvision)."""
-    path.mkdir(parents=True, exist_ok=True)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(path)
-    tokenizer.chat_template = template
-    tokenizer.save_pretrained(path)
-    image_processor.save_pretrained(path)
-    config_file = path / "preprocessor_config.json"
-    image_config = json.loads(config_file.read_text())
-    image_config["image_processor_type"] = image_processor_type  # what a hub checkpoint names
-    config_file.write_text(json.dumps(image_config, indent=2))
-    (path / "chat_template.jinja").write_text(template)
-    (path / "processor_config.json").write_text(json.dumps(processor, indent=2))
-    if video is not None:
-        (path / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
-    return path
-
-
 def _model(config: Any, seed: int) -> Any:
     from transformers import AutoModelForImageTextToText
 
@@ -115,19 +92,11 @@ def _qwen_video(size: dict[str, int], patch: int, mean: list[float], std: list[f
     }
 
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-HALF = [0.5, 0.5, 0.5]
-
-
 def build_tiny_qwen2_5_vl(path: str | Path, seed: int = 0) -> Path:
     from transformers import Qwen2_5_VLConfig, Qwen2VLImageProcessorPil
 
     path = Path(path)
-    tokenizer = build_tokenizer(
-        QWEN_TOKENS, extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
-    )
-    ids = tokenizer.convert_tokens_to_ids
+    tokenizer = qwen_tokenizer()
     config = Qwen2_5_VLConfig(
         text_config=_text(
             tokenizer,
@@ -147,13 +116,10 @@ def build_tiny_qwen2_5_vl(path: str | Path, seed: int = 0) -> Path:
             "tokens_per_second": 2,
             "initializer_range": INIT,
         },
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
+        **qwen_vision_token_ids(tokenizer),
     )
     pixels = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
-    return _save(
+    return save_tiny_checkpoint(
         path,
         _model(config, seed),
         tokenizer,
@@ -166,18 +132,8 @@ def build_tiny_qwen2_5_vl(path: str | Path, seed: int = 0) -> Path:
 
 
 # Qwen3-VL: no default system turn.
-QWEN3_VL_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+QWEN3_VL_TEMPLATE = chatml_template(
+    "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>"
 )
 
 
@@ -185,10 +141,7 @@ def build_tiny_qwen3_vl(path: str | Path, seed: int = 0) -> Path:
     from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig
 
     path = Path(path)
-    tokenizer = build_tokenizer(
-        QWEN_TOKENS, extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
-    )
-    ids = tokenizer.convert_tokens_to_ids
+    tokenizer = qwen_tokenizer()
     config = Qwen3VLConfig(
         text_config=_text(
             tokenizer,
@@ -212,16 +165,13 @@ def build_tiny_qwen3_vl(path: str | Path, seed: int = 0) -> Path:
             "deepstack_visual_indexes": [0],
             "initializer_range": INIT,
         },
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
+        **qwen_vision_token_ids(tokenizer),
     )
     pixels = {"shortest_edge": 64 * 64, "longest_edge": 128 * 128}
     video = _qwen_video(
         {"shortest_edge": 2 * 64 * 64, "longest_edge": 8 * 128 * 128}, 16, HALF, HALF, "Qwen3VLVideoProcessor"
     )
-    return _save(
+    return save_tiny_checkpoint(
         path,
         _model(config, seed),
         tokenizer,
@@ -312,7 +262,7 @@ def build_tiny_glm4v(path: str | Path, seed: int = 0) -> Path:
         CLIP_STD,
         "Glm4vVideoProcessor",
     )
-    return _save(
+    return save_tiny_checkpoint(
         path,
         _model(config, seed),
         tokenizer,
@@ -326,19 +276,7 @@ def build_tiny_glm4v(path: str | Path, seed: int = 0) -> Path:
 
 # ---------------------------------------------------------------------------------------- LLaVA-OneVision
 LLAVA_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
-LLAVA_OV_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<image>\n"
-    "{% elif part['type'] == 'video' %}<video>\n"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+LLAVA_OV_TEMPLATE = chatml_template("<image>\n", "<video>\n")
 
 
 def build_tiny_llava_onevision(path: str | Path, seed: int = 0) -> Path:
@@ -374,7 +312,7 @@ def build_tiny_llava_onevision(path: str | Path, seed: int = 0) -> Path:
         "num_image_tokens": (side // patch) ** 2,
         "vision_feature_select_strategy": "full",
     }
-    return _save(
+    return save_tiny_checkpoint(
         path,
         _model(config, seed),
         tokenizer,
@@ -398,19 +336,7 @@ INTERNVL_TOKENS = (
     "<IMG_CONTEXT>",
     "<video>",
 )
-INTERNVL_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<IMG_CONTEXT>\n"
-    "{% elif part['type'] == 'video' %}<video>\n"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+INTERNVL_TEMPLATE = chatml_template("<IMG_CONTEXT>\n", "<video>\n")
 
 
 def build_tiny_internvl(path: str | Path, seed: int = 0) -> Path:
@@ -449,7 +375,7 @@ def build_tiny_internvl(path: str | Path, seed: int = 0) -> Path:
         "image_std": CLIP_STD,
         "do_sample_frames": False,
     }
-    return _save(
+    return save_tiny_checkpoint(
         path,
         _model(config, seed),
         tokenizer,
@@ -548,7 +474,7 @@ def _build_idefics(path: Path, seed: int, smol: bool) -> Path:
             "image_std": HALF,
             "do_sample_frames": False,
         }
-    return _save(
+    return save_tiny_checkpoint(
         path,
         _model(config, seed),
         tokenizer,
@@ -627,7 +553,7 @@ def build_tiny_gemma3(path: str | Path, seed: int = 0, sliding_window: int = 24)
     model = _model(config, seed)
     with torch.no_grad():  # the library starts the image projection at zero: images would not matter
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, INIT)
-    return _save(
+    return save_tiny_checkpoint(
         path,
         model,
         tokenizer,
@@ -649,10 +575,3 @@ TINY_BUILDERS: dict[str, Callable[..., Path]] = {
     "idefics3": build_tiny_idefics3,
     "gemma3": build_tiny_gemma3,
 }
-
-
-def build_tiny_vlm(model_type: str, path: str | Path, seed: int = 0) -> Path:
-    """Build a tiny checkpoint of one supported family (by its ``model_type``)."""
-    if model_type not in TINY_BUILDERS:
-        raise KeyError(f"no tiny builder for {model_type!r}; known: {sorted(TINY_BUILDERS)}")
-    return TINY_BUILDERS[model_type](path, seed=seed)

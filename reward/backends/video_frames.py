@@ -39,6 +39,8 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.video_processing_utils import VideoProcessorMixin
 from transformers.video_utils import VideoMetadata
 
+from reward.media import to_uint8
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)
@@ -49,7 +51,6 @@ class FramesProcessor(VideoProcessorMixin):
     """Shared part: settings from the checkpoint, PIL resizing, normalisation, metadata pass-through."""
 
     defaults: ClassVar[dict[str, Any]] = {}
-    output_keys: ClassVar[tuple[str, ...]] = ("pixel_values_videos",)
 
     def __init__(self, **settings: Any) -> None:
         super().__init__()
@@ -284,7 +285,7 @@ def _as_uint8_frames(video: Any) -> torch.Tensor:
     if frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"expected a [frames, 3, height, width] video, got {tuple(frames.shape)}")
     if frames.dtype != torch.uint8:
-        frames = (frames.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        return to_uint8(frames)
     return frames.cpu()
 
 

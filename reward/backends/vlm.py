@@ -60,9 +60,9 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -74,22 +74,28 @@ from reward.backends.vlm_families import (
     load_processor,
     model_type_of,
 )
-from reward.media import frame_indices_per_second
+from reward.backends.yes_no import (
+    NO_SPELLINGS,
+    YES_SPELLINGS,
+    AnswerReduce,
+    answer_token_ids,
+    check_question_lists,
+    p_yes_of,
+    shared_prefix_length,
+)
+from reward.media import frame_indices_per_second, to_uint8
 from reward.types import Answers, Sample
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "VLMBackend",
     "VLMError",
-    "answer_token_ids",
     "chat_template_of",
+    "checked_processor",
     "load_processor",
     "parse_dtype",
 ]
 
-YES_SPELLINGS = ("yes", "Yes", "YES", " yes", " Yes", " YES")
-NO_SPELLINGS = ("no", "No", "NO", " no", " No", " NO")
-AnswerReduce = Literal["max", "logsumexp"]
 _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
@@ -115,16 +121,6 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def answer_token_ids(tokenizer: Any, spellings: Sequence[str]) -> list[int]:
-    """Ids of the spellings that are one token in this vocabulary (order kept, duplicates dropped)."""
-    ids: list[int] = []
-    for word in spellings:
-        encoded = tokenizer.encode(word, add_special_tokens=False)
-        if len(encoded) == 1 and encoded[0] not in ids:
-            ids.append(encoded[0])
-    return ids
-
-
 def chat_template_of(processor: Any, source: str) -> str:
     """The processor's chat template (or its tokenizer's); questions are asked in that format only."""
     tokenizer = getattr(processor, "tokenizer", processor)
@@ -135,6 +131,15 @@ def chat_template_of(processor: Any, source: str) -> str:
             "the processor/tokenizer config); the questions cannot be put into the model's prompt format"
         )
     return template
+
+
+def checked_processor(path: str) -> Any:
+    """The processor of a checkpoint this backend can answer with, checked before any weight is read:
+    a supported family (else the error lists them) and a chat template."""
+    family_of(model_type_of(path), path)
+    processor = load_processor(path)
+    chat_template_of(processor, path)
+    return processor
 
 
 class VLMBackend:
@@ -150,7 +155,6 @@ class VLMBackend:
         source: str,
         batch_size: int = 8,
         max_frames: int = 24,
-        alignment_model: Any | None = None,
         answer_reduce: AnswerReduce = "max",
         question_chunk: int | None = None,
     ) -> None:
@@ -164,7 +168,6 @@ class VLMBackend:
         self.source = source
         self.batch_size = max(1, int(batch_size))
         self.max_frames = int(max_frames)
-        self.alignment_model = alignment_model
         self.answer_reduce = answer_reduce
         # Questions per suffix batch: the prefix cache is copied once per question row, so at 1024 px,
         # 8 images and the 59-question full checklist the copies alone take ~19 GB for a 2B model;
@@ -201,7 +204,6 @@ class VLMBackend:
         device: str | torch.device | None = None,
         batch_size: int = 8,
         max_frames: int = 24,
-        alignment_model: Any | None = None,
         answer_reduce: AnswerReduce = "max",
         attn_implementation: str = "sdpa",
         question_chunk: int | None = None,
@@ -211,9 +213,7 @@ class VLMBackend:
 
         path = str(path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        family_of(model_type_of(path), path)  # an unsupported family fails before anything loads
-        processor = load_processor(path)
-        chat_template_of(processor, path)  # fail before loading the weights
+        processor = checked_processor(path)
         model = AutoModelForImageTextToText.from_pretrained(
             path, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, device_map=str(device)
         )
@@ -223,7 +223,6 @@ class VLMBackend:
             source=path,
             batch_size=batch_size,
             max_frames=max_frames,
-            alignment_model=alignment_model,
             answer_reduce=answer_reduce,
             question_chunk=question_chunk,
         )
@@ -238,7 +237,7 @@ class VLMBackend:
         pixels = sample.pixels
         if sample.modality == "video":
             pixels = pixels[self.frame_indices(sample)]
-        return (pixels.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        return to_uint8(pixels)
 
     def frame_indices(self, sample: Sample) -> list[int]:
         """The video frames the model sees (one per second, the release's rule)."""
@@ -329,7 +328,7 @@ class VLMBackend:
         alignment_questions: list[str] | None = None,
     ) -> Answers:
         """p(yes) ``[B,Q]`` over a shared prefix per sample (see module doc); alignment ``[B]`` or None."""
-        return self._answer(samples, questions, alignment_questions, self._score_shared_prefix, naive=None)
+        return self._answer(samples, questions, alignment_questions, self._score_shared_prefix)
 
     def answer_naive(
         self,
@@ -347,20 +346,16 @@ class VLMBackend:
         def score(batch: list[Sample], rows: list[list[str]]) -> torch.Tensor:
             return self._score_naive(batch, rows, use_generate)
 
-        return self._answer(samples, questions, alignment_questions, score, naive=use_generate)
+        return self._answer(samples, questions, alignment_questions, score)
 
     def p_yes(self, logits: torch.Tensor) -> torch.Tensor:
         """``[N, V]`` answer-position logits -> ``[N]`` p(yes) (module doc: the yes/no rule)."""
         return self._p_from_candidates(logits[:, self.yes_ids + self.no_ids])
 
     def _p_from_candidates(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        yes, no = logits[:, : len(self.yes_ids)], logits[:, len(self.yes_ids) :]
-        if self.answer_reduce == "max":
-            y, n = yes.max(-1).values, no.max(-1).values
-        else:
-            y, n = yes.logsumexp(-1), no.logsumexp(-1)
-        return torch.sigmoid(y - n)  # = softmax([y, n])[0]
+        """``[N, yes + no]`` logits of the yes and no spellings -> ``[N]`` p(yes)."""
+        n_yes = len(self.yes_ids)
+        return p_yes_of(logits[:, :n_yes], logits[:, n_yes:], self.answer_reduce)
 
     def _batch_key(self, sample: Sample) -> tuple:
         """Samples that may share a forward pass: one modality, and for families that take videos as one
@@ -375,20 +370,14 @@ class VLMBackend:
         questions: list[list[str]],
         alignment_questions: list[str] | None,
         score: Callable[[list[Sample], list[list[str]]], torch.Tensor],
-        naive: bool | None,
     ) -> Answers:
-        """Shared by both paths: rows per sample (alignment appended), batches, the alignment term.
-
-        ``naive`` is None for the fast path, else ``use_generate`` of the naive one (a separate
-        alignment model is asked the same way as the questions, where it has a naive way).
-        """
-        q_count = _check_inputs(samples, questions, alignment_questions)
+        """Shared by both paths: rows per sample (the alignment question appended), batches."""
+        q_count = check_question_lists(samples, questions, alignment_questions, VLMError)
         if not samples:
             return Answers(p_yes=torch.empty(0, 0), source=f"vlm:{self.source}")
         self._check_modalities(samples)
-        ask_alignment_here = alignment_questions is not None and self.alignment_model is None
         rows = [
-            list(qs) + ([alignment_questions[i]] if ask_alignment_here else [])
+            list(qs) + ([alignment_questions[i]] if alignment_questions is not None else [])
             for i, qs in enumerate(questions)
         ]
         p = torch.empty(len(samples), len(rows[0]))
@@ -401,41 +390,29 @@ class VLMBackend:
                     index = members[start : start + self.batch_size]
                     if rows[0]:
                         p[index] = score([samples[i] for i in index], [rows[i] for i in index]).cpu().float()
-        notes: list[str] = []
-        alignment = None
-        if ask_alignment_here:
-            alignment = p[:, q_count]
-        elif alignment_questions is not None:
-            single = [[q] for q in alignment_questions]
-            if naive is not None and hasattr(self.alignment_model, "answer_naive"):
-                aligned = self.alignment_model.answer_naive(samples, single, use_generate=naive)
-            else:
-                aligned = self.alignment_model.answer(samples, single)
-            alignment = aligned.p_yes[:, 0]
-            notes.append(f"alignment answered by {aligned.source}")
-        return Answers(
-            p_yes=p[:, :q_count].contiguous(), alignment=alignment, source=f"vlm:{self.source}", notes=notes
-        )
+        alignment = p[:, q_count] if alignment_questions is not None else None
+        return Answers(p_yes=p[:, :q_count].contiguous(), alignment=alignment, source=f"vlm:{self.source}")
 
     # ----------------------------------------------------------------------------------- naive
     def _score_naive(self, samples: list[Sample], rows: list[list[str]], use_generate: bool) -> torch.Tensor:
         out = torch.empty(len(samples), len(rows[0]))
         for i, sample in enumerate(samples):
             for j, question in enumerate(rows[i]):
-                inputs = self._model_kwargs(self.encode([sample], [self.render(sample, question)]))
-                if use_generate:
-                    gen = self.model.generate(
-                        **inputs,
-                        max_new_tokens=1,
-                        do_sample=False,
-                        output_logits=True,
-                        return_dict_in_generate=True,
-                    )
-                    logits = gen.logits[0]
-                else:
-                    logits = self.model(**inputs, logits_to_keep=1).logits[:, -1]
-                out[i, j] = self.p_yes(logits)[0]
+                out[i, j] = self.p_yes(self.full_pass_logits(sample, question, use_generate))[0]
         return out
+
+    def full_pass_logits(self, sample: Sample, question: str, use_generate: bool = False) -> torch.Tensor:
+        """``[1, V]`` answer-position logits of one question in its own full pass over the whole prompt,
+        the visual encoded again (the release's way, and the reference of the fast paths). With
+        ``use_generate``, the first-step logits of ``generate(max_new_tokens=1)``, as the release reads
+        them; otherwise a plain forward (gradients flow when grad mode is on)."""
+        inputs = self._model_kwargs(self.encode([sample], [self.render(sample, question)]))
+        if use_generate:
+            gen = self.model.generate(
+                **inputs, max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True
+            )
+            return gen.logits[0]
+        return self.model(**inputs, logits_to_keep=1).logits[:, -1]
 
     # ----------------------------------------------------------------------------------- fast
     def _split_rows(self, modality: str, rows: tuple[str, ...]) -> tuple[str, int, list[list[int]]]:
@@ -448,20 +425,14 @@ class VLMBackend:
         """
         texts = [self.render(modality, q) for q in rows]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        shared = min(len(r) for r in ids) - 1
-        first = ids[0]
-        for r in ids[1:]:
-            k = 0
-            while k < shared and r[k] == first[k]:
-                k += 1
-            shared = k
+        shared = shared_prefix_length(ids)
         suffixes = [r[shared:] for r in ids]
         if any(t in self._visual_ids for s in suffixes for t in s):
             raise VLMError(
                 "the chat template puts question text before the visual; the questions share no prefix "
                 "that holds it (use answer_naive)"
             )
-        return texts[0], len(first) - shared, suffixes
+        return texts[0], len(ids[0]) - shared, suffixes
 
     def _prefix_inputs(self, samples: list[Sample], rows: list[list[str]]):
         """Right-padded prefix batch (visual inputs included) and each sample's suffix token ids.
@@ -520,13 +491,30 @@ class VLMBackend:
         )
         return positions[..., :-1], positions[..., -1]
 
-    def prefix_cache(self, samples: list[Sample], rows: list[list[str]]):
-        """The shared-prefix pass: ``(cache, prefix mask, first suffix position, suffix ids per sample)``.
+    def prefix_passes(
+        self, samples: list[Sample], rows: list[list[str]], agree: Callable[[bool], bool] | None = None
+    ) -> Iterator[tuple]:
+        """The shared-prefix passes, each ``(cache, prefix mask, first suffix position, suffix ids per
+        sample)``, for the scorer and the reward's trainer alike.
 
         One forward over every sample's right-padded prefix (visuals included) fills the cache, one row
-        per sample. Gradients flow through it when grad mode is on (the reward's trainer uses it so).
+        per sample. Where a right-padded prefix would shift a sliding window (module doc), there is one
+        pass per sample instead, in order. ``agree`` (sliding-window models only, called with this
+        batch's answer) lets processes that must run their forwards in lockstep (DeepSpeed ZeRO-3) take
+        that decision together. Gradients flow through the passes when grad mode is on (the trainer).
         """
-        return self._prefix_forward(self._prefix_inputs(samples, rows))
+        inputs = self._prefix_inputs(samples, rows)
+        if self._window is not None:
+            ids, suffixes = inputs[0], inputs[4]
+            longest = ids.shape[1] + max(len(s) for sample_suffixes in suffixes for s in sample_suffixes)
+            one_each = len(samples) > 1 and longest > self._window
+            if agree is not None:
+                one_each = agree(one_each)
+            if one_each and len(samples) > 1:
+                for sample, sample_rows in zip(samples, rows):
+                    yield self._prefix_forward(self._prefix_inputs([sample], [sample_rows]))
+                return
+        yield self._prefix_forward(inputs)
 
     def _prefix_forward(self, inputs: tuple) -> tuple:
         ids, mask, token_types, visual, suffixes = inputs
@@ -543,22 +531,21 @@ class VLMBackend:
         return _cache_of(prefix), mask, start, suffixes
 
     def _score_shared_prefix(self, samples: list[Sample], rows: list[list[str]]) -> torch.Tensor:
-        inputs = self._prefix_inputs(samples, rows)
-        ids, suffixes = inputs[0], inputs[4]
-        longest = ids.shape[1] + max(len(s) for sample_suffixes in suffixes for s in sample_suffixes)
-        if self._window is not None and len(samples) > 1 and longest > self._window:
-            # a right-padded prefix would shift the sliding window (module doc): one sample at a time
-            return torch.cat([self._score_shared_prefix([s], [r]) for s, r in zip(samples, rows)])
-        cache, mask, start, suffixes = self._prefix_forward(inputs)
-        per_sample = len(rows[0])
+        return torch.cat([self._score_prefix(*passed) for passed in self.prefix_passes(samples, rows)])
+
+    def _score_prefix(
+        self, cache: Any, mask: torch.Tensor, start: torch.Tensor, suffixes: list[list[Sequence[int]]]
+    ) -> torch.Tensor:
+        """Every question of one prefix pass, ``question_chunk`` questions at a time -> ``[samples, questions]``."""
+        per_sample = len(suffixes[0])
         chunk = self.question_chunk or per_sample
         parts = []
         for first in range(0, per_sample, chunk):
             last = min(per_sample, first + chunk)
             # The last chunk may consume the prefix cache itself; earlier ones work on copies.
             rows_cache = cache if last == per_sample else copy.deepcopy(cache)
-            rows_cache.batch_repeat_interleave(last - first)
             chunk_suffixes = [sample_suffixes[first:last] for sample_suffixes in suffixes]
+            repeat_cache_rows(rows_cache, [last - first] * len(suffixes))
             parts.append(self._score_suffixes(rows_cache, mask, start, chunk_suffixes))
         return torch.cat(parts, dim=1)
 
@@ -608,6 +595,24 @@ class VLMBackend:
         return hidden[torch.arange(len(flat), device=self.device), lengths - 1]
 
 
+def repeat_cache_rows(cache: Any, counts: list[int]) -> None:
+    """Repeat sample i's cache row ``counts[i]`` times, in order (public cache methods only): the layout
+    :meth:`VLMBackend.suffix_states` reads."""
+    most = max(counts)
+    cache.batch_repeat_interleave(most)
+    if any(c != most for c in counts):
+        keep = [i * most + j for i, c in enumerate(counts) for j in range(c)]
+        cache.batch_select_indices(torch.tensor(keep, device=_cache_device(cache)))
+
+
+def _cache_device(cache: Any) -> torch.device:
+    for layer in getattr(cache, "layers", []):
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, torch.Tensor):
+            return keys.device
+    return torch.device("cpu")
+
+
 def _cache_of(output: Any) -> Any:
     """The KV cache of a forward's output (``cache`` in current transformers, ``past_key_values`` before)."""
     cache = getattr(output, "cache", None)
@@ -616,22 +621,3 @@ def _cache_of(output: Any) -> Any:
 
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _check_inputs(
-    samples: list[Sample], questions: list[list[str]], alignment_questions: list[str] | None
-) -> int:
-    """Number of questions per sample, after checking the lists line up."""
-    if len(questions) != len(samples):
-        raise VLMError(f"{len(samples)} samples but {len(questions)} question lists")
-    if alignment_questions is not None and len(alignment_questions) != len(samples):
-        raise VLMError(f"{len(samples)} samples but {len(alignment_questions)} alignment questions")
-    counts = {len(q) for q in questions}
-    if len(counts) > 1:
-        bad = next(
-            s.id or str(i) for i, (s, q) in enumerate(zip(samples, questions)) if len(q) != len(questions[0])
-        )
-        raise VLMError(
-            f"sample {bad}: every sample must get the same number of questions, got {sorted(counts)}"
-        )
-    return counts.pop() if counts else 0

@@ -43,6 +43,8 @@ import torch
 from torch import nn
 
 from reward.backends import BackendError
+from reward.backends.yes_no import check_question_lists
+from reward.media import to_uint8
 from reward.types import Answers, Sample
 
 MODEL_TYPE = "clip_t5"
@@ -50,8 +52,6 @@ SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
     "helpful, detailed, and polite answers to the user's questions."
 )
-IMAGE = "<image>"
-QUESTION = 'Does this figure show "{}"? Please answer yes or no.'
 ANSWER = "Yes"
 # The release's tokenizer by T5 width, for checkpoints that ship none.
 TOKENIZERS = {4096: "google/flan-t5-xxl", 2048: "google/flan-t5-xl"}
@@ -177,8 +177,7 @@ class VQAScoreBackend:
                 raise VQAScoreError(
                     f"sample {sample.id or '?'}: VQAScore ({self.source}) scores images, not videos"
                 )
-            array = (sample.pixels.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-            picture = Image.fromarray(array.permute(1, 2, 0).cpu().numpy())
+            picture = Image.fromarray(to_uint8(sample.pixels).permute(1, 2, 0).numpy())
             pictures.append(_pad_to_square(picture, self.background))
         out = self.image_processor(images=pictures, return_tensors="pt")["pixel_values"]
         return torch.as_tensor(np.asarray(out)) if not isinstance(out, torch.Tensor) else out
@@ -212,10 +211,7 @@ class VQAScoreBackend:
         alignment_questions: list[str] | None = None,
     ) -> Answers:
         """Every question's VQAScore (``[B, Q]``); an alignment question, if given, is scored the same way."""
-        count = {len(q) for q in questions}
-        if len(count) > 1:
-            raise VQAScoreError(f"every sample must get the same number of questions, got {sorted(count)}")
-        q = count.pop() if count else 0
+        q = check_question_lists(samples, questions, alignment_questions, VQAScoreError)
         flat_samples = [s for s, qs in zip(samples, questions) for _ in qs]
         flat = self.scores(flat_samples, [x for qs in questions for x in qs])
         p = flat.view(len(samples), q) if q else torch.empty(len(samples), 0)

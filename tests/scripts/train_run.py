@@ -3,7 +3,7 @@
     accelerate launch --config_file launch/cpu_deepspeed_zero2.yaml tests/scripts/train_run.py RECIPE key=value ...
 
 Each process writes ``<output_dir>/ranks/rank-<i>.json``: its process index, the number of processes,
-the distributed type and the data-stream positions of the pairs it trained on.
+the distributed type, the data-stream positions of the pairs it trained on and the logged values.
 """
 
 from __future__ import annotations
@@ -29,6 +29,14 @@ def main() -> None:
         return original(t, batch)
 
     mpo.train.dpo_step = recording_step
+    trainers = []
+    loop = mpo.train.train_loop
+
+    def keep(t):
+        trainers.append(t)
+        return loop(t)
+
+    mpo.train.train_loop = keep
     accelerator = mpo.train.setup_accelerator(recipe)
     mpo.train.train_stage(recipe, accelerator)
     record = {
@@ -38,6 +46,7 @@ def main() -> None:
         if hasattr(accelerator.distributed_type, "name")
         else str(accelerator.distributed_type),
         "positions": positions,
+        "history": trainers[0].history if trainers else [],
     }
     out = Path(recipe.output_dir) / "ranks" / f"rank-{accelerator.process_index}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,14 @@ import torch
 from reward.backends.cogvlm2.config import CogVLM2Error
 from reward.backends.cogvlm2.inputs import PromptBuilder
 from reward.backends.cogvlm2.modeling import LANGUAGE, position_ids
+from reward.backends.yes_no import (
+    NO_SPELLINGS,
+    YES_SPELLINGS,
+    answer_token_ids,
+    check_question_lists,
+    p_yes_of,
+    shared_prefix_length,
+)
 from reward.types import Answers, Sample
 
 AnswerRule = Literal["official", "yes-no"]
@@ -113,13 +121,10 @@ class CogVLM2Backend:
         source: str,
         batch_size: int = 8,
         max_frames: int = 24,
-        alignment_model: Any | None = None,
         answer_rule: AnswerRule = "official",
         query_format: QueryFormat = "release",
         question_chunk: int | None = None,
     ) -> None:
-        from reward.backends.vlm import NO_SPELLINGS, YES_SPELLINGS, answer_token_ids
-
         self.model = model.eval()
         self.config = model.config
         self.tokenizer = tokenizer
@@ -127,7 +132,6 @@ class CogVLM2Backend:
         self.rule = RELEASE_RULES[self.config.variant]
         self.builder = PromptBuilder(self.config, tokenizer, self.rule.template, max_frames)
         self.batch_size = max(1, int(batch_size))
-        self.alignment_model = alignment_model
         if answer_rule not in ("official", "yes-no"):
             raise CogVLM2Error(f"answer_rule must be 'official' or 'yes-no', got {answer_rule!r}")
         if query_format not in ("release", "plain"):
@@ -175,7 +179,7 @@ class CogVLM2Backend:
         alignment_questions: list[str] | None = None,
     ) -> Answers:
         """p(yes) ``[B, Q]`` over a shared prefix per sample (module doc); alignment ``[B]`` or None."""
-        return self._answer(samples, questions, alignment_questions, self._score_fast, naive=False)
+        return self._answer(samples, questions, alignment_questions, self._score_fast)
 
     def answer_naive(
         self,
@@ -184,7 +188,7 @@ class CogVLM2Backend:
         alignment_questions: list[str] | None = None,
     ) -> Answers:
         """The release's way: one full forward per question, the visual re-encoded every time."""
-        return self._answer(samples, questions, alignment_questions, self._score_naive, naive=True)
+        return self._answer(samples, questions, alignment_questions, self._score_naive)
 
     def queries(self, questions: Sequence[str]) -> list[str]:
         """The texts that are put into the template for these checklist questions."""
@@ -202,18 +206,16 @@ class CogVLM2Backend:
         return self._p_yes_no(logits[:, self.yes_ids + self.no_ids])
 
     def _p_yes_no(self, candidates: torch.Tensor) -> torch.Tensor:
-        """``[N, yes + no]`` logits of the yes and no spellings -> ``[N]`` p(yes)."""
-        candidates = candidates.float()
+        """``[N, yes + no]`` logits of the yes and no spellings -> ``[N]`` p(yes) (best spelling each)."""
         n_yes = len(self.yes_ids)
-        return torch.sigmoid(candidates[:, :n_yes].max(-1).values - candidates[:, n_yes:].max(-1).values)
+        return p_yes_of(candidates[:, :n_yes], candidates[:, n_yes:], "max")
 
-    def _answer(self, samples, questions, alignment_questions, score, naive: bool) -> Answers:
-        q_count = _check_inputs(samples, questions, alignment_questions)
+    def _answer(self, samples, questions, alignment_questions, score) -> Answers:
+        q_count = check_question_lists(samples, questions, alignment_questions, CogVLM2Error)
         if not samples:
             return Answers(p_yes=torch.empty(0, 0), source=f"cogvlm2:{self.source}")
-        ask_alignment_here = alignment_questions is not None and self.alignment_model is None
         rows = [
-            self.queries(qs) + ([alignment_questions[i]] if ask_alignment_here else [])
+            self.queries(qs) + ([alignment_questions[i]] if alignment_questions is not None else [])
             for i, qs in enumerate(questions)
         ]
         parts = []
@@ -225,26 +227,13 @@ class CogVLM2Backend:
                 else:
                     parts.append(torch.empty(len(samples[chunk]), 0))
         p = torch.cat(parts)
-        notes: list[str] = []
-        alignment = None
-        if ask_alignment_here:
-            alignment = p[:, q_count]
-            notes.append("alignment asked of the CogVLM2 checkpoint itself (the image release uses VQAScore)")
-        elif alignment_questions is not None:
-            single = [[q] for q in alignment_questions]
-            model = self.alignment_model
-            aligned = (
-                model.answer_naive(samples, single)
-                if naive and hasattr(model, "answer_naive")
-                else model.answer(samples, single)
-            )
-            alignment = aligned.p_yes[:, 0]
-            notes.append(f"alignment answered by {aligned.source}")
+        if alignment_questions is None:
+            return Answers(p_yes=p, source=f"cogvlm2:{self.source}")
         return Answers(
             p_yes=p[:, :q_count].contiguous(),
-            alignment=alignment,
+            alignment=p[:, q_count],
             source=f"cogvlm2:{self.source}",
-            notes=notes,
+            notes=["alignment asked of the CogVLM2 checkpoint itself (the image release uses VQAScore)"],
         )
 
     # ------------------------------------------------------------------------------ naive
@@ -278,14 +267,8 @@ class CogVLM2Backend:
     def _split(self, rows: tuple[str, ...]) -> _Split:
         """Longest text-token prefix shared by all rows (one token at least is left to each row)."""
         texts = [self.builder.text_ids(q) for q in rows]
-        shared = min(len(t) for t in texts) - 1
-        first = texts[0]
-        for t in texts[1:]:
-            k = 0
-            while k < shared and t[k] == first[k]:
-                k += 1
-            shared = k
-        return _Split(prefix_text=first[:shared], suffixes=[t[shared:] for t in texts])
+        shared = shared_prefix_length(texts)
+        return _Split(prefix_text=texts[0][:shared], suffixes=[t[shared:] for t in texts])
 
     def _score_fast(self, samples: list[Sample], rows: list[list[str]]) -> torch.Tensor:
         device = self.device
@@ -366,20 +349,3 @@ class CogVLM2Backend:
         else:  # only the yes / no spellings' rows of the output projection
             p = self._p_yes_no(torch.nn.functional.linear(answer, head.weight[self.yes_ids + self.no_ids]))
         return p.view(batch, questions)
-
-
-def _check_inputs(samples: list[Sample], questions: list[list[str]], alignment: list[str] | None) -> int:
-    """Number of questions per sample, after checking that the lists line up."""
-    if len(questions) != len(samples) or (alignment is not None and len(alignment) != len(samples)):
-        raise CogVLM2Error(
-            f"{len(samples)} samples but {len(questions)} question lists / alignment questions"
-        )
-    counts = {len(q) for q in questions}
-    if len(counts) > 1:
-        bad = next(
-            s.id or str(i) for i, (s, q) in enumerate(zip(samples, questions)) if len(q) != len(questions[0])
-        )
-        raise CogVLM2Error(
-            f"sample {bad}: every sample must get the same number of questions, got {sorted(counts)}"
-        )
-    return counts.pop() if counts else 0

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from reward.backends.cogvlm2.config import CogVLM2Config, CogVLM2Error
 from reward.backends.cogvlm2.modeling import LANGUAGE, VISION
-from reward.media import frames_per_second
+from reward.media import frames_per_second, to_uint8
 from reward.types import Sample
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -47,11 +47,6 @@ def prompt_text(template: str, query: str) -> str:
     if template == "base":
         return query
     return f"Question: {query} {ANSWER_FORMAT[template]}"
-
-
-def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
-    """Float pixels in [0, 1] -> the 8-bit values a decoder or image file would hold."""
-    return (pixels.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:

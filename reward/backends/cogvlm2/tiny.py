@@ -134,7 +134,7 @@ def build_tiny_model(
     return model
 
 
-def answer_token_ids(tokenizer: Any) -> list[int]:
+def tiny_answer_ids(tokenizer: Any) -> list[int]:
     """The single-token yes / no spellings of the tiny tokenizer."""
     words = ("yes", " yes", "Yes", " Yes", "no", " no", "No", " No")
     return sorted({tokenizer.encode(w, add_special_tokens=False)[0] for w in words})
@@ -330,7 +330,7 @@ def build_tiny_cogvlm2(path: str | Path, variant: str = "video", seed: int = 0) 
     """Build a tiny CogVLM2 of ``variant`` and save it in the remote-code layout at ``path``."""
     tokenizer = tiny_tokenizer()
     model = build_tiny_model(
-        tiny_config(variant, tokenizer), seed=seed, answer_ids=answer_token_ids(tokenizer)
+        tiny_config(variant, tokenizer), seed=seed, answer_ids=tiny_answer_ids(tokenizer)
     )
     return save_remote_layout(model, tokenizer, path)
 
@@ -350,7 +350,7 @@ def main() -> None:
         return
     tokenizer = tiny_tokenizer()
     config = tiny_config("image", tokenizer, adapter_width=32)
-    model = build_tiny_model(config, seed=args.seed, answer_ids=answer_token_ids(tokenizer))
+    model = build_tiny_model(config, seed=args.seed, answer_ids=tiny_answer_ids(tokenizer))
     print(save_sat_layout(model, args.path))
     tokenizer.save_pretrained(Path(args.path) / "tokenizer")
 

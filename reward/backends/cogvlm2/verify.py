@@ -44,8 +44,7 @@ RUNNER = Path(__file__).with_name("remote_runner.py")
 
 def _media(backend: Any, sample: Any) -> torch.Tensor:
     """The uint8 media the release's script hands to build_conversation_input_ids."""
-    from reward.backends.cogvlm2.inputs import to_uint8
-    from reward.media import frames_per_second
+    from reward.media import frames_per_second, to_uint8
 
     if sample.modality == "image":
         return to_uint8(sample.pixels)
