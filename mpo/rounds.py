@@ -40,7 +40,11 @@ every round) measures them.
 
 Reference: ``rounds.reference=base`` (default) keeps the frozen base model, as offline; ``previous``
 makes round r's reference the policy the round started from (:mod:`mpo.policy`), a trust region that
-moves with the policy, as in iterative DPO.
+moves with the policy, as in iterative DPO. Either works with ``train.reference``: ``live`` runs it
+next to the policy (a moving one: a frozen copy holding the round's starting weights);
+``precomputed`` computes each round's errors before its first step, over the round's own stream
+positions, into ``rounds/round-<r>/reference/`` (with the policy itself where it is the reference;
+full fine-tuning with the base past round 0 reads the base denoiser again for that pass).
 
 Resume: a round boundary is an ordinary checkpoint, and every round's training starts by resuming
 from it, exactly as a run resumed after a kill does; each stage decides what it has done. A run
