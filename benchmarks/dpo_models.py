@@ -133,11 +133,11 @@ def pipeline(s: Spec, module: torch.nn.Module):
     from diffusers import AutoencoderKL, AutoencoderKLCogVideoX, CogVideoXPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from mpo.backbones.tiny import tiny_cogvideox_pipeline, tiny_sdxl_pipeline
+    from mpo.backbones.registry import get_backbone_class
 
     device = next(module.parameters()).device
     if s.family == "sdxl":
-        tiny = tiny_sdxl_pipeline()  # on the CPU: schedulers hold CPU tensors
+        tiny = get_backbone_class("sdxl").tiny_pipeline()  # on the CPU: schedulers hold CPU tensors
         text = tiny.text_encoder_2.config.to_dict()
         with torch.device(device):
             text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**text, "projection_dim": 1280}))
@@ -150,7 +150,7 @@ def pipeline(s: Spec, module: torch.nn.Module):
             )
         parts = {**tiny.components, "unet": module, "text_encoder_2": text_2, "vae": vae}
         return StableDiffusionXLPipeline(**parts)
-    tiny = tiny_cogvideox_pipeline()
+    tiny = get_backbone_class("cogvideox").tiny_pipeline()
     with torch.device(device):
         vae = AutoencoderKLCogVideoX(  # space x8, time x4, as CogVideoX's
             down_block_types=("CogVideoXDownBlock3D",) * 4,

@@ -213,7 +213,7 @@ class ProjectStep:
         self, s: Spec, module: torch.nn.Module, acc: Any, args: argparse.Namespace, batch_size: int
     ) -> None:
         import mpo.train
-        from mpo.backbones.base import get_backbone_class
+        from mpo.backbones.registry import get_backbone_class
         from mpo.reference import PrecomputedReference
 
         self.train = mpo.train

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from mpo.backbones.base import load_backbone
+from mpo.backbones.registry import load_backbone
 from mpo.config import load_recipe
 from mpo.policy import load_policy
 from mpo.weights import add_lora, save_weights

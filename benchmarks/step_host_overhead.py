@@ -92,7 +92,7 @@ def timed_pair(first, second, reps: int) -> tuple[float, float]:
 
 def measure(family: str, finetune: str, reps: int) -> dict[str, Any]:
     import mpo.train
-    from mpo.backbones.base import get_backbone_class
+    from mpo.backbones.registry import get_backbone_class
 
     s = spec(family, "full")
     small = dataclasses.replace(  # the step's own tensors: tiny, so that their ops cost a launch

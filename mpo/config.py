@@ -36,6 +36,7 @@ from mpo.schema import (  # noqa: F401  (re-exported: the schema is part of this
     EXPORT_WHICH,
     FINETUNE_MODES,
     LOSS_TYPES,
+    LOSS_WEIGHTINGS,
     LR_SCHEDULES,
     MIXED_PRECISION,
     MODEL_DTYPES,
@@ -44,9 +45,9 @@ from mpo.schema import (  # noqa: F401  (re-exported: the schema is part of this
     ROUND_REFERENCES,
     SELECT_LEVELS,
     SELECT_RULES,
+    TIMESTEP_SAMPLING,
     TRACKER_MODES,
     TRACKERS,
-    WEIGHTINGS,
     EvalConfig,
     ExportConfig,
     GenerateConfig,
@@ -319,9 +320,11 @@ RULES: tuple[_Rule, ...] = (
     _at_least("train.keep_checkpoints", 1),
     _at_least("train.num_workers", 0),
     _Rule("train.timestep_range", _unit_interval, "[low, high] with 0 <= low < high <= 1"),
+    _one_of("train.timestep_sampling", TIMESTEP_SAMPLING),
+    _positive("train.logit_std"),
     _one_of("train.loss_type", LOSS_TYPES),
     _at_least("train.sft_weight", 0),
-    _one_of("train.weighting", WEIGHTINGS),
+    _one_of("train.loss_weighting", LOSS_WEIGHTINGS),
     _positive("train.snr_gamma"),
     _one_of("train.reference", REFERENCES),
     _at_least("eval.every", 0, why="0 = only before and after training"),
@@ -423,12 +426,6 @@ class _Checker:
         self.check_rounds()
         backbone = self.check_family()
         self.check_precision()
-        weightings = getattr(backbone, "supported_weightings", ("none",))
-        if backbone is not None and self.wanted("train.weighting") and c.train.weighting not in weightings:
-            self.add(
-                "train.weighting",
-                f"is not defined for model.family={c.model.family!r}; it supports {list(weightings)}",
-            )
         modality = self.check_checklist()
         if backbone is not None and modality is not None and modality != backbone.modality:
             self.add(
@@ -476,18 +473,26 @@ class _Checker:
         """The backbone class, after its own checks of the generate section (None if unknown)."""
         if not self.wanted("model.family"):
             return None
-        from mpo.backbones import base
+        from mpo.backbones import registry
 
         try:
-            backbone = base.get_backbone_class(self.cfg.model.family)
-        except KeyError:
-            self.add("model.family", f"must be a known backbone family: {sorted(base._REGISTRY)}")
+            backbone = registry.get_backbone_class(self.cfg.model.family)
+        except ImportError as err:  # an entry point that does not import
+            self.add("model.family", f"cannot be imported: {err}")
             return None
-        if any(key.startswith("generate.") for key in self.skip):
-            return backbone  # its checks would see a value that was already reported as wrong
-        for key, message in backbone.check_generate_config(self.cfg.generate):
-            full = key if key.startswith("generate.") else f"generate.{key}"
-            self.add(full, f"{message} (model.family={self.cfg.model.family!r})")
+        except KeyError:
+            self.add("model.family", f"must be a known backbone family: {registry.known_families()}")
+            return None
+        for section, check in (
+            ("model", backbone.check_model_config),
+            ("generate", backbone.check_generate_config),
+            ("train", backbone.check_train_config),
+        ):
+            if any(key.startswith(f"{section}.") for key in self.skip):
+                continue  # its checks would see a value that was already reported as wrong
+            for key, message in check(getattr(self.cfg, section)):
+                full = key if key.startswith(f"{section}.") else f"{section}.{key}"
+                self.add(full, f"{message} (model.family={self.cfg.model.family!r})")
         return backbone
 
     def check_checklist(self) -> str | None:

@@ -33,7 +33,8 @@ import pandas as pd
 import torch
 from accelerate import Accelerator
 
-from mpo.backbones.base import Backbone, Embeddings, load_backbone, torch_dtype
+from mpo.backbones.base import Backbone, Embeddings, torch_dtype
+from mpo.backbones.registry import load_backbone
 from mpo.distributed import (
     errors_reach_every_rank,
     gather,
@@ -115,7 +116,7 @@ def evaluate(
     ]
     grid_keys = {(p, i) for p, _, i in items[: int(recipe.eval.grid_size)]}
     if negative is None:
-        negative = backbone.encode_prompts([""])
+        negative = backbone.encode_negative()
     cache: dict[int, Embeddings] = dict(embeddings or {})
 
     rows: list[dict[str, Any]] = []
@@ -127,7 +128,8 @@ def evaluate(
         for p, text, _ in (item for item, _ in chunk):
             if p not in cache:
                 cache[p] = backbone.encode_prompts([text])
-        embeds = {k: torch.cat([cache[p][k] for (p, _, _), _ in chunk]).to(device) for k in negative}
+        cached = [cache[p] for (p, _, _), _ in chunk]
+        embeds = {k: torch.cat([row[k] for row in cached]).to(device) for k in cached[0]}
         noise = torch.stack(
             [
                 candidate_noise(shape, candidate_seed(recipe.eval.seed, p, i), device, dtype)

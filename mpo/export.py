@@ -34,7 +34,8 @@ import pandas as pd
 from accelerate import Accelerator
 from omegaconf import OmegaConf
 
-from mpo.backbones.base import Backbone, load_backbone, torch_dtype
+from mpo.backbones.base import Backbone, torch_dtype
+from mpo.backbones.registry import load_backbone
 from mpo.distributed import is_main, wait_for_everyone, whole_model_loading
 from mpo.errors import errors_reach_every_rank
 from mpo.store import RunDir, StoreError, read_parquet
@@ -202,10 +203,12 @@ def model_card(recipe: Any, run: RunDir, backbone: Backbone, record: dict[str, A
         + ("  # LoRA merged in" if lora and record["merge_lora"] else ""),
     ]
     if lora:
+        # e.g. load_into_transformer_2=True for the low-noise expert of Wan 2.2 A14B
+        extra = "".join(f", {k}={v!r}" for k, v in backbone.lora_load_kwargs.items())
         lines += [
             "# or the adapter on the base model:",
             f'pipe = DiffusionPipeline.from_pretrained("{recipe.model.path}")',
-            f'pipe.load_lora_weights("{LORA_DIR}")',
+            f'pipe.load_lora_weights("{LORA_DIR}"{extra})',
         ]
     lines += ["```", "", "## Held-out reward per dimension", ""]
     if scores.empty:

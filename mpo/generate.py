@@ -50,7 +50,8 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from mpo.backbones.base import Backbone, Embeddings, load_backbone, repeat_rows, torch_dtype
+from mpo.backbones.base import Backbone, Embeddings, repeat_rows, torch_dtype
+from mpo.backbones.registry import load_backbone
 from mpo.config import resolve_paths, save_resolved, to_yaml
 from mpo.distributed import (
     errors_reach_every_rank,
@@ -291,7 +292,7 @@ def generate_stage(
             with main_process_first(acc), whole_model_loading():  # the first load may build a tiny model
                 backbone = load_backbone(recipe.model, acc.device)
         with torch.no_grad():
-            negative = {k: v.cpu() for k, v in backbone.encode_prompts([""]).items()}
+            negative = {k: v.cpu() for k, v in backbone.encode_negative().items()}
         check_generate_and_score(
             recipe,
             backbone.latent_shape(recipe.generate),

@@ -23,10 +23,11 @@ m = 0 (-1) on the scale of the sigmoid loss's (-1/2), so one learning rate serve
 (Adam is nearly scale-free anyway). ``sft_weight * mse_w`` is the plain denoising loss on the winner
 (the diffusion analogue of the SFT / NLL term added to DPO by RPO, Pang et al. 2024); 0 turns it off.
 
-``omega_t`` is the per-pair timestep weight (eq. 2's ``omega(lambda_t)``), 1 unless ``train.weighting``
-asks for another: :func:`min_snr_weight` (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
-Weighting Strategy", eq. 10 and its v-prediction form) for the DDPM families; flow-matching families
-give their own weight through ``Backbone.loss_weighting``. Winner and loser share their timestep, so
+``omega_t`` is the per-pair timestep weight (eq. 2's ``omega(lambda_t)``), 1 unless ``train.loss_weighting``
+asks for another, from the family's training schedule (``Backbone.loss_weight``, mpo/backbones/schedules.py):
+:func:`min_snr_weight` (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy",
+eq. 10 and its v-prediction form) for the DDPM families, the SD3 paper's ``sigma_sqrt`` / ``cosmap`` for
+the flow-matching ones. Winner and loser share their timestep, so
 the weight scales the pair's margin like a per-timestep beta.
 
 Conventions, and where they depart from the letter of eq. 2:

@@ -86,7 +86,9 @@ def reference_from_weights(
     path = weights / LORA_DIR / LORA_FILE
     if not path.exists():
         raise WeightsError(f"{path}: missing")
-    prefix = denoiser_component(backbone.pipeline(), policy) + "."  # the copy is in no pipeline
+    prefix = (
+        backbone.lora_component or denoiser_component(backbone.pipeline(), policy)
+    ) + "."  # not the copy's
     state = {k[len(prefix) :]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
     frozen = copy.deepcopy(policy)
     result = set_peft_model_state_dict(frozen, convert_unet_state_dict_to_peft(state), adapter_name=ADAPTER)

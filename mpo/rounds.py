@@ -79,7 +79,8 @@ import numpy as np
 import pandas as pd
 from accelerate import Accelerator
 
-from mpo.backbones.base import Backbone, load_backbone
+from mpo.backbones.base import Backbone
+from mpo.backbones.registry import load_backbone
 from mpo.distributed import (
     errors_reach_every_rank,
     is_main,

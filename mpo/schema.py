@@ -23,8 +23,11 @@ TRACKER_MODES = ("online", "offline")
 EXPORT_WHICH = ("best", "last")
 ROUND_PROMPTS = ("same", "fresh")
 ROUND_REFERENCES = ("base", "previous")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode")
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")  # mpo.loss
-WEIGHTINGS = ("none", "min_snr")  # timestep weightings; a backbone says which it supports
+# train.loss_weighting: min_snr for DDPM (epsilon / v) schedules, sigma_sqrt / cosmap for flow matching;
+# a family's schedule says which it defines (TrainingSchedule.loss_weightings).
+LOSS_WEIGHTINGS = ("none", "min_snr", "sigma_sqrt", "cosmap")
 REFERENCES = ("live", "precomputed")
 
 
@@ -42,6 +45,7 @@ class ModelConfig:
     lora_alpha: int = 8
     lora_dropout: float = 0.0
     lora_target_modules: list[str] | None = None  # None: the backbone's default attention projections
+    expert: str | None = None  # two-expert models (Wan 2.2 A14B): which trains, high_noise | low_noise
     tiny: bool = False  # build the tiny random-initialised variant at `path` if it does not exist
 
 
@@ -115,9 +119,15 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     timestep_range: list[float] = field(default_factory=lambda: [0.0, 1.0])  # fraction of the schedule
+    timestep_sampling: str = "uniform"  # uniform | logit_normal | mode (SD3 paper 3.1), over timestep_range
+    logit_mean: float = 0.0  # logit_normal: mean of the normal whose sigmoid is the timestep fraction
+    logit_std: float = 1.0  # logit_normal: its standard deviation
+    mode_scale: float = 1.29  # mode: the SD3 paper's s
     loss_type: str = "sigmoid"  # sigmoid (Diffusion-DPO) | hinge | ipo (formulas in mpo/loss.py)
     sft_weight: float = 0.0  # weight of the winner's plain denoising loss added to the DPO loss
-    weighting: str = "none"  # timestep weight of the errors: none | min_snr (epsilon / v families)
+    # Per-pair timestep weight of the errors, from the family's schedule: none | min_snr (epsilon / v)
+    # | sigma_sqrt | cosmap (flow matching).
+    loss_weighting: str = "none"
     snr_gamma: float = 5.0  # gamma of min_snr
     reference: str = "live"  # live (frozen copy / adapters off) | precomputed (one pass before training)
 

@@ -30,7 +30,8 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from mpo.backbones.base import Backbone, load_backbone
+from mpo.backbones.base import Backbone
+from mpo.backbones.registry import load_backbone
 from mpo.config import resolve_paths
 from mpo.distributed import (
     errors_reach_every_rank,

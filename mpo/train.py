@@ -10,7 +10,7 @@
 Each step draws ``train.batch_size`` pairs per process from the cached candidates (no VAE, no text
 encoder), noises winner and loser with the same noise and timestep, runs the policy once on the
 stacked ``[win; lose]`` batch and the reference once without gradients, and takes the loss of
-:mod:`mpo.loss` (``train.loss_type``, ``train.sft_weight``, ``train.weighting``). The reference
+:mod:`mpo.loss` (``train.loss_type``, ``train.sft_weight``, ``train.loss_weighting``). The reference
 (:mod:`mpo.reference`) is the same network with its LoRA adapters switched off (LoRA), a frozen copy
 of the base denoiser made before training (full fine-tuning; not given to ``prepare``, so under
 DeepSpeed ZeRO-3 it stays whole on every GPU), or, with ``train.reference: precomputed``, its errors
@@ -67,7 +67,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mpo import evaluate as ev
-from mpo.backbones.base import Backbone, load_backbone
+from mpo.backbones.base import Backbone
+from mpo.backbones.registry import load_backbone
 from mpo.config import resolve_paths
 from mpo.distributed import (
     end_session,
@@ -96,7 +97,6 @@ from mpo.train_data import (
     PairDataset,
     load_train_pairs,
     make_dataloader,
-    timestep_bounds,
     verify_candidates,
 )
 from mpo.train_state import (
@@ -130,7 +130,7 @@ class StepSettings:
     beta: float
     loss_type: str
     sft_weight: float
-    weighting: str
+    loss_weighting: str
     snr_gamma: float
     max_grad_norm: float
     deepspeed: bool  # the engine clips and steps inside backward
@@ -143,7 +143,7 @@ class StepSettings:
             beta=float(cfg.beta),
             loss_type=str(cfg.loss_type),
             sft_weight=float(cfg.sft_weight),
-            weighting=str(cfg.weighting),
+            loss_weighting=str(cfg.loss_weighting),
             snr_gamma=float(cfg.snr_gamma),
             max_grad_norm=float(cfg.max_grad_norm),
             deepspeed=is_deepspeed(acc),
@@ -236,6 +236,7 @@ def setup_model(
         # The first load may build and save a tiny model; ZeRO-3 partitions the denoiser at prepare().
         with main_process_first(acc), whole_model_loading():
             backbone = load_backbone(recipe.model, acc.device)
+    backbone.use_generation_settings(recipe.generate)  # e.g. FLUX.1-dev's embedded guidance scale
     backbone.set_attention(recipe.train.attention)
     denoiser = backbone.denoiser
     if recipe.model.finetune == "lora":
@@ -358,7 +359,7 @@ def run_settings(recipe: Any, acc: Accelerator, run: RunDir) -> dict[str, Any]:
     }
     train["pairs per step"] = t.batch_size * t.gradient_accumulation_steps * acc.num_processes
     lora = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules") if m.finetune == "lora" else ()
-    model_keys = ("family", "path", "revision", "variant", "dtype", "finetune", *lora)
+    model_keys = ("family", "path", "revision", "variant", "dtype", "finetune", "expert", *lora)
     sampling = ("num_inference_steps", "guidance_scale", "height", "width", "num_frames", "fps")
     model = OmegaConf.to_container(m, resolve=True)
     return {
@@ -443,12 +444,11 @@ def setup(
         load_weights=lambda folder: load_weights_into(backbone, acc.unwrap_model(model), finetune, folder),
     )
     progress = resume(resumable, run, settings, resumed_settings)
-    bounds = timestep_bounds(recipe.train.timestep_range, backbone.num_train_timesteps)
     seed, before = recipe.train.seed, 0  # an iterative run: each round's own stream, from its position 0
     if train_round is not None:
         seed, before = train_round.stream(recipe.train.seed, settings["train"]["pairs per step"])
     loader = make_dataloader(
-        PairDataset(run, pairs, seed, bounds, verified=verified),
+        PairDataset(run, pairs, seed, backbone.timestep_sampler(recipe.train), verified=verified),
         recipe.train.batch_size,
         acc.process_index,
         acc.num_processes,
@@ -472,12 +472,17 @@ def setup(
 def reference_settings(settings: dict[str, Any], backbone: Backbone) -> dict[str, Any]:
     """What the reference's errors depend on, out of the run's :func:`run_settings`: the base model
     (not how it is fine-tuned: the reference is the base either way), the data stream (seed, timestep
-    range, pairs and candidates), and the precision (dtype, autocast, DeepSpeed's cast)."""
+    range and density, pairs and candidates), the generation settings the family's training forward
+    repeats (FLUX.1: the embedded guidance and the resolution's shift), and the precision (dtype,
+    autocast, DeepSpeed's cast)."""
     model = {k: v for k, v in settings["model"].items() if k != "finetune" and not k.startswith("lora_")}
     train = settings["train"]
+    stream = ("seed", "timestep_range", "timestep_sampling", "logit_mean", "logit_std", "mode_scale")
+    generate = getattr(backbone, "training_generation_keys", ())
     return {
         "model": model,
-        "train": {k: train[k] for k in ("seed", "timestep_range", "mixed_precision")},
+        "train": {k: train[k] for k in (*stream, "mixed_precision")},
+        "generate": {f"generate.{k}": settings["eval sampling"][f"generate.{k}"] for k in generate},
         "deepspeed": settings["layout"]["deepspeed"],
         "inputs": {k: settings["inputs"][k] for k in ("pairs.parquet", "candidates")},
         "num_train_timesteps": backbone.num_train_timesteps,
@@ -506,8 +511,7 @@ def setup_precomputed_reference(
     digest, fingerprint = fingerprint_of(settings, pairs)
     seed, steps, folder = stream if stream is not None else (cfg.seed, cfg.max_steps, t.run.root / REFERENCE_DIR)
     plan = Plan(steps * cfg.gradient_accumulation_steps, cfg.batch_size, acc.process_index, acc.num_processes)
-    bounds = timestep_bounds(cfg.timestep_range, t.backbone.num_train_timesteps)
-    dataset = PairDataset(t.run, pairs, seed, bounds, verified=t.verified)
+    dataset = PairDataset(t.run, pairs, seed, t.backbone.timestep_sampler(cfg), verified=t.verified)
 
     def batches_from(micro_step: int) -> Iterator[dict[str, Any]]:
         pairs_seen = micro_step * cfg.batch_size * acc.num_processes
@@ -612,7 +616,7 @@ def step_inputs(t: Trainer, batch: dict[str, Any]) -> StepInputs:
     embeds = {k: torch.cat([move(v), move(v)]) for k, v in batch["embeds"].items()}
     noisy = t.backbone.add_noise(latents, noise, timesteps).to(t.input_dtype)
     target = t.backbone.target(latents, noise, timesteps).float()
-    weighting = t.backbone.loss_weighting(timestep, cfg.weighting, cfg.snr_gamma)
+    weighting = t.backbone.loss_weight(timestep, cfg.loss_weighting, cfg.snr_gamma)  # the schedule's
     return StepInputs(noisy, timesteps, embeds, target, weighting)
 
 

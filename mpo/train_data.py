@@ -24,10 +24,12 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mpo.backbones.schedules import TimestepSampler, timestep_bounds
 from mpo.seeds import candidate_seed
 from mpo.store import CandidateStore, RunDir, StoreError, read_parquet, verify_shard
 
 PAIR_KEYS = ("prompt_id", "win", "lose")
+__all__ = ["PairDataset", "load_train_pairs", "make_dataloader", "timestep_bounds", "verify_candidates"]
 
 
 def load_train_pairs(run: RunDir) -> pd.DataFrame:
@@ -53,19 +55,6 @@ def load_train_pairs(run: RunDir) -> pd.DataFrame:
     return train[list(PAIR_KEYS)].astype("int64")
 
 
-def timestep_bounds(
-    timestep_range: list[float] | tuple[float, float], num_train_timesteps: int
-) -> tuple[int, int]:
-    """``train.timestep_range`` (fractions of the schedule) to integer bounds ``[low, high)``."""
-    if len(timestep_range) != 2:
-        raise ValueError(f"train.timestep_range={list(timestep_range)}: expected [low, high]")
-    lo, hi = (float(x) for x in timestep_range)
-    if not 0.0 <= lo < hi <= 1.0:
-        raise ValueError(f"train.timestep_range={[lo, hi]}: need 0 <= low < high <= 1")
-    low = int(lo * num_train_timesteps)
-    return low, max(low + 1, round(hi * num_train_timesteps))
-
-
 def verify_candidates(run: RunDir, rank: int, world_size: int) -> list[str]:
     """Check this process's share of the candidate shards (every ``world_size``-th, from ``rank``)
     against their content hashes; returns the names of all shards, which are verified once every
@@ -80,20 +69,24 @@ def verify_candidates(run: RunDir, rank: int, world_size: int) -> list[str]:
 
 
 class PairDataset(Dataset):
-    """Item ``i`` is stream position ``i``: its pair's cached tensors plus its noise and timestep."""
+    """Item ``i`` is stream position ``i``: its pair's cached tensors plus its noise and timestep.
+
+    ``timesteps`` is the backbone's :class:`TimestepSampler` (``Backbone.timestep_sampler``), or
+    integer bounds ``(low, high)`` for uniform draws.
+    """
 
     def __init__(
         self,
         run: RunDir,
         pairs: pd.DataFrame,
         seed: int,
-        timesteps: tuple[int, int],
+        timesteps: TimestepSampler | tuple[int, int],
         verified: list[str] | None = None,
     ) -> None:
         self.store = CandidateStore(run, verified=verified or ())
         self.pairs = pairs[list(PAIR_KEYS)].to_numpy()
         self.seed = int(seed)
-        self.timesteps = timesteps
+        self.timesteps = timesteps if isinstance(timesteps, TimestepSampler) else TimestepSampler(*timesteps)
         self._epoch: tuple[int, torch.Tensor] | None = None
 
     def __len__(self) -> int:  # the stream is endless; this is one epoch
@@ -117,7 +110,7 @@ class PairDataset(Dataset):
         embeds = self.store.embeddings([prompt_id])
         generator = torch.Generator().manual_seed(candidate_seed(self.seed, "noise", position))
         noise = torch.randn(latents.shape[1:], generator=generator)
-        timestep = torch.randint(*self.timesteps, (), generator=generator)
+        timestep = self.timesteps(generator)
         return {
             "position": position,
             "pair": torch.tensor([prompt_id, win, lose]),

@@ -3,7 +3,8 @@
 Every checkpoint holds the trainable weights under ``weights/`` in the format the export ships:
 
 - LoRA: ``weights/lora/pytorch_lora_weights.safetensors``, written by the backbone pipeline class's own
-  ``save_lora_weights`` (diffusers key layout, adapter config as metadata), so
+  ``save_lora_weights`` (peft's ``lora_A`` / ``lora_B`` keys under the component's prefix, adapter config
+  as metadata: the layout diffusers' transformer training scripts write and every loader reads), so
   ``pipe.load_lora_weights(folder)`` accepts it as it is;
 - full fine-tuning: ``weights/denoiser/`` (the denoiser's config and one safetensors file), which the
   denoiser class's ``from_pretrained`` loads.
@@ -116,12 +117,11 @@ def save_weights(
         denoiser.save_config(out)
         save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(out / DENOISER_FILE))
         return out
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     pipe = backbone.pipeline()
-    name = denoiser_component(pipe, denoiser)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser, state_dict=state_dict))
+    name = backbone.lora_component or denoiser_component(pipe, denoiser)
+    layers = get_peft_model_state_dict(denoiser, state_dict=state_dict)
     out = folder / LORA_DIR
     type(pipe).save_lora_weights(
         out,
@@ -155,7 +155,7 @@ def load_weights_into(backbone: Backbone, denoiser: nn.Module, finetune: str, fo
     path = folder / LORA_DIR / LORA_FILE
     if not path.exists():
         raise WeightsError(f"{path}: missing")
-    prefix = denoiser_component(backbone.pipeline(), denoiser) + "."
+    prefix = (backbone.lora_component or denoiser_component(backbone.pipeline(), denoiser)) + "."
     state = {k[len(prefix) :]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
     result = set_peft_model_state_dict(denoiser, convert_unet_state_dict_to_peft(state), adapter_name=ADAPTER)
     unexpected = getattr(result, "unexpected_keys", None)
@@ -176,4 +176,4 @@ def load_trained(backbone: Backbone, finetune: str, folder: Path, dtype: torch.d
         return
     if not (folder / LORA_DIR / LORA_FILE).exists():
         raise WeightsError(f"{folder / LORA_DIR / LORA_FILE}: missing")
-    backbone.pipeline().load_lora_weights(folder / LORA_DIR)
+    backbone.pipeline().load_lora_weights(folder / LORA_DIR, **backbone.lora_load_kwargs)

@@ -19,7 +19,6 @@ import pandas as pd
 import pytest
 import torch
 
-from mpo.backbones.tiny import COGVIDEOX_SIZE
 from mpo.config import load_recipe
 from mpo.run import run_all
 from mpo.schema import RewardConfig
@@ -34,7 +33,7 @@ from reward.cli import main
 from reward.media import save_video
 from reward.types import Sample
 from reward.visionreward import VisionReward
-from tests.scripts.tiny_runs import COGVIDEOX, shared_models
+from tests.scripts.tiny_runs import COGVIDEOX, COGVIDEOX_SIZE, shared_models
 
 PROMPT = "a red fox in snow"
 

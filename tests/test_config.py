@@ -11,7 +11,7 @@ from typing import ClassVar
 import pytest
 from omegaconf import OmegaConf
 
-from mpo.backbones import base
+from mpo.backbones import registry
 from mpo.config import (
     CAP_STRATEGIES,
     FINETUNE_MODES,
@@ -296,8 +296,8 @@ def test_interpolation_error_names_the_key():
 
 
 def test_unknown_family_lists_known_ones():
-    (line,) = _problem_lines(_error(TINY_SDXL, ["model.family=wan"]))
-    assert line.startswith("model.family='wan'") and "'sdxl'" in line and "'cogvideox'" in line
+    (line,) = _problem_lines(_error(TINY_SDXL, ["model.family=pixart"]))
+    assert line.startswith("model.family='pixart'") and "'sdxl'" in line and "'cogvideox'" in line
 
 
 def test_family_specific_generate_checks():
@@ -315,9 +315,17 @@ class _FakeVideo:
     def check_generate_config(cls, gen) -> list[tuple[str, str]]:
         return [("fps", "must be 16 for this model")] if gen.fps != 16 else []
 
+    @classmethod
+    def check_model_config(cls, model) -> list[tuple[str, str]]:
+        return []
+
+    @classmethod
+    def check_train_config(cls, train) -> list[tuple[str, str]]:
+        return []
+
 
 def test_family_check_keys_are_qualified(monkeypatch):
-    monkeypatch.setitem(base._REGISTRY, "fake-video", _FakeVideo)
+    monkeypatch.setitem(registry._REGISTRY, "fake-video", _FakeVideo)
     (line,) = _problem_lines(_error(TINY_VIDEO, ["model.family=fake-video"]))
     assert line.startswith(f"generate.fps=8 ({TINY_VIDEO})") and "must be 16" in line
     assert load_recipe(TINY_VIDEO, ["model.family=fake-video", "generate.fps=16"]).generate.fps == 16

@@ -12,7 +12,7 @@ from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
 import mpo.evaluate
-from mpo.backbones.base import load_backbone
+from mpo.backbones import load_backbone
 from mpo.evaluate import _my_items, cached_embeddings, eval_prompts, eval_stage, evaluate, record
 from mpo.export import export_stage
 from mpo.seeds import candidate_noise, candidate_seed

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,11 +13,13 @@ import pandas as pd
 import pytest
 import torch
 
-from mpo.backbones.tiny import tiny_cogvideox_pipeline, tiny_sdxl_pipeline
+from mpo.backbones.cogvideox import CogVideoXBackbone
+from mpo.backbones.sdxl import SDXLBackbone
 from mpo.config import load_recipe
 from mpo.generate import generate_stage
 from mpo.score import score_stage
 from mpo.store import CandidateStore, RunDir, StoreError, read_shard_info, temp_files
+from tests.scripts.tiny_runs import DETERMINISTIC_ENV, all_latents, assert_same_candidates, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "run_stage.py"
@@ -32,17 +32,7 @@ SMALL = [
     "generate.prompts_per_shard=1",
     "generate.previews=2",
 ]
-# Bitwise equality between processes on a CPU needs a fixed thread count and MKL's conditional
-# numerical reproducibility: without MKL_CBWR, MKL picks kernels by memory alignment, which differs
-# from process to process, and results differ in the last bit. Every run compared bitwise below is
-# therefore a subprocess started with this environment.
-ENV = {
-    **os.environ,
-    "OMP_NUM_THREADS": "1",
-    "MKL_CBWR": "AUTO",
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+ENV = DETERMINISTIC_ENV
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -59,8 +49,8 @@ def models(tmp_path_factory) -> Path:
     """The tiny pipelines, saved with save_pretrained and loaded back by every run through the recipe's
     loader. Their brief denoiser pretraining is skipped: these tests check plumbing, not samples."""
     root = tmp_path_factory.mktemp("models")
-    tiny_sdxl_pipeline().save_pretrained(root / "sdxl")
-    tiny_cogvideox_pipeline().save_pretrained(root / "cogvideox")
+    SDXLBackbone.tiny_pipeline().save_pretrained(root / "sdxl")
+    CogVideoXBackbone.tiny_pipeline().save_pretrained(root / "cogvideox")
     return root
 
 
@@ -91,29 +81,7 @@ def reference(tmp_path_factory, models) -> RunDir:
     return run
 
 
-def _all_latents(run: RunDir) -> dict[tuple[int, int], torch.Tensor]:
-    store = CandidateStore(run)
-    keys = list(zip(store.manifest["prompt_id"], store.manifest["sample_idx"]))
-    latents = store.latents([k[0] for k in keys], [k[1] for k in keys])
-    return {(int(p), int(s)): latents[i] for i, (p, s) in enumerate(keys)}
-
-
-def _assert_same_candidates(a: RunDir, b: RunDir) -> None:
-    pd.testing.assert_frame_equal(
-        pd.read_parquet(a.candidates_parquet), pd.read_parquet(b.candidates_parquet)
-    )
-    la, lb = _all_latents(a), _all_latents(b)
-    assert la.keys() == lb.keys()
-    assert all(torch.equal(la[k], lb[k]) for k in la)
-    sa, sb = CandidateStore(a), CandidateStore(b)
-    ids = sorted({k[0] for k in la})
-    ea, eb = sa.embeddings(ids), sb.embeddings(ids)
-    assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
-    na, nb = sa.negative_embeddings(), sb.negative_embeddings()
-    assert all(torch.equal(na[k], nb[k]) for k in na)
-    assert sorted(p.name for p in a.candidates_dir.glob("shard-*")) == sorted(
-        p.name for p in b.candidates_dir.glob("shard-*")
-    )
+_all_latents, _assert_same_candidates = all_latents, assert_same_candidates
 
 
 def test_generate_writes_the_run_directory(reference):
@@ -209,10 +177,7 @@ def test_killed_generate_resumes_to_the_uninterrupted_result(reference, tmp_path
     _assert_same_candidates(reference, resumed)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_free_port = free_port
 
 
 @pytest.mark.distributed

@@ -18,8 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import mpo.train
-from mpo.backbones.base import load_backbone
-from mpo.backbones.tiny import SDXL_SIZE
+from mpo.backbones.registry import load_backbone
 from mpo.cli import main
 from mpo.config import RecipeError, load_recipe
 from mpo.generate import generate_shard, generation_fingerprint, plan_shards
@@ -29,7 +28,7 @@ from mpo.run import run_all
 from mpo.select import SelectConfig, cap_total, select_pairs
 from mpo.store import CandidateStore, RunDir, read_parquet
 from mpo.train_state import latest_checkpoint, read_progress
-from tests.scripts.tiny_runs import ROOT, SDXL, checkpoint_tensors
+from tests.scripts.tiny_runs import ROOT, SDXL, SDXL_SIZE, checkpoint_tensors
 
 ROUNDS = 2
 STEPS = 2  # per round

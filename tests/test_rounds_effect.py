@@ -39,6 +39,7 @@ def _recipe(out: Path, models: Path, checklist: Path, *extra: str):
             f"model.path={models / 'sdxl'}",
             f"reward.checklist={checklist}",
             f"train.max_steps={STEPS}",
+            "train.timestep_sampling=uniform",
             *extra,
         ],
     )

@@ -6,12 +6,11 @@ from __future__ import annotations
 import torch
 from diffusers import CogVideoXPipeline, DiffusionPipeline, StableDiffusionXLPipeline
 
-from mpo.backbones.tiny import COGVIDEOX_SIZE, SDXL_SIZE
 from mpo.cli import main
 from mpo.config import load_recipe
 from mpo.run import run_all
 from mpo.store import read_parquet
-from tests.scripts.tiny_runs import COGVIDEOX, SDXL, shared_models
+from tests.scripts.tiny_runs import COGVIDEOX, COGVIDEOX_SIZE, SDXL, SDXL_SIZE, shared_models
 
 STAGES = ["generate", "score", "select", "train", "export"]
 

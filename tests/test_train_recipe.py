@@ -55,7 +55,7 @@ def test_full_fine_tuning_and_no_mixed_precision_take_any_frozen_dtype():
     [
         ("train.loss_type=kto", "train.loss_type='kto'", "sigmoid"),
         ("train.sft_weight=-1", "train.sft_weight=-1", ">= 0"),
-        ("train.weighting=snr", "train.weighting='snr'", "min_snr"),
+        ("train.loss_weighting=snr", "train.loss_weighting='snr'", "min_snr"),
         ("train.snr_gamma=0", "train.snr_gamma=0", "> 0"),
         ("train.reference=frozen", "train.reference='frozen'", "precomputed"),
     ],
@@ -65,18 +65,28 @@ def test_objective_and_reference_keys_are_checked(override, start, allowed):
     assert line.startswith(start) and allowed in line
 
 
-def test_a_weighting_the_family_does_not_define_is_refused(monkeypatch):
-    from mpo.backbones.sdxl import SDXLBackbone
-
-    monkeypatch.setattr(SDXLBackbone, "supported_weightings", ("none",))
-    (line,) = _lines(["train.weighting=min_snr"])
-    assert line.startswith("train.weighting='min_snr'") and "model.family='sdxl'" in line
+@pytest.mark.parametrize(
+    ("recipe", "family", "weighting", "allowed"),
+    [
+        ("sdxl", "sdxl", "sigma_sqrt", "min_snr"),
+        ("sdxl", "sdxl", "cosmap", "min_snr"),
+        ("sd3", "sd3", "min_snr", "cosmap"),
+    ],
+)
+def test_a_weighting_the_family_schedule_does_not_define_is_refused(recipe, family, weighting, allowed):
+    """min_snr is a DDPM (epsilon / v) weighting, sigma_sqrt and cosmap flow-matching ones: another
+    family's is one line naming the key, the family and what its schedule defines."""
+    with pytest.raises(RecipeError) as err:
+        load_recipe(str(ROOT / "recipes" / "tiny" / f"{recipe}.yaml"), [f"train.loss_weighting={weighting}"])
+    (line,) = [x.strip() for x in str(err.value).splitlines()[1:]]
+    assert line.startswith(f"train.loss_weighting='{weighting}'") and f"model.family='{family}'" in line
+    assert allowed in line and weighting not in line.split("supports", 1)[1]
 
 
 NEW_KEYS = {
     "loss_type": "hinge",
     "sft_weight": 0.5,
-    "weighting": "min_snr",
+    "loss_weighting": "min_snr",
     "snr_gamma": 2.0,
     "reference": "precomputed",
 }
@@ -126,3 +136,31 @@ def test_the_reference_errors_depend_on_the_base_and_the_data_not_on_the_objecti
         assert reference_settings(_settings(monkeypatch, same), backbone) == base, same
     for other in (["train.seed=7"], ["train.timestep_range=[0.1,0.9]"], ["train.mixed_precision=bf16"]):
         assert reference_settings(_settings(monkeypatch, other), backbone) != base, other
+
+
+def test_the_reference_errors_depend_on_the_timestep_density_and_what_the_forward_repeats(monkeypatch):
+    """The density and its parameters shape the stream of timesteps; FLUX.1's training forward repeats
+    the embedded guidance and the resolution's shift, so for it (and only for it) those generate keys
+    decide the reference errors too."""
+    from mpo.backbones.flux import FluxBackbone
+    from mpo.train import reference_settings
+
+    plain = type("B", (), {"num_train_timesteps": 1000})()
+    flux = type(
+        "F",
+        (),
+        {"num_train_timesteps": 1000, "training_generation_keys": FluxBackbone.training_generation_keys},
+    )()
+    base = {b: reference_settings(_settings(monkeypatch, []), b) for b in (plain, flux)}
+    for other in (
+        ["train.timestep_sampling=logit_normal"],
+        ["train.logit_mean=0.5"],
+        ["train.logit_std=0.5"],
+        ["train.mode_scale=1.0"],
+    ):
+        assert reference_settings(_settings(monkeypatch, other), plain) != base[plain], other
+    assert "expert" in base[plain]["model"]  # which Wan 2.2 expert is the base (the SDXL recipe has none)
+    for key in ("guidance_scale=2.0", "height=32", "width=32"):
+        settings = _settings(monkeypatch, [f"generate.{key}"])
+        assert reference_settings(settings, plain) == base[plain], key
+        assert reference_settings(settings, flux) != base[flux], key

@@ -15,7 +15,7 @@ from torch.utils.data import default_collate
 
 import mpo.train
 import mpo.weights
-from mpo.backbones.base import load_backbone
+from mpo.backbones.registry import load_backbone
 from mpo.loss import min_snr_weight, per_sample_mse
 from mpo.store import RunDir
 from mpo.train import train_stage
@@ -157,7 +157,7 @@ def test_winner_and_loser_share_noise_and_timestep(prepared, models, tmp_path, m
     original_inputs = mpo.train.step_inputs
 
     def predict(self, denoiser, noisy, timesteps, embeds):
-        calls.append((noisy.detach().clone(), timesteps.clone(), self._train_scheduler.alphas_cumprod))
+        calls.append((noisy.detach().clone(), timesteps.clone(), self.schedule.scheduler.alphas_cumprod))
         return original_predict(self, denoiser, noisy, timesteps, embeds)
 
     def step_inputs(t, batch):
@@ -193,14 +193,14 @@ def test_recipe_loss_variants_and_min_snr_weighting_reach_the_loss(
 ):
     run = copy_run(prepared, tmp_path / "run")
     extra = [*FINETUNE["full"], "train.batch_size=2", "train.max_steps=1", f"train.loss_type={loss_type}"]
-    extra += ["train.sft_weight=0.5", "train.weighting=min_snr", "train.snr_gamma=0.5"]
+    extra += ["train.sft_weight=0.5", "train.loss_weighting=min_snr", "train.snr_gamma=0.5"]
     recorded = _train(run, models, extra, monkeypatch)
     (call,) = recorded.calls
     assert call["loss_type"] == loss_type and call["sft_weight"] == 0.5
     recipe = recipe_for(run, models, extra=extra)
     batch = _batch(run, recipe, [0, 1])
     backbone = recorded.trainer.backbone
-    expected = min_snr_weight(backbone._train_scheduler.alphas_cumprod, batch["timestep"], 0.5, "epsilon")
+    expected = min_snr_weight(backbone.schedule.scheduler.alphas_cumprod, batch["timestep"], 0.5, "epsilon")
     torch.testing.assert_close(call["weighting"], expected, rtol=0, atol=0)
     assert (expected < 0.99).any(), f"timesteps {batch['timestep'].tolist()} give weights of 1 only"
     weighted_mse_w = (expected.double() * call["errors"][0].double()).mean()
@@ -359,13 +359,13 @@ def test_v_target_is_float32_when_the_denoiser_runs_in_bf16(tmp_path_factory):
     }
     t = SimpleNamespace(
         acc=SimpleNamespace(device=torch.device("cpu")),
-        settings=SimpleNamespace(weighting="none", snr_gamma=5.0),
+        settings=SimpleNamespace(loss_weighting="none", snr_gamma=5.0),
         backbone=backbone,
         input_dtype=torch.bfloat16,
     )
     inputs = mpo.train.step_inputs(t, batch)
     assert inputs.noisy.dtype == torch.bfloat16 and inputs.target.dtype == torch.float32
-    abar = backbone._train_scheduler.alphas_cumprod.double()[torch.cat([timestep, timestep])]
+    abar = backbone.schedule.scheduler.alphas_cumprod.double()[torch.cat([timestep, timestep])]
     abar = abar.view(-1, 1, 1, 1, 1)
     x0 = torch.cat([latents_w, latents_l]).double()
     eps = torch.cat([noise, noise]).double()
@@ -412,12 +412,12 @@ def test_min_snr_weight_on_the_sdxl_schedule(models, tmp_path):
     backbone = load_backbone(recipe_for(tmp_path, models).model, "cpu")
     low, high = timestep_bounds([0.0, 1.0], backbone.num_train_timesteps)
     timesteps = torch.arange(low, high)
-    got = backbone.loss_weighting(timesteps, "min_snr", 5.0)
-    abar = backbone._train_scheduler.alphas_cumprod.double()[timesteps]
+    got = backbone.loss_weight(timesteps, "min_snr", 5.0)
+    abar = backbone.schedule.scheduler.alphas_cumprod.double()[timesteps]
     snr = abar / (1 - abar)
     expected = [min(float(s), 5.0) / float(s) for s in snr]
     assert got.tolist() == pytest.approx(expected, rel=1e-6)
-    assert backbone.loss_weighting(timesteps, "none", 5.0) is None
+    assert backbone.loss_weight(timesteps, "none", 5.0) is None
 
 
 LAUNCHES = ("ddp", "zero2", "zero3")

@@ -1,51 +1,76 @@
 """The one interface the generic stages call; everything model-specific lives behind it.
 
 generate, score, train, evaluate and export never branch on a model family: they call these methods.
-A new family (Wan, SD3, FLUX) is one new file implementing :class:`Backbone` plus a
-``@register_backbone("name")`` decorator, and a recipe.
+A new family (Wan, SD3, FLUX, or one in a user's own package) is one file implementing
+:class:`Backbone` with ``@register_backbone("name")`` (see :mod:`mpo.backbones.registry`), and a
+recipe. This module imports no family and builds no tiny model.
 
 Tensor conventions
 - Prompt embeddings are a ``dict[str, Tensor]``, batch first, so that one prompt's row can be cached
   in a safetensors shard and batches can be rebuilt by concatenation.
-- Latents are ``[B, *latent_shape]`` in the denoiser's own layout (SDXL: ``[C, h, w]``; CogVideoX:
-  ``[F, C, h, w]``), already scaled by the VAE scaling factor (what the denoiser sees at t = 0).
+- Latents are ``[B, *latent_shape]`` in the family's own layout (SDXL: ``[C, h, w]``; CogVideoX:
+  ``[F, C, h, w]``; Wan: ``[C, F, h, w]``), already normalised as the denoiser sees them at t = 0.
 - Decoded pixels are float in [0, 1]: images ``[B, 3, H, W]``, videos ``[B, T, 3, H, W]``.
-- Timesteps are integer indices into the training schedule, ``[B]``.
+- Training timesteps are integer indices into the training schedule, ``[B]``, larger = noisier
+  (:mod:`mpo.backbones.schedules`); :meth:`Backbone.call_denoiser` takes the timestep the pipeline's
+  own loop passes instead (DDPM: the same integers; flow matching: ``sigma * 1000``).
+
+Hooks with defaults, for what differs between families without the generic code knowing: the negative
+prompt (or none, e.g. FLUX.1's embedded guidance), the generation settings a training forward must
+repeat, timestep sampling and the per-sample loss weight (both the schedule's).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from torch import nn
+
+from mpo.backbones.schedules import PredictionType, TimestepSampler, TrainingSchedule
+
+if TYPE_CHECKING:
+    from mpo.schema import GenerateConfig, ModelConfig, TrainConfig
+
+__all__ = ["Backbone", "DiffusersBackbone", "Embeddings", "ModelPathError", "PredictionType"]
 
 
 class ModelPathError(ValueError):
     """``model.path`` names no loadable model of the family; the message says what was found."""
 
 
-if TYPE_CHECKING:
-    from mpo.schema import GenerateConfig, ModelConfig
-
-PredictionType = Literal["epsilon", "v_prediction", "flow"]
 Embeddings = dict[str, torch.Tensor]
 
 
 class Backbone(ABC):
     """A text-to-image or text-to-video diffusion model, seen by the generic loop."""
 
-    family: ClassVar[str]
+    family: ClassVar[str]  # set by @register_backbone
     modality: ClassVar[Literal["image", "video"]]
-    # The values of train.weighting this family's schedule defines (see loss_weighting).
-    supported_weightings: ClassVar[tuple[str, ...]] = ("none",)
+    # The schedule kind the family trains with, known before any weight is loaded (recipe checks).
+    schedule_class: ClassVar[type[TrainingSchedule] | None] = None
+    channel_dim: ClassVar[int] = 0  # the channel axis of one latent ([C, h, w]: 0; [F, C, h, w]: 1)
+    # Names ``model.expert`` may take (a model with several denoisers, e.g. Wan 2.2 A14B); () for one.
+    experts: ClassVar[tuple[str, ...]] = ()
+    # generate.* keys the training forward depends on (what use_generation_settings keeps): part of
+    # what a precomputed reference's errors depend on.
+    training_generation_keys: ClassVar[tuple[str, ...]] = ()
+    # generate.* sizes of the tiny variant (what its denoiser was pretrained at); None: no tiny variant.
+    tiny_size: ClassVar[dict[str, int] | None] = None
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
     @abstractmethod
     def load(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> Backbone:
         """Load from ``cfg.path`` (local folder or hub id) with ``from_pretrained``."""
+
+    @classmethod
+    def build_tiny(cls, path: str | Path) -> Path:
+        """Build the family's tiny random-initialised variant and save it at ``path`` in the release's
+        own layout, for ``model.tiny: true`` (called by the registry, never by :meth:`load`)."""
+        raise NotImplementedError(f"model.family={cls.family!r} has no tiny variant (model.tiny=true)")
 
     @property
     @abstractmethod
@@ -57,14 +82,32 @@ class Backbone(ABC):
         """Swap in a (trained / wrapped) denoiser, e.g. for eval sampling or export."""
 
     @property
-    @abstractmethod
-    def prediction_type(self) -> PredictionType:
-        """What the denoiser predicts: the training target (epsilon, v or flow velocity)."""
-
-    @property
     def lora_target_modules(self) -> list[str]:
         """Default module names that receive LoRA adapters."""
         return ["to_q", "to_k", "to_v", "to_out.0"]
+
+    @property
+    def lora_component(self) -> str | None:
+        """The pipeline component the saved LoRA keys are prefixed with (None: the one holding the
+        denoiser; Wan 2.2's low-noise expert is saved under ``transformer``, as diffusers does)."""
+        return None
+
+    @property
+    def lora_load_kwargs(self) -> dict[str, object]:
+        """What ``pipe.load_lora_weights`` needs to put this denoiser's adapter back."""
+        return {}
+
+    @classmethod
+    def check_model_config(cls, model: ModelConfig) -> list[tuple[str, str]]:
+        """Family-specific checks of the model section; by default that ``model.expert`` names one of
+        the family's denoisers (or is unset)."""
+        expert = getattr(model, "expert", None)
+        if expert is not None and expert not in cls.experts:
+            allowed = (
+                f"one of {list(cls.experts)} or null" if cls.experts else "null: this family has one denoiser"
+            )
+            return [("model.expert", f"must be {allowed}")]
+        return []
 
     @classmethod
     def check_generate_config(cls, gen: GenerateConfig) -> list[tuple[str, str]]:
@@ -72,11 +115,44 @@ class Backbone(ABC):
         turns them into one error naming the key, the value and what is allowed."""
         return []
 
+    @classmethod
+    def check_train_config(cls, train: TrainConfig) -> list[tuple[str, str]]:
+        """Family-specific checks of the train section; by default that ``train.loss_weighting`` is
+        one the family's schedule defines."""
+        scheme = getattr(train, "loss_weighting", "none")
+        allowed = cls.schedule_class.loss_weightings if cls.schedule_class is not None else ("none",)
+        if scheme not in allowed:
+            kind = cls.schedule_class.__name__ if cls.schedule_class is not None else "schedule"
+            return [
+                (
+                    "train.loss_weighting",
+                    f"is not defined for this family's {kind}; it supports {list(allowed)}",
+                )
+            ]
+        return []
+
     # ---- conditioning ----------------------------------------------------------------------------
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> Embeddings:
         """Text encoders on a batch of prompts. The result is cached: the training step never runs
-        a text encoder. The empty prompt's embedding is the unconditional branch of guidance."""
+        a text encoder."""
+
+    @property
+    def negative_prompt(self) -> str | None:
+        """The unconditional branch of classifier-free guidance (the empty prompt), or None for a
+        family that samples without one (FLUX.1's guidance is an input of the transformer)."""
+        return ""
+
+    def encode_negative(self) -> Embeddings:
+        """The cached negative prompt's embeddings (one row); empty when there is no negative."""
+        prompt = self.negative_prompt
+        return {} if prompt is None else self.encode_prompts([prompt])
+
+    def use_generation_settings(self, gen: GenerateConfig) -> None:
+        """The generate settings the candidates were made with, given to the trainer's backbone
+        before the first step: a family whose denoiser is conditioned on one of them (FLUX.1-dev's
+        embedded guidance scale) repeats it in every training forward. Default: nothing to keep."""
+        return None
 
     # ---- latents -----------------------------------------------------------------------------------
     @abstractmethod
@@ -87,9 +163,10 @@ class Backbone(ABC):
     def sample(
         self, embeds: Embeddings, negative: Embeddings, noise: torch.Tensor, gen: GenerateConfig
     ) -> torch.Tensor:
-        """Denoise ``noise`` ([B, *latent_shape], initial latents) to clean latents with classifier-free
-        guidance. Deterministic given ``noise`` (no hidden random draws), so a candidate is fixed by
-        its seed whatever the batch it is in."""
+        """Denoise ``noise`` ([B, *latent_shape], initial latents) to clean latents with the
+        pipeline's own sampler and guidance (``negative`` is empty when :attr:`negative_prompt` is
+        None). Deterministic given ``noise`` (no hidden random draws), so a candidate is fixed by its
+        seed whatever the batch it is in."""
 
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -98,33 +175,54 @@ class Backbone(ABC):
     # ---- training ---------------------------------------------------------------------------------
     @property
     @abstractmethod
-    def num_train_timesteps(self) -> int: ...
+    def schedule(self) -> TrainingSchedule:
+        """The training noise schedule (built from the checkpoint's scheduler config)."""
 
-    @abstractmethod
+    @property
+    def prediction_type(self) -> PredictionType:
+        """What the denoiser predicts: the training target (epsilon, v or flow velocity)."""
+        return self.schedule.prediction_type
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.schedule.num_train_timesteps
+
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Forward process q(x_t | x_0) of the training schedule."""
+        return self.schedule.add_noise(latents, noise, timesteps)
 
-    @abstractmethod
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Regression target for ``prediction_type`` (epsilon: noise; v: alpha*eps - sigma*x0; flow:
         noise - x0)."""
+        return self.schedule.target(latents, noise, timesteps)
 
-    @abstractmethod
+    def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio of the training schedule at ``timesteps`` (for SNR-based weights)."""
+        return self.schedule.snr(timesteps)
+
+    def loss_weight(
+        self, timesteps: torch.Tensor, scheme: str = "none", gamma: float = 5.0
+    ) -> torch.Tensor | None:
+        """Per-pair weight ``omega_t`` of the squared errors at ``timesteps`` (``train.loss_weighting``,
+        ``train.snr_gamma``), ``[B]`` float32, or None for a constant weight."""
+        return self.schedule.loss_weight(timesteps, scheme, gamma)
+
+    def timestep_sampler(self, train: TrainConfig) -> TimestepSampler:
+        """How the trainer draws timesteps (``train.timestep_range`` / ``timestep_sampling``)."""
+        return self.schedule.timestep_sampler(train)
+
     def predict(
         self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, embeds: Embeddings
     ) -> torch.Tensor:
-        """One denoiser forward on cached embeddings (``denoiser`` may be wrapped by accelerate)."""
+        """One denoiser forward at training indices ``timesteps`` on cached embeddings (``denoiser``
+        may be wrapped by accelerate)."""
+        return self.call_denoiser(denoiser, noisy, self.schedule.model_timesteps(timesteps), embeds)
 
-    def loss_weighting(self, timesteps: torch.Tensor, scheme: str, gamma: float) -> torch.Tensor | None:
-        """Per-pair weight ``omega_t`` of the squared errors (``train.weighting``), ``[B]`` float32, or
-        None for a constant weight. A family with another schedule (flow matching: its density
-        weight) overrides this and lists its schemes in ``supported_weightings``."""
-        if scheme == "none":
-            return None
-        raise ValueError(
-            f"train.weighting={scheme!r} is not defined for model.family={self.family!r} "
-            f"(it supports {list(self.supported_weightings)})"
-        )
+    @abstractmethod
+    def call_denoiser(
+        self, denoiser: nn.Module, noisy: torch.Tensor, model_timesteps: torch.Tensor, embeds: Embeddings
+    ) -> torch.Tensor:
+        """The denoiser call of the pipeline's own loop, at the timestep that loop passes."""
 
     # ---- export -----------------------------------------------------------------------------------
     @abstractmethod
@@ -141,14 +239,14 @@ class Backbone(ABC):
 
 
 class DiffusersBackbone(Backbone):
-    """What every diffusers-pipeline backbone shares: loading through ``from_pretrained`` (building the
-    tiny model first when the recipe asks for it), the denoiser as a pipeline attribute, the
-    prediction type from the scheduler config. A family sets ``pipeline_class`` and ``denoiser_attr``
-    and implements the conditioning, sampling and schedule methods."""
+    """What every diffusers-pipeline backbone shares: loading through ``from_pretrained``, the
+    denoiser as a pipeline attribute, the tiny variant built from :meth:`tiny_pipeline`. A family sets
+    ``pipeline_class`` and ``denoiser_attr``, builds ``self._schedule`` in its ``__init__``, and
+    implements the conditioning, sampling and denoiser-call methods."""
 
     pipeline_class: ClassVar[type]
-    denoiser_attr: ClassVar[str]  # "unet" or "transformer"
-    supported_weightings: ClassVar[tuple[str, ...]] = ("none", "min_snr")
+    denoiser_attr: str  # "unet" or "transformer" (a family may pick another per instance: transformer_2)
+    tiny_pretrain_steps: ClassVar[int] = 100
 
     def __init__(self, pipe, device: torch.device | str = "cpu") -> None:
         """Wrap a loaded pipeline: move it to ``device`` and freeze it.
@@ -167,11 +265,23 @@ class DiffusersBackbone(Backbone):
 
     @classmethod
     def load(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> DiffusersBackbone:
-        from mpo.backbones.tiny import ensure_tiny
-
-        ensure_tiny(cfg)
         return cls(load_pipeline(cls.pipeline_class, cfg), device)
 
+    # ---- the tiny variant ------------------------------------------------------------------------
+    @classmethod
+    def tiny_pipeline(cls, seed: int = 0):
+        """The family's tiny random-initialised pipeline, in memory (configs in code, local
+        tokenizers); :meth:`build_tiny` pretrains and saves it."""
+        raise NotImplementedError(f"model.family={cls.family!r} has no tiny variant (model.tiny=true)")
+
+    @classmethod
+    def build_tiny(cls, path: str | Path, pretrain_steps: int | None = None, seed: int = 0) -> Path:
+        from mpo.backbones.tiny import build_tiny_pipeline
+
+        steps = cls.tiny_pretrain_steps if pretrain_steps is None else pretrain_steps
+        return build_tiny_pipeline(cls, path, steps, seed)
+
+    # ---- the denoiser ------------------------------------------------------------------------------
     @property
     def denoiser(self) -> nn.Module:
         return getattr(self._pipe, self.denoiser_attr)
@@ -183,74 +293,11 @@ class DiffusersBackbone(Backbone):
         setattr(self._pipe, self.denoiser_attr, extract_model_from_parallel(module))
 
     @property
-    def prediction_type(self) -> PredictionType:
-        kind = self._pipe.scheduler.config.prediction_type
-        if kind not in ("epsilon", "v_prediction"):
-            raise ValueError(f"scheduler prediction_type={kind!r} is not supported (epsilon, v_prediction)")
-        return kind
+    def schedule(self) -> TrainingSchedule:
+        return self._schedule
 
     def pipeline(self):
         return self._pipe
-
-    # Training schedule: a family sets ``self._train_scheduler`` (a diffusers scheduler with
-    # ``add_noise`` and ``get_velocity`` over the checkpoint's training alphas) in its __init__.
-    @property
-    def num_train_timesteps(self) -> int:
-        return self._train_scheduler.config.num_train_timesteps
-
-    def _schedule_on(self, device: torch.device):
-        """The training scheduler with its ``alphas_cumprod`` on ``device``: diffusers copies it there
-        on every call otherwise (CogVideoX's scheduler), a host-to-device copy that syncs each step."""
-        scheduler = self._train_scheduler
-        if scheduler.alphas_cumprod.device != device:
-            scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
-        return scheduler
-
-    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        # float32 arithmetic: alphas_cumprod near 1 is not representable in bfloat16.
-        scheduler = self._schedule_on(latents.device)
-        noisy = scheduler.add_noise(latents.float(), noise.float(), timesteps.to(latents.device))
-        return noisy.to(latents.dtype)
-
-    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        if self.prediction_type == "epsilon":
-            return noise
-        scheduler = self._schedule_on(latents.device)
-        velocity = scheduler.get_velocity(latents.float(), noise.float(), timesteps.to(latents.device))
-        return velocity.to(latents.dtype)
-
-    def loss_weighting(self, timesteps: torch.Tensor, scheme: str, gamma: float) -> torch.Tensor | None:
-        if scheme == "min_snr":
-            from mpo.loss import min_snr_weight
-
-            scheduler = self._schedule_on(timesteps.device)
-            return min_snr_weight(scheduler.alphas_cumprod, timesteps, gamma, self.prediction_type)
-        return super().loss_weighting(timesteps, scheme, gamma)
-
-
-_REGISTRY: dict[str, type[Backbone]] = {}
-
-
-def register_backbone(name: str):
-    def wrap(cls: type[Backbone]) -> type[Backbone]:
-        cls.family = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
-
-
-def get_backbone_class(name: str) -> type[Backbone]:
-    # Import the built-in families so that they register themselves.
-    from mpo.backbones import cogvideox, sdxl  # noqa: F401
-
-    if name not in _REGISTRY:
-        raise KeyError(f"model.family={name!r} is not a known backbone; known: {sorted(_REGISTRY)}")
-    return _REGISTRY[name]
-
-
-def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backbone:
-    return get_backbone_class(cfg.family).load(cfg, device)
 
 
 def repeat_rows(embeds: Embeddings, batch: int, name: str) -> Embeddings:

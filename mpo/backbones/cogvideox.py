@@ -29,12 +29,9 @@ import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline
 from torch import nn
 
-from mpo.backbones.base import (
-    DiffusersBackbone,
-    Embeddings,
-    register_backbone,
-    repeat_rows,
-)
+from mpo.backbones.base import DiffusersBackbone, Embeddings, repeat_rows
+from mpo.backbones.registry import register_backbone
+from mpo.backbones.schedules import DDPMSchedule
 
 if TYPE_CHECKING:
     from mpo.schema import GenerateConfig
@@ -51,6 +48,11 @@ class CogVideoXBackbone(DiffusersBackbone):
     pipeline_class = CogVideoXPipeline
     denoiser_attr = "transformer"
     modality: ClassVar[Literal["image", "video"]] = "video"
+    schedule_class = DDPMSchedule
+    channel_dim: ClassVar[int] = 1  # latents are [F, C, h, w]
+    # The tiny VAE compresses space by 4 and time by 4: 3 latent frames of 8 x 8.
+    tiny_size: ClassVar[dict[str, int]] = {"height": 32, "width": 32, "num_frames": 9}
+    tiny_pretrain_steps: ClassVar[int] = 150
 
     def __init__(self, pipe: CogVideoXPipeline, device: torch.device | str = "cpu") -> None:
         """Sampling with DDIM (deterministic); the VAE decodes in slices and tiles."""
@@ -61,9 +63,93 @@ class CogVideoXBackbone(DiffusersBackbone):
         # official inference does: the 3D VAE is what runs out of memory at 49 x 480 x 720.
         pipe.vae.enable_slicing()
         pipe.vae.enable_tiling()
-        # A separate object: diffusers schedulers cache tensors on whatever device they last saw.
-        self._train_scheduler = CogVideoXDDIMScheduler.from_config(pipe.scheduler.config)
+        # The checkpoint's own alphas (SNR-shifted, zero terminal SNR) and v-target.
+        self._schedule = DDPMSchedule(CogVideoXDDIMScheduler.from_config(pipe.scheduler.config))
         self._rotary: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ---- the tiny variant ------------------------------------------------------------------------
+    @classmethod
+    def tiny_pipeline(cls, seed: int = 0):
+        """A CogVideoX pipeline: a 2-layer T5 (width 32, 16 text positions), a 2-layer transformer with
+        3D rotary embeddings (2 heads of 16), and a 3-level causal 3D VAE (space x4, time x4)."""
+        from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+        from transformers import T5Config, T5EncoderModel
+
+        from mpo.backbones.tiny import t5_tokenizer
+
+        text_length = 16
+        tokenizer = t5_tokenizer(text_length)
+        latent_size = cls.tiny_size["height"] // 4
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            text_encoder = T5EncoderModel(
+                T5Config(
+                    vocab_size=len(tokenizer),
+                    d_model=32,
+                    d_kv=8,
+                    d_ff=64,
+                    num_layers=2,
+                    num_heads=4,
+                    relative_attention_num_buckets=8,
+                    relative_attention_max_distance=16,
+                    dropout_rate=0.0,
+                    feed_forward_proj="gated-gelu",
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    decoder_start_token_id=tokenizer.pad_token_id,
+                )
+            )
+            transformer = CogVideoXTransformer3DModel(
+                num_attention_heads=2,
+                attention_head_dim=16,  # split 4 / 6 / 6 between time, height and width by the 3D rotary
+                in_channels=4,
+                out_channels=4,
+                time_embed_dim=32,
+                text_embed_dim=32,
+                num_layers=2,
+                sample_width=latent_size,
+                sample_height=latent_size,
+                sample_frames=cls.tiny_size["num_frames"],
+                patch_size=2,
+                temporal_compression_ratio=4,
+                max_text_seq_length=text_length,
+                use_rotary_positional_embeddings=True,
+            )
+            vae = AutoencoderKLCogVideoX(
+                in_channels=3,
+                out_channels=3,
+                down_block_types=("CogVideoXDownBlock3D",) * 3,
+                up_block_types=("CogVideoXUpBlock3D",) * 3,
+                block_out_channels=(16, 32, 32),
+                latent_channels=4,
+                layers_per_block=1,
+                norm_num_groups=4,
+                temporal_compression_ratio=4,
+                # Tiling starts above half this size: the tiny videos are decoded whole.
+                sample_height=2 * cls.tiny_size["height"],
+                sample_width=2 * cls.tiny_size["width"],
+                scaling_factor=1.15258426,
+            )
+        scheduler = CogVideoXDDIMScheduler(  # the released 2B / 5B scheduler config
+            num_train_timesteps=1000,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=True,
+            steps_offset=0,
+            prediction_type="v_prediction",
+            timestep_spacing="trailing",
+            rescale_betas_zero_snr=True,
+            snr_shift_scale=3.0,
+        )
+        return CogVideoXPipeline(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=vae,
+            transformer=transformer,
+            scheduler=scheduler,
+        )
 
     @classmethod
     def check_generate_config(cls, gen: GenerateConfig) -> list[tuple[str, str]]:
@@ -171,14 +257,14 @@ class CogVideoXBackbone(DiffusersBackbone):
         return (video.float().permute(0, 2, 1, 3, 4) / 2 + 0.5).clamp(0, 1)
 
     # ---- training ---------------------------------------------------------------------------------
-    def predict(
-        self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, embeds: Embeddings
+    def call_denoiser(
+        self, denoiser: nn.Module, noisy: torch.Tensor, model_timesteps: torch.Tensor, embeds: Embeddings
     ) -> torch.Tensor:
         """The transformer call of the pipeline's loop (DDIM's scale_model_input is the identity)."""
         return denoiser(
             hidden_states=noisy,
             encoder_hidden_states=embeds["prompt_embeds"].to(noisy.dtype),
-            timestep=timesteps,
+            timestep=model_timesteps,
             image_rotary_emb=self._rotary_embeddings(noisy),
             return_dict=False,
         )[0]

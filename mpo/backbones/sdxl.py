@@ -26,12 +26,9 @@ import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
 from torch import nn
 
-from mpo.backbones.base import (
-    DiffusersBackbone,
-    Embeddings,
-    register_backbone,
-    repeat_rows,
-)
+from mpo.backbones.base import DiffusersBackbone, Embeddings, repeat_rows
+from mpo.backbones.registry import register_backbone
+from mpo.backbones.schedules import DDPMSchedule
 
 if TYPE_CHECKING:
     from mpo.schema import GenerateConfig
@@ -55,6 +52,10 @@ class SDXLBackbone(DiffusersBackbone):
     pipeline_class = StableDiffusionXLPipeline
     denoiser_attr = "unet"
     modality: ClassVar[Literal["image", "video"]] = "image"
+    schedule_class = DDPMSchedule
+    # The tiny VAE downsamples by 2: 16 x 16 pixels are the 8 x 8 latents its UNet was pretrained at.
+    tiny_size: ClassVar[dict[str, int]] = {"height": 16, "width": 16}
+    tiny_pretrain_steps: ClassVar[int] = 200
 
     def __init__(self, pipe: StableDiffusionXLPipeline, device: torch.device | str = "cpu") -> None:
         """A stochastic sampler is replaced by Euler from the same config; the VAE decodes per image."""
@@ -62,9 +63,88 @@ class SDXLBackbone(DiffusersBackbone):
             pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
         super().__init__(pipe, device)
         pipe.vae.enable_slicing()  # decode one image at a time: bounded memory, batch-independent
-        # A separate object: diffusers schedulers cache tensors on whatever device they last saw.
-        self._train_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        # The DDPM forward process of the checkpoint's training alphas.
+        self._schedule = DDPMSchedule(DDPMScheduler.from_config(pipe.scheduler.config))
         self._time_id_cache: dict[tuple, torch.Tensor] = {}
+
+    # ---- the tiny variant ------------------------------------------------------------------------
+    @classmethod
+    def tiny_pipeline(cls, seed: int = 0):
+        """An SDXL pipeline of about 1M UNet parameters: 32-wide CLIP encoders (concatenated to 64),
+        a two-level UNet (32, 64) and a two-level VAE (factor 2, 8 channels per norm group: with one
+        channel per group, decoded brightness barely varies between candidates)."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+        from mpo.backbones.tiny import clip_tokenizer
+
+        tokenizer = clip_tokenizer()
+        text = {
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,  # SDXL reads the penultimate hidden state
+            "num_attention_heads": 4,
+            "max_position_embeddings": 77,
+            "projection_dim": 32,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            text_encoder = CLIPTextModel(CLIPTextConfig(**text))
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text))
+            unet = UNet2DConditionModel(
+                sample_size=cls.tiny_size["height"] // 2,
+                in_channels=4,
+                out_channels=4,
+                block_out_channels=(32, 64),
+                layers_per_block=1,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                attention_head_dim=(2, 4),
+                transformer_layers_per_block=(1, 1),
+                use_linear_projection=True,
+                cross_attention_dim=64,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids + pooled projection
+                norm_num_groups=8,
+            )
+            vae = AutoencoderKL(
+                in_channels=3,
+                out_channels=3,
+                down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+                block_out_channels=(32, 64),
+                latent_channels=4,
+                layers_per_block=1,
+                norm_num_groups=8,
+                sample_size=cls.tiny_size["height"],
+                scaling_factor=0.13025,
+                force_upcast=False,
+            )
+        scheduler = EulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            prediction_type="epsilon",
+            timestep_spacing="leading",
+            steps_offset=1,
+        )
+        return StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=clip_tokenizer(),
+            unet=unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
 
     @property
     def vae_scale_factor(self) -> int:
@@ -166,14 +246,14 @@ class SDXLBackbone(DiffusersBackbone):
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     # ---- training ---------------------------------------------------------------------------------
-    def predict(
-        self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, embeds: Embeddings
+    def call_denoiser(
+        self, denoiser: nn.Module, noisy: torch.Tensor, model_timesteps: torch.Tensor, embeds: Embeddings
     ) -> torch.Tensor:
         """The UNet call of the pipeline's loop, on DDPM-scaled inputs (what ``scale_model_input`` gives
         the UNet during sampling)."""
         return denoiser(
             noisy,
-            timesteps,
+            model_timesteps,
             encoder_hidden_states=embeds["prompt_embeds"].to(noisy.dtype),
             added_cond_kwargs={
                 "text_embeds": embeds["pooled_prompt_embeds"].to(noisy.dtype),

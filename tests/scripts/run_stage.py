@@ -1,4 +1,4 @@
-"""Run the generate and/or score stage on a recipe, in one process or under a launcher.
+"""Run stages of a recipe (generate, score, select, train) in one process or under a launcher.
 
     python tests/scripts/run_stage.py generate,score RECIPE key=value ...
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 tests/scripts/run_stage.py ...
@@ -20,6 +20,8 @@ from mpo.config import load_recipe
 from mpo.distributed import make_accelerator
 from mpo.generate import generate_stage
 from mpo.score import score_stage
+from mpo.select import select_stage
+from mpo.train import setup_accelerator, train_stage
 
 
 def _slow_down_shard_writes(seconds: float) -> None:
@@ -35,7 +37,7 @@ def _slow_down_shard_writes(seconds: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("stages", help="comma-separated: generate, score")
+    parser.add_argument("stages", help="comma-separated, in order: generate, score, select, train")
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--sleep-after-shard", type=float, default=0.0)
@@ -44,9 +46,11 @@ def main() -> None:
     if args.sleep_after_shard:
         _slow_down_shard_writes(args.sleep_after_shard)
     recipe = load_recipe(args.recipe, args.overrides)
-    accelerator = make_accelerator(recipe)
-    stages = {"generate": generate_stage, "score": score_stage}
-    for name in args.stages.split(","):
+    names = args.stages.split(",")
+    # One Accelerator for every stage, as `mpo run` builds it: training needs the recipe's settings.
+    accelerator = setup_accelerator(recipe) if "train" in names else make_accelerator(recipe)
+    stages = {"generate": generate_stage, "score": score_stage, "select": select_stage, "train": train_stage}
+    for name in names:
         stages[name](recipe, accelerator)
 
 

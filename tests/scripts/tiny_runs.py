@@ -7,19 +7,25 @@ generation again. The tiny models are built once per pytest session, in the sess
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 from pathlib import Path
 
+import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from mpo.backbones.tiny import COGVIDEOX_SIZE, SDXL_SIZE
+from mpo.backbones import get_backbone_class
 from mpo.config import load_recipe
 from mpo.generate import generate_stage
 from mpo.score import score_stage
 from mpo.select import select_stage
+from mpo.store import CandidateStore, RunDir
 
 ROOT = Path(__file__).resolve().parents[2]
+SDXL_SIZE = get_backbone_class("sdxl").tiny_size
+COGVIDEOX_SIZE = get_backbone_class("cogvideox").tiny_size
 SDXL = ROOT / "recipes" / "tiny" / "sdxl.yaml"
 COGVIDEOX = ROOT / "recipes" / "tiny" / "cogvideox.yaml"
 # Generated data shared by a test module; training copies never touch these folders.
@@ -118,3 +124,50 @@ def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
         for key, value in load_file(str(path)).items():
             tensors[f"{path.parent.name}/{key}"] = value
     return tensors
+
+
+# ---- comparing runs ------------------------------------------------------------------------------------
+# Bitwise equality between processes on a CPU needs a fixed thread count and MKL's conditional
+# numerical reproducibility: without MKL_CBWR, MKL picks kernels by memory alignment, which differs
+# from process to process, and results differ in the last bit. Every run compared bitwise is
+# therefore a subprocess started with this environment.
+DETERMINISTIC_ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "MKL_CBWR": "AUTO",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def all_latents(run: RunDir) -> dict[tuple[int, int], torch.Tensor]:
+    """Every cached candidate latent of a run, by (prompt_id, sample_idx)."""
+    store = CandidateStore(run)
+    keys = list(zip(store.manifest["prompt_id"], store.manifest["sample_idx"]))
+    latents = store.latents([k[0] for k in keys], [k[1] for k in keys])
+    return {(int(p), int(s)): latents[i] for i, (p, s) in enumerate(keys)}
+
+
+def assert_same_candidates(a: RunDir, b: RunDir) -> None:
+    """Same manifest, latents, prompt and negative embeddings, and shard files, bit for bit."""
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(a.candidates_parquet), pd.read_parquet(b.candidates_parquet)
+    )
+    la, lb = all_latents(a), all_latents(b)
+    assert la.keys() == lb.keys()
+    assert all(torch.equal(la[k], lb[k]) for k in la)
+    sa, sb = CandidateStore(a), CandidateStore(b)
+    ids = sorted({k[0] for k in la})
+    ea, eb = sa.embeddings(ids), sb.embeddings(ids)
+    assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
+    na, nb = sa.negative_embeddings(), sb.negative_embeddings()
+    assert na.keys() == nb.keys() and all(torch.equal(na[k], nb[k]) for k in na)
+    assert sorted(p.name for p in a.candidates_dir.glob("shard-*")) == sorted(
+        p.name for p in b.candidates_dir.glob("shard-*")
+    )
