@@ -5,6 +5,7 @@ one's candidates, pairs and weights; 2 processes give the 1-process result."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -375,6 +376,28 @@ def test_a_finished_iterative_run_does_nothing_when_run_again(straight, models):
     for command in ("eval", "export"):  # the training state at the root: the stages that read it work
         assert main([command, str(SDXL), *rounds_overrides(straight, models)]) == 0
     assert {p: p.stat().st_mtime_ns for p in times if p.exists()} == times
+
+
+def test_a_changed_training_setting_is_refused_and_force_trains_every_round_again(
+    straight, models, tmp_path, capsys
+):
+    """Round 1's candidates depend on round 0's weights: training again makes them again; round 0's,
+    sampled from the base, are kept."""
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    changed = rounds_overrides(out, models, "train.beta=60")
+    assert main(["run", str(SDXL), *changed]) == 2
+    assert "train.beta" in capsys.readouterr().err
+    root = RunDir(out)
+    shard_times = {r: root.round_dir(r).shard(0).stat().st_mtime_ns for r in range(ROUNDS)}
+    policy = json.loads((root.round_dir(1).folder / POLICY_DIR / "policy.json").read_text())
+    assert main(["run", str(SDXL), *changed, "--force"]) == 0
+    assert root.round_dir(0).shard(0).stat().st_mtime_ns == shard_times[0]
+    assert root.round_dir(1).shard(0).stat().st_mtime_ns != shard_times[1]
+    again = json.loads((root.round_dir(1).folder / POLICY_DIR / "policy.json").read_text())
+    assert again["step"] == policy["step"] and again["checkpoint id"] != policy["checkpoint id"]
+    assert read_progress(latest_checkpoint(root)[1]).settings["train"]["beta"] == 60
 
 
 # ---- slow: kills and 2 processes ------------------------------------------------------------------------
