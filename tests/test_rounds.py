@@ -309,6 +309,7 @@ MOVING = {
         "model.lora_rank=4",
         "model.lora_dropout=0.0",
         "train.learning_rate=1e-2",
+        "rounds.max_pairs=2",  # of the round's ~9: the cap in all, per round
     ],
     "full": ["model.finetune=full", "train.learning_rate=1e-3"],
 }
@@ -352,6 +353,11 @@ def test_a_moving_reference_is_the_policy_the_round_started_from(finetune, refer
     assert margins[STEPS] > 1e-3 and margins[2 * STEPS] > 1e-3, margins
     stored, again = sampled_again(out, True, tmp_path)
     assert torch.allclose(stored, again, atol=1e-6)
+    if finetune == "lora":
+        for r in range(ROUNDS):
+            stats = json.loads((out / "rounds" / f"round-{r:03d}" / "select_stats.json").read_text())
+            assert stats["pairs"] == 2 < stats["pairs"] + stats["removed_by_cap"], stats
+            assert len(read_parquet(out / "rounds" / f"round-{r:03d}" / "pairs.parquet")) == 2
     if reference == "precomputed":  # each round's errors, of its own positions only, with the round
         assert [
             len(list((out / "rounds" / f"round-{r:03d}" / "reference").glob("part-*"))) for r in (0, 1)
