@@ -6,6 +6,12 @@
     mpo generate RECIPE [key=value ...]   and likewise score | select | train | eval | export
     mpo select --scores scores.parquet --out pairs.parquet [select.key=value ...]   no recipe needed
     mpo recipe   RECIPE [key=value ...]   print the resolved recipe (what a run would use)
+    mpo recipe --help-keys                every recipe key with its type, default and help (--schema: JSON)
+    mpo export-dataset RECIPE [--candidates] [--out DIR] [--push-to-hub REPO]   the pairs as a datasets dataset
+    mpo report   RUN_DIR                  the run's pictures: curves, before/after, selected pairs
+    mpo calibrate RECIPE [key=value ...] [--setting K=V,...]   cheaper samplers vs the reference's pairs
+
+``-v/--verbose`` and ``-q/--quiet`` (before or after the command) set the log level; ``--version``.
 
 One process (CPU or one GPU)::
 
@@ -120,7 +126,51 @@ def _locked_stage(command: str, recipe: Any, force: bool) -> Any:
 
 
 def _print_recipe(args: argparse.Namespace) -> None:
+    if args.help_keys or args.schema:
+        from mpo.recipe_help import format_keys, keys_as_json, recipe_keys
+
+        sys.stdout.write(keys_as_json(recipe_keys()) if args.schema else format_keys(recipe_keys()))
+        return
+    if args.recipe is None:
+        args.parser.error("give a RECIPE (or --help-keys / --schema for the list of keys)")
     sys.stdout.write(to_yaml(load_recipe(args.recipe, args.overrides)))
+
+
+def _export_dataset(args: argparse.Namespace) -> None:
+    recipe = load_recipe(args.recipe, args.overrides)
+    _quiet_libraries()
+    from mpo.export_dataset import export_dataset
+
+    export_dataset(recipe, args.out, args.candidates, args.push_to_hub, private=not args.public)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from mpo.report import report_command
+
+    report_command(args.run_dir)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mpo-trainer")
+    except PackageNotFoundError:  # a source checkout that was never installed
+        return "unknown (not installed)"
+
+
+def _verbosity_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """-v / -q on the main parser and on every command (``mpo -v train R`` = ``mpo train R -v``)."""
+    group = parser.add_mutually_exclusive_group()
+    default = argparse.SUPPRESS if suppress else "normal"
+    group.add_argument(
+        "-v", "--verbose", dest="verbosity", action="store_const", const="verbose", default=default,
+        help="debug messages of mpo and reward, info of the libraries",
+    )
+    group.add_argument(
+        "-q", "--quiet", dest="verbosity", action="store_const", const="quiet", default=default,
+        help="warnings and errors only; no progress bars",
+    )
 
 
 def _select(args: argparse.Namespace) -> None:
@@ -142,14 +192,37 @@ def _select(args: argparse.Namespace) -> None:
     return None
 
 
+def _calibrate(args: argparse.Namespace) -> None:
+    """``calibrate RECIPE [overrides] [--setting K=V,...]...``: the sampler table on a prompt subset."""
+    from mpo.calibrate import DEFAULT_SETTINGS, run_calibrate
+
+    if not 0 <= args.agreement <= 1:
+        args.parser.error(f"--agreement={args.agreement}: must be in [0, 1]")
+    if args.prompts < 1 or args.reference_steps < 1:
+        args.parser.error("--prompts and --reference-steps must be >= 1")
+    run_calibrate(
+        args.recipe,
+        args.overrides,
+        args.setting or list(DEFAULT_SETTINGS),
+        reference_steps=args.reference_steps,
+        prompts=args.prompts,
+        threshold=args.agreement,
+        out=args.out,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mpo",
         description="Align diffusion models with fine-grained VisionReward preferences (MPO + Diffusion-DPO).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    _verbosity_flags(parser, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _verbosity_flags(common, suppress=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in STAGES:
-        sub = commands.add_parser(command, help=HELP[command], description=HELP[command])
+        sub = commands.add_parser(command, help=HELP[command], description=HELP[command], parents=[common])
         if command == "select":
             sub.add_argument("items", nargs="*", metavar="RECIPE [key=value ...]", help=OVERRIDES_HELP)
             sub.add_argument("--scores", help="a scores.parquet to select from, without a recipe")
@@ -162,11 +235,49 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--force", action="store_true", help=FORCE_HELP)
             sub.set_defaults(handler=_run_stage)
     sub = commands.add_parser(
-        "recipe", help="print the resolved recipe", description="print the resolved recipe"
+        "calibrate",
+        help="which cheaper sampler keeps the reference sampler's pairs (on a prompt subset)",
+        description="Run the reference sampler and each --setting on a few train prompts, score and "
+        "select, print cost and pair agreement per setting and recommend the cheapest that agrees.",
+        parents=[common],
     )
     sub.add_argument("recipe", help="recipe YAML")
     sub.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
-    sub.set_defaults(handler=_print_recipe)
+    sub.add_argument(
+        "--setting",
+        action="append",
+        metavar="K=V[,K=V]",
+        help="generate.* overrides of one candidate setting, e.g. scheduler=unipc,num_inference_steps=12 "
+        "(repeat for more; default: DPM-Solver++ 2M and UniPC at 10 / 15 / 20 steps, default at 25)",
+    )
+    sub.add_argument("--reference-steps", type=int, default=50, help="steps of the reference sampler")
+    sub.add_argument("--prompts", type=int, default=8, help="train prompts in the subset")
+    sub.add_argument("--agreement", type=float, default=0.9, help="agreement the recommendation must reach")
+    sub.add_argument("--out", help="also write the table as JSON here")
+    sub.set_defaults(handler=_calibrate, parser=sub)
+    sub = commands.add_parser(
+        "recipe", help="print the resolved recipe", description="print the resolved recipe", parents=[common]
+    )
+    sub.add_argument("recipe", nargs="?", help="recipe YAML")
+    sub.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    sub.add_argument(
+        "--help-keys", action="store_true", help="list every recipe key: type, default and help text"
+    )
+    sub.add_argument("--schema", action="store_true", help="the same list as JSON")
+    sub.set_defaults(handler=_print_recipe, parser=sub)
+    text = "the selected pairs (and optionally every scored candidate) as a Hugging Face datasets dataset"
+    sub = commands.add_parser("export-dataset", help=text, description=text, parents=[common])
+    sub.add_argument("recipe", help="recipe YAML of the run")
+    sub.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    sub.add_argument("--candidates", action="store_true", help="also a 'candidates' split: every scored sample")
+    sub.add_argument("--out", help="folder to save_to_disk into (default: <output_dir>/dataset)")
+    sub.add_argument("--push-to-hub", metavar="REPO", help="also push it to this hub dataset repo")
+    sub.add_argument("--public", action="store_true", help="create the hub dataset repo public")
+    sub.set_defaults(handler=_export_dataset)
+    text = "write the run's pictures: held-out curves, before/after per eval prompt, selected pairs"
+    sub = commands.add_parser("report", help=text, description=text, parents=[common])
+    sub.add_argument("run_dir", help="a run directory (holds recipe.yaml)")
+    sub.set_defaults(handler=_report)
     return parser
 
 
@@ -177,6 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mpo.interrupt import raise_on_sigterm
 
     args = build_parser().parse_args(argv)
+    from mpo.logs import setup_logging
+
+    setup_logging(args.verbosity)
     previous = signal.getsignal(signal.SIGTERM)
     raise_on_sigterm()
     try:

@@ -35,11 +35,13 @@ from mpo.schema import (  # noqa: F401  (re-exported: the schema is part of this
     CAP_STRATEGIES,
     EXPORT_WHICH,
     FINETUNE_MODES,
+    LORA_FORMATS,
     LOSS_TYPES,
     LOSS_WEIGHTINGS,
     LR_SCHEDULES,
     MIXED_PRECISION,
     MODEL_DTYPES,
+    OPTIMIZERS,
     REFERENCES,
     ROUND_PROMPTS,
     ROUND_REFERENCES,
@@ -269,6 +271,12 @@ def _non_empty_list(key: str) -> _Rule:
     return _Rule(key, lambda v: v is None or len(v) > 0, "a non-empty list or null")
 
 
+def _repo_id(v: str) -> bool:
+    import re
+
+    return re.fullmatch(r"([\w.-]+/)?[\w.-]+", v) is not None and ".." not in v
+
+
 def _unit_interval(v: Any) -> bool:
     return len(v) == 2 and all(_number(x) for x in v) and 0 <= v[0] < v[1] <= 1
 
@@ -341,6 +349,19 @@ RULES: tuple[_Rule, ...] = (
     _at_least("rounds.prompts_per_round", 1, optional=True),
     _one_of("rounds.reference", ROUND_REFERENCES),
     _at_least("rounds.max_pairs", 1, optional=True),
+    _Rule("prompts.column", lambda v: bool(v.strip()), "a non-empty column name"),
+    _Rule("prompts.dataset_split", lambda v: bool(v.strip()), "a non-empty split name"),
+    _Rule(
+        "export.lora_formats",
+        lambda v: len(v) > 0 and len(set(v)) == len(v) and all(f in LORA_FORMATS for f in v),
+        f"a non-empty list of distinct formats from {list(LORA_FORMATS)}",
+    ),
+    _Rule("export.push_to_hub.repo_id", lambda v: v is None or _repo_id(v), "a hub repo id, owner/name, or null"),
+    _at_least("train.lr_num_cycles", 1),
+    _positive("train.lr_power"),
+    _one_of("train.optimizer", OPTIMIZERS),
+    _Rule("train.ema_decay", lambda v: _number(v) and 0 < v < 1, "in (0, 1)"),
+    _Rule("train.resume_from", lambda v: bool(v.strip()), "latest, none or a checkpoint folder"),
 )
 
 
@@ -425,6 +446,8 @@ class _Checker:
                 self.add("train.attention", "needs the xformers package: pip install 'mpo-trainer[xformers]'")
         self.check_rounds()
         backbone = self.check_family()
+        self.check_lora_formats(backbone)
+        self.check_training_knobs()
         self.check_precision()
         modality = self.check_checklist()
         if backbone is not None and modality is not None and modality != backbone.modality:
@@ -435,10 +458,17 @@ class _Checker:
             )
 
     def check_rounds(self) -> None:
-        """Rounds split ``train.max_steps`` (the length the learning-rate schedule spans) evenly."""
+        """Rounds split ``train.max_steps`` (the length the learning-rate schedule spans) evenly, and
+        continue their own checkpoints only (round 0 samples the base)."""
         r, steps = self.cfg.rounds, self.cfg.train.max_steps
         if r.count < 1 or not all(self.wanted(k) for k in ("rounds.count", "rounds.steps", "train.max_steps")):
             return
+        if self.wanted("train.resume_from") and self.cfg.train.resume_from != "latest":
+            self.add(
+                "train.resume_from",
+                f"must be latest with rounds.count={r.count}: the rounds continue their own checkpoints "
+                "(round 0 samples the base model; start a run from another's weights without rounds)",
+            )
         if r.steps is None and steps % r.count:
             self.add(
                 "rounds.count",
@@ -451,6 +481,31 @@ class _Checker:
                 f"x rounds.count = {r.steps} x {r.count} = {r.steps * r.count} steps must equal train.max_steps="
                 f"{steps} (the total, which the learning-rate schedule spans): set train.max_steps={r.steps * r.count}",
             )
+
+    def check_training_knobs(self) -> None:
+        """Options that need an optional package or a file: refused at load, not after generation."""
+        t = self.cfg.train
+        if self.wanted("train.optimizer") and t.optimizer == "adamw_8bit":
+            import importlib.util
+
+            if importlib.util.find_spec("bitsandbytes") is None:
+                self.add("train.optimizer", "needs bitsandbytes: pip install 'mpo-trainer[bnb]' (or use adamw)")
+        if self.wanted("train.lr_schedule") and t.lr_schedule == "piecewise_constant" and not t.lr_step_rules:
+            self.add("train.lr_schedule", 'piecewise_constant needs train.lr_step_rules, e.g. "1:100,0.1"')
+        resume = t.resume_from
+        named = resume not in ("latest", "none")
+        if self.wanted("train.resume_from") and named and not (Path(resume) / "progress.json").is_file():
+            self.add("train.resume_from", "not latest, none, or a checkpoint folder (one holding progress.json)")
+
+    def check_lora_formats(self, backbone: Any) -> None:
+        """A ComfyUI LoRA file needs a LoRA run and a family with a ComfyUI key convention."""
+        key = "export.lora_formats"
+        if not self.wanted(key) or "comfyui" not in self.cfg.export.lora_formats:
+            return
+        if self.cfg.model.finetune != "lora":
+            self.add(key, f"comfyui is a LoRA file layout, but model.finetune={self.cfg.model.finetune!r}")
+        elif backbone is not None and backbone.comfyui_lora is None:
+            self.add(key, f"model.family={self.cfg.model.family!r} has no ComfyUI LoRA convention; use [diffusers]")
 
     def check_precision(self) -> None:
         """LoRA under mixed precision keeps its frozen base in the compute dtype: in float32 it takes
@@ -597,7 +652,10 @@ def resolve_paths(recipe: DictConfig) -> DictConfig:
     """A copy whose local paths are absolute (against the current directory), so that the copy means
     the same thing from anywhere: what a run directory's ``recipe.yaml`` records."""
     out = copy.deepcopy(recipe)
-    out.prompts.file = os.path.abspath(Path(out.prompts.file).expanduser())
+    from mpo.prompts import is_hub_dataset_id
+
+    if not is_hub_dataset_id(out.prompts.file):  # a hub dataset id stays as it is
+        out.prompts.file = os.path.abspath(Path(out.prompts.file).expanduser())
     if out.reward.weights is not None:
         out.reward.weights = os.path.abspath(Path(out.reward.weights).expanduser())
     if Path(out.reward.checklist).suffix:  # a file, not a bundled name
@@ -605,6 +663,9 @@ def resolve_paths(recipe: DictConfig) -> DictConfig:
     out.model.path = _local_path(out.model.path, builds_here=out.model.tiny)
     out.reward.model_path = _local_path(out.reward.model_path)
     out.reward.alignment_model_path = _local_path(out.reward.alignment_model_path)
+    out.model.vae_path = _local_path(out.model.vae_path)
+    if out.train.resume_from not in ("latest", "none"):  # a checkpoint folder
+        out.train.resume_from = os.path.abspath(Path(out.train.resume_from).expanduser())
     return out
 
 

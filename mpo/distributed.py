@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 from mpo.errors import errors_reach_every_rank, exit_status  # noqa: F401  (re-exported for the stages)
 
@@ -73,7 +73,34 @@ def make_accelerator(
         if not torch.cuda.is_available() and _started_by_launcher():
             init["backend"] = "gloo"
         handlers.append(InitProcessGroupKwargs(**init))
-    return Accelerator(kwargs_handlers=handlers, **kwargs)
+    accelerator = Accelerator(kwargs_handlers=handlers, **kwargs)
+    check_process_group(accelerator.num_processes, accelerator.distributed_type)
+    return accelerator
+
+
+class LaunchError(ValueError):
+    """The processes a launcher started do not form one training group; the message says how to
+    launch them."""
+
+
+def check_process_group(num_processes: int, distributed_type: DistributedType, env: dict[str, str] | None = None) -> None:
+    """Refuse processes that a launcher started together but that accelerate does not run as one
+    distributed group. accelerate's multi-GPU launcher on a machine without GPUs and without
+    ``ACCELERATE_USE_CPU=true`` gives, with the gloo backend set here, ranks 0..N-1 of N under
+    ``DistributedType.NO``: the data is split across the processes but the model is not wrapped for
+    DDP, so gradients are never averaged and each process takes its own steps (LoRA weights one
+    Adam step apart after one step, and no error); without the backend, N processes that each see
+    one and write one run directory. Both are refused here, before anything is read or written."""
+    env = os.environ if env is None else env
+    size = env.get("WORLD_SIZE", "")
+    launched = int(size) if size.isdigit() else 1
+    if launched > 1 and (num_processes == 1 or distributed_type == DistributedType.NO):
+        cpu = "" if torch.cuda.is_available() else "; on a machine without GPUs set ACCELERATE_USE_CPU=true"
+        raise LaunchError(
+            f"the launcher started {launched} processes (WORLD_SIZE={launched}) but accelerate does not run "
+            f"them as one distributed group ({distributed_type.value}, {num_processes} process(es)): "
+            f"gradients would not be averaged{cpu} (DeepSpeed: leave it unset; see launch/README.md)"
+        )
 
 
 def make_training_accelerator(recipe: Any) -> Accelerator:

@@ -10,8 +10,12 @@ noise (``candidate_seed(eval.seed, prompt_id, i)``: the same noise before traini
 after), decodes them, scores them with the reward and returns the mean of every dimension and of the
 total. The trainer calls it at step 0 (the untrained model), every ``eval.every`` steps and at the
 end; each call is one row of eval.parquet (step, total, dim.*, samples) and one point of the
-``eval/total`` and ``eval/dim.<name>`` tracker curves, with a small grid of the first validation
-samples (first frames for videos), also written to ``eval/samples-step-<n>.png`` in the run directory.
+``eval/total`` and ``eval/dim.<name>`` tracker curves. The first ``eval.grid_size`` samples go to the
+tracker one by one, captioned with their prompt and step (wandb: ``wandb.Image`` / ``wandb.Video``;
+tensorboard: one image, or one animated-GIF video summary as ``add_video`` writes, per sample), and
+into the run directory: ``eval/samples-step-<n>.png`` (a strip of first frames) and
+``eval/step-<n>/<prompt_id>-<sample>.png`` (+ ``.mp4`` for videos), which ``mpo report`` turns
+into before/after pictures.
 
 The samples are split across processes (each scores its own share with its own reward) and every
 process samples the same number of batches, padding with repeats that are not scored: under
@@ -26,6 +30,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,6 +54,7 @@ from mpo.seeds import candidate_noise, candidate_seed
 from mpo.store import CandidateStore, RunDir, StoreError, read_parquet, write_parquet
 
 Item = tuple[int, str, int]  # (prompt_id, prompt, sample index)
+MAX_PREVIEW_FRAMES = 49  # frames of a video sample kept for the tracker (evenly spaced)
 
 
 def eval_prompts(run: RunDir, recipe: Any) -> pd.DataFrame:
@@ -119,10 +125,15 @@ def evaluate(
         negative = backbone.encode_negative()
     cache: dict[int, Embeddings] = dict(embeddings or {})
 
+    from tqdm.auto import tqdm
+
     rows: list[dict[str, Any]] = []
-    previews: list[tuple[tuple[int, int], np.ndarray]] = []
+    previews: list[dict[str, Any]] = []
     mine = _my_items(items, accelerator)
     batch = max(1, int(recipe.reward.batch_size))
+    bar = tqdm(
+        total=len(mine), desc="eval", unit="sample", leave=False, disable=not is_main(accelerator)
+    )
     for start in range(0, len(mine), batch):
         chunk = mine[start : start + batch]
         for p, text, _ in (item for item, _ in chunk):
@@ -137,15 +148,17 @@ def evaluate(
             ]
         )
         pixels = backbone.decode(backbone.sample(embeds, negative, noise, recipe.generate)).float().cpu()
+        bar.update(len(chunk))
         keep = [k for k, (_, real) in enumerate(chunk) if real]
         if not keep:
             continue
         scores = reward.score([_sample(pixels[k], chunk[k][0], recipe) for k in keep])
         for k, values in zip(keep, scores.to_rows()):
-            (p, _, i), _ = chunk[k]
+            (p, text, i), _ = chunk[k]
             rows.append({"prompt_id": p, "sample_idx": i, **values})
             if (p, i) in grid_keys:
-                previews.append(((p, i), _first_frame(pixels[k])))
+                previews.append(_preview(pixels[k], p, i, text, values, recipe))
+    bar.close()
     all_rows = [r for part in gather(accelerator, rows) for r in part]
     all_previews = [x for part in gather(accelerator, previews) for x in part]
     return _summarise(all_rows, all_previews, accelerator)
@@ -163,6 +176,18 @@ def _first_frame(pixels: torch.Tensor) -> np.ndarray:
     return (frame.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
+def _preview(pixels: torch.Tensor, p: int, i: int, text: str, scores: dict, recipe: Any) -> dict[str, Any]:
+    """One sample for the trackers and the run-directory pictures: uint8 HWC (image) or THWC (video)."""
+    preview: dict[str, Any] = {"prompt_id": p, "sample_idx": i, "prompt": text, "image": _first_frame(pixels)}
+    preview["total"] = float(scores.get("total", float("nan")))
+    if pixels.ndim == 4:  # a video: evenly spaced frames, at most MAX_PREVIEW_FRAMES
+        index = np.linspace(0, len(pixels) - 1, min(len(pixels), MAX_PREVIEW_FRAMES)).round().astype(int)
+        frames = pixels[torch.as_tensor(index)].clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        preview["video"] = (frames * 255).round().astype(np.uint8)
+        preview["fps"] = float(recipe.generate.fps) * len(index) / len(pixels)
+    return preview
+
+
 def _summarise(rows: list[dict[str, Any]], previews: list, accelerator: Accelerator | None) -> dict[str, Any]:
     frame = pd.DataFrame(rows)
     columns = ["total", *[c for c in frame.columns if c.startswith("dim.")]]
@@ -170,20 +195,25 @@ def _summarise(rows: list[dict[str, Any]], previews: list, accelerator: Accelera
         warnings.simplefilter("ignore", RuntimeWarning)
         result: dict[str, Any] = {c: float(np.nanmean(frame[c].to_numpy(dtype=float))) for c in columns}
     result["samples"] = len(frame)
-    ordered = [image for _, image in sorted(previews, key=lambda x: x[0])]
-    result["grid"] = np.concatenate(ordered, axis=1) if ordered and is_main(accelerator) else None
+    ordered = sorted(previews, key=lambda x: (x["prompt_id"], x["sample_idx"]))
+    main = is_main(accelerator)
+    result["grid"] = np.concatenate([x["image"] for x in ordered], axis=1) if ordered and main else None
+    result["previews"] = ordered if main else []
     return result
 
 
 def metrics(result: dict[str, Any]) -> dict[str, float]:
     """The scalar part of an :func:`evaluate` result, named for the trackers (``eval/total``...)."""
-    return {f"eval/{k}": v for k, v in result.items() if k not in ("grid", "samples")}
+    return {f"eval/{k}": v for k, v in result.items() if k not in NOT_SCALARS}
+
+
+NOT_SCALARS = ("grid", "samples", "previews")
 
 
 def record(run: RunDir, step: int, result: dict[str, Any]) -> pd.DataFrame:
     """Put ``result`` into eval.parquet as the row of ``step`` (replacing an older row of the same
     step, so a resumed run never duplicates one) and return the table. Main process only."""
-    row = {"step": int(step), **{k: v for k, v in result.items() if k != "grid"}}
+    row = {"step": int(step), **{k: v for k, v in result.items() if k not in ("grid", "previews")}}
     table = read_parquet(run.eval_parquet) if run.eval_parquet.exists() else pd.DataFrame()
     if not table.empty:
         table = table[table["step"] != step]
@@ -194,16 +224,18 @@ def record(run: RunDir, step: int, result: dict[str, Any]) -> pd.DataFrame:
 
 
 def log(accelerator: Accelerator, step: int, result: dict[str, Any]) -> None:
-    """Send the curves and the sample grid to the trackers (each tracker in its own image format)."""
+    """Send the curves and the samples to the trackers: one captioned image (or video) per sample."""
     accelerator.log(metrics(result), step=step)
-    grid = result.get("grid")
-    if grid is None or not accelerator.is_main_process:
+    previews = result.get("previews") or []
+    if not previews or not accelerator.is_main_process:
         return
+    from mpo import tracker_media
+
     for tracker in accelerator.trackers:
         if tracker.name == "wandb":
-            tracker.log_images({"eval/samples": [grid]}, step=step)
+            tracker_media.log_wandb(tracker, previews, step)
         elif tracker.name == "tensorboard":
-            tracker.log_images({"eval/samples": grid[None]}, step=step, dataformats="NHWC")
+            tracker_media.log_tensorboard(tracker, previews, step)
 
 
 def _evaluated_alike(run: RunDir, step: int, checkpoint: Any, recipe: Any, acc: Accelerator) -> bool:
@@ -255,7 +287,9 @@ def eval_stage(recipe: Any, accelerator: Accelerator | None = None, force: bool 
         record(run, step, result)
         if result["grid"] is not None:
             save_grid(run, step, result["grid"])
-        summary = {"checkpoint": str(path), "step": step, **{k: v for k, v in result.items() if k != "grid"}}
+        save_samples(run, step, result["previews"])
+        summary = {"checkpoint": str(path), "step": step}
+        summary.update({k: v for k, v in result.items() if k not in ("grid", "previews")})
         summary["seconds"] = round(time.perf_counter() - start, 2)
         from mpo.summary import print_summary
 
@@ -272,3 +306,32 @@ def save_grid(run: RunDir, step: int, grid: np.ndarray) -> None:
 
     with atomic_write(run.root / "eval" / f"samples-step-{step}.png") as tmp:
         Image.fromarray(grid).save(tmp)
+
+
+def samples_dir(run: RunDir, step: int) -> Path:
+    return run.root / "eval" / f"step-{step}"
+
+
+def save_samples(run: RunDir, step: int, previews: list[dict[str, Any]]) -> None:
+    """Each logged sample as ``eval/step-<n>/<prompt_id>-<sample>.png`` (+ ``.mp4``) and an index
+    (``samples.json``: prompt and total of each), for ``mpo report``'s before/after pictures."""
+    import json
+
+    from PIL import Image
+
+    from mpo.store import atomic_write, write_text
+
+    folder = samples_dir(run, step)
+    index = []
+    for x in previews:
+        name = f"{x['prompt_id']}-{x['sample_idx']}"
+        with atomic_write(folder / f"{name}.png") as tmp:
+            Image.fromarray(x["image"]).save(tmp)
+        if "video" in x:
+            from mpo import tracker_media
+
+            with atomic_write(folder / f"{name}.mp4") as tmp:
+                tracker_media.write_mp4(tmp, x["video"], x["fps"])
+        index.append({k: x[k] for k in ("prompt_id", "sample_idx", "prompt", "total")} | {"file": f"{name}.png"})
+    if index:
+        write_text(folder / "samples.json", json.dumps(index, indent=2))

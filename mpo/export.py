@@ -4,20 +4,25 @@
 
     mpo export recipes/tiny/sdxl.yaml        # the best checkpoint (export.which=last for the last)
 
-Writes ``<output_dir>/export/``::
+Writes ``<output_dir>/export/``, a folder that is also a hub repo as it is::
 
-    pipeline/                           DiffusionPipeline.from_pretrained(...) loads and runs it: the
-                                        backbone's pipeline with the trained denoiser (LoRA runs: the
-                                        adapter merged in when export.merge_lora, else the base model)
-    lora/pytorch_lora_weights.safetensors   LoRA runs: pipe.load_lora_weights("export/lora") on the base
-    README.md                           model card: recipe, pair statistics, held-out reward per
-                                        dimension before and after training
+    model_index.json, unet/, vae/ ...   DiffusionPipeline.from_pretrained("export") loads and runs it:
+                                        the backbone's pipeline with the trained denoiser (LoRA runs:
+                                        the adapter merged in; with export.merge_lora=false there is no
+                                        pipeline copy, only the adapter)
+    lora/pytorch_lora_weights.safetensors   LoRA runs: pipe.load_lora_weights("export", subfolder="lora")
+    lora/pytorch_lora_weights_comfyui.safetensors   with "comfyui" in export.lora_formats: the kohya
+                                        key layout ComfyUI / A1111 load (mpo/lora_formats.py)
+    README.md                           model card (huggingface_hub ModelCard, mpo/model_card.py): the
+                                        hub header, usage, recipe, pair statistics, held-out reward
+                                        per dimension before and after training
     export.json                         which checkpoint this is (a rerun with the same one is skipped)
 
 The folder is assembled under a temporary name and renamed into place, so a killed export never
 leaves a half-written ``export/``; the next export removes what a killed one left
 (``.export.tmp-*``, ``.export.old-*``). The record names the checkpoint by its unique id, so a
 checkpoint trained again (same step, new weights) is exported again; a finished export writes nothing.
+With ``export.push_to_hub.repo_id`` set, the folder is then uploaded (mpo/hub.py).
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ from typing import Any
 
 import pandas as pd
 from accelerate import Accelerator
-from omegaconf import OmegaConf
 
 from mpo.backbones.base import Backbone, torch_dtype
 from mpo.backbones.registry import load_backbone
@@ -43,7 +47,6 @@ from mpo.train_state import chosen_checkpoint, read_progress
 from mpo.weights import LORA_DIR, denoiser_component, load_trained
 
 MARKER = "export.json"
-PIPELINE_DIR = "pipeline"
 STATS_NAME = "select_stats.json"
 
 
@@ -58,7 +61,11 @@ def export_record(recipe: Any, step: int, checkpoint: Path) -> dict[str, Any]:
         "which": recipe.export.which,
         "finetune": recipe.model.finetune,
         "merge_lora": bool(recipe.export.merge_lora),
+        "lora_formats": list(recipe.export.lora_formats),
+        "ema": bool(recipe.train.ema and recipe.export.ema),
         "base": str(resolve_paths(recipe).model.path),
+        "vae": resolve_paths(recipe).model.vae_path,
+        "license": recipe.export.license,
     }
 
 
@@ -106,6 +113,16 @@ def export_stage(recipe: Any, accelerator: Accelerator | None = None, force: boo
     elif is_main(accelerator):
         write_export(recipe, run, checkpoint, record)
         summary["exported"] = True
+    push = recipe.export.push_to_hub
+    if push.repo_id and is_main(accelerator):
+        from mpo.hub import already_pushed, push_export, save_push_record
+
+        if already_pushed(run.root, push, record):
+            summary["pushed"] = f"{push.repo_id} (up to date)"
+        else:
+            pushed = push_export(run.export, push, record, recipe.name)
+            save_push_record(run.root, pushed)
+            summary["pushed"] = pushed["url"]
     wait_for_everyone(accelerator)
     summary["seconds"] = round(time.perf_counter() - started, 2)
     if is_main(accelerator):
@@ -121,30 +138,54 @@ def write_export(recipe: Any, run: RunDir, checkpoint: Path, record: dict[str, A
     try:
         with whole_model_loading():  # main process only: no ZeRO-3 collectives
             backbone = load_backbone(recipe.model, "cpu")
-        weights = checkpoint / "weights"
+        from mpo.train_options import exported_weights
+
+        weights = exported_weights(recipe, checkpoint)  # weights_ema/ with train.ema and export.ema
+        pipeline_here = recipe.model.finetune == "full" or bool(recipe.export.merge_lora)
         if recipe.model.finetune == "lora":
-            shutil.copytree(weights / LORA_DIR, tmp / LORA_DIR)
-            _save_lora_pipeline(backbone, weights, tmp / PIPELINE_DIR, merge=bool(recipe.export.merge_lora))
+            tmp.mkdir(parents=True)
+            if "diffusers" in recipe.export.lora_formats:
+                shutil.copytree(weights / LORA_DIR, tmp / LORA_DIR)
+            if "comfyui" in recipe.export.lora_formats:
+                write_comfyui_lora(recipe, backbone, weights, tmp / LORA_DIR)
+            if pipeline_here:
+                _save_merged_pipeline(backbone, weights, tmp)
         else:
             load_trained(backbone, "full", weights, torch_dtype(recipe.model.dtype))
-            backbone.pipeline().save_pretrained(tmp / PIPELINE_DIR)
-        (tmp / "README.md").write_text(model_card(recipe, run, backbone, record))
+            backbone.pipeline().save_pretrained(tmp)
+        model_card(recipe, run, backbone, record, pipeline_here).save(tmp / "README.md")
         (tmp / MARKER).write_text(json.dumps(record, indent=2))
         _swap_in(tmp, run.export)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _save_lora_pipeline(backbone: Backbone, weights: Path, out: Path, merge: bool) -> None:
+def _save_merged_pipeline(backbone: Backbone, weights: Path, out: Path) -> None:
     pipe = backbone.pipeline()
-    if not merge:  # the base model; users add export/lora themselves
-        pipe.save_pretrained(out)
-        return
     name = denoiser_component(pipe, backbone.denoiser)
     load_trained(backbone, "lora", weights, torch_dtype("float32"))
     pipe.fuse_lora(components=[name])
     pipe.unload_lora_weights()  # drops the adapter layers; the fused weights stay
     pipe.save_pretrained(out)
+
+
+def write_comfyui_lora(recipe: Any, backbone: Backbone, weights: Path, out: Path) -> Path:
+    """The checkpoint's diffusers LoRA file in the kohya / ComfyUI key layout, beside it."""
+    from safetensors.torch import load_file, save_file
+
+    from mpo.lora_formats import COMFYUI_FILE, comfyui_metadata, to_comfyui
+    from mpo.weights import LORA_FILE
+
+    convention = type(backbone).comfyui_lora
+    if convention is None:  # the recipe loader refuses this; a direct caller gets the same words
+        raise ValueError(f"export.lora_formats: model.family={recipe.model.family!r} has no ComfyUI LoRA layout")
+    layers = load_file(str(weights / LORA_DIR / LORA_FILE))
+    component = denoiser_component(backbone.pipeline(), backbone.denoiser)
+    state = to_comfyui(layers, component, convention["layout"], backbone.denoiser.config, recipe.model.lora_alpha)
+    meta = comfyui_metadata(recipe.model.lora_rank, recipe.model.lora_alpha, convention.get("architecture"), recipe.name)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / COMFYUI_FILE), metadata=meta)
+    return out / COMFYUI_FILE
 
 
 def _swap_in(tmp: Path, target: Path) -> None:
@@ -174,77 +215,31 @@ def before_after(run: RunDir, step: int | None = None) -> pd.DataFrame:
     return frame
 
 
-def model_card(recipe: Any, run: RunDir, backbone: Backbone, record: dict[str, Any]) -> str:
-    """README.md of the export: how to load it, what it was trained on, what it changed."""
-    tag = "text-to-video" if backbone.modality == "video" else "text-to-image"
-    lora = recipe.model.finetune == "lora"
-    scores = before_after(run, record["step"])
-    lines = [
-        "---",
-        "library_name: diffusers",
-        f"pipeline_tag: {tag}",
-        "tags: [diffusion-dpo, mpo, visionreward]",
-        "---",
-        "",
-        f"# {recipe.name}",
-        "",
-        f"{recipe.model.family} ({recipe.model.path}) aligned with multi-dimensional preference optimisation: "
-        f"Diffusion-DPO (beta {recipe.train.beta}) on pairs selected by `{recipe.select.rule}` at the "
-        f"`{recipe.select.level}` level from the `{recipe.reward.checklist}` checklist "
-        f"(`{recipe.reward.backend}` backend). {'LoRA' if lora else 'Full fine-tuning'}; this is checkpoint "
-        f"`{record['checkpoint']}` ({record['which']}).",
-        "",
-        "## Use",
-        "",
-        "```python",
-        "from diffusers import DiffusionPipeline",
-        "",
-        f'pipe = DiffusionPipeline.from_pretrained("{PIPELINE_DIR}")'
-        + ("  # LoRA merged in" if lora and record["merge_lora"] else ""),
-    ]
-    if lora:
-        # e.g. load_into_transformer_2=True for the low-noise expert of Wan 2.2 A14B
-        extra = "".join(f", {k}={v!r}" for k, v in backbone.lora_load_kwargs.items())
-        lines += [
-            "# or the adapter on the base model:",
-            f'pipe = DiffusionPipeline.from_pretrained("{recipe.model.path}")',
-            f'pipe.load_lora_weights("{LORA_DIR}"{extra})',
-        ]
-    lines += ["```", "", "## Held-out reward per dimension", ""]
-    if scores.empty:
-        lines.append("No evaluation was recorded (eval.parquet is missing).")
-    else:
-        lines += [
-            f"Mean over the held-out prompts, before training (step 0) and at step {scores.attrs['step']}.",
-            "",
-            "| metric | before | after | change |",
-            "|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r.metric} | {fmt(r.before)} | {fmt(r.after)} | {fmt(r.change, '+')} |"
-            for r in scores.itertuples()
-        ]
-        lines += (
-            ["", "n/a: the reward's backend cannot judge that dimension."]
-            if scores["after"].isna().any()
-            else []
-        )
-    lines += ["", "## Preference pairs", ""]
-    stats_path = run.root / STATS_NAME
+def model_card(recipe: Any, run: RunDir, backbone: Backbone, record: dict[str, Any], pipeline_here: bool = True):
+    """README.md of the export (a ``huggingface_hub.ModelCard``): how to load it, what it was trained
+    on, what it changed. Its snippet loads from the hub repo when one is set, else from ``export/``."""
+    from mpo.model_card import build_card, read_pair_stats
+
+    where = recipe.export.push_to_hub.repo_id or str(run.export.resolve())
+    pair_lines = None
     if recipe.rounds.count:  # iterative: each round selected its own pairs
         from mpo.rounds import rounds_markdown
 
-        lines += [f"{recipe.rounds.count} rounds, each sampling from the policy the round before trained.", ""]
-        lines += rounds_markdown(run, recipe)
-    elif stats_path.exists():
-        stats = json.loads(stats_path.read_text())
-        lines += ["| statistic | value |", "|---|---|"]
-        lines += [f"| {k} | {_short(v)} |" for k, v in stats.items() if k not in ("config", "source")]
-    else:
-        lines.append(f"{stats_path.name} is missing.")
-    recipe_yaml = OmegaConf.to_yaml(OmegaConf.create(recipe), resolve=True)
-    lines += ["", "## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
-    return "\n".join(lines)
+        pair_lines = [f"{recipe.rounds.count} rounds, each sampling from the policy the round before trained.", ""]
+        pair_lines += rounds_markdown(run, recipe)
+    return build_card(
+        recipe,
+        modality=backbone.modality,
+        record=record,
+        scores=before_after(run, record["step"]),
+        pair_stats=read_pair_stats(run.root / STATS_NAME),
+        where=where,
+        pipeline_here=pipeline_here,
+        lora_kwargs=backbone.lora_load_kwargs,
+        fmt=fmt,
+        short=_short,
+        pair_lines=pair_lines,
+    )
 
 
 def fmt(value: float, sign: str = "") -> str:

@@ -11,8 +11,13 @@ Candidates are made for every prompt, train and val: the val prompts' candidate 
 
 What makes the result independent of the number of processes:
 - candidate (p, i) starts from noise seeded by ``candidate_seed(generate.seed, p, i)``, drawn on the
-  CPU, and is denoised in a batch holding only prompt p's N candidates, with p's own embeddings
-  (encoded alone, so no padding or batch effects from other prompts);
+  CPU, and is denoised with p's own embeddings (encoded alone, so no padding effects from other
+  prompts), in a batch of ``generate.batch_size`` candidates (whole prompts of one shard; default:
+  prompt p's N alone). Batching across prompts changes no candidate beyond the kernels' batch
+  invariance (bitwise on CPU at one thread; tests/test_sampling.py), and the batch size is part of
+  the fingerprint, so a resumed run never mixes two;
+- the sampler (``generate.scheduler`` and options, cache hooks, compile: :mod:`mpo.sampling`) is
+  set up by the backbone's ``sample``, so the loop below never sees a family;
 - shard g always holds prompts [g*P, (g+1)*P) (P = ``generate.prompts_per_shard``); processes take
   shards g = rank, rank + world, ... The shard files are therefore the same set, with the same
   content, for any world size, and are named by g alone.
@@ -64,6 +69,7 @@ from mpo.distributed import (
     whole_model_loading,
 )
 from mpo.memory import check_generate_and_score
+from mpo.sampling import fingerprint_keys as sampling_fingerprint
 from mpo.seeds import candidate_noise, candidate_seed
 from mpo.store import (
     RunDir,
@@ -110,7 +116,7 @@ def generation_fingerprint(recipe: Any) -> dict[str, Any]:
     """The settings a shard's latents depend on; stored in every shard and checked on resume. Local
     paths are made absolute, so the run resumes from its recipe.yaml or from another directory."""
     m, g = resolve_paths(recipe).model, recipe.generate
-    return {
+    fingerprint = {
         "model": {k: getattr(m, k) for k in ("family", "path", "revision", "variant", "dtype")},
         "generate": {
             k: getattr(g, k)
@@ -126,6 +132,14 @@ def generation_fingerprint(recipe: Any) -> dict[str, Any]:
             )
         },
     }
+    fingerprint["generate"].update(sampling_fingerprint(g))
+    return fingerprint
+
+
+def prompts_per_batch(gen: Any) -> int:
+    """Whole prompts per denoising batch: ``generate.batch_size`` candidates (None: one prompt's N)."""
+    batch = gen.num_candidates if gen.batch_size is None else int(gen.batch_size)
+    return max(1, batch // int(gen.num_candidates))
 
 
 def expected_candidates(plan: ShardPlan, num_candidates: int, seed: int) -> list[tuple[int, int, int]]:
@@ -176,34 +190,40 @@ def generate_shard(
     device: torch.device,
     progress: tqdm | None = None,
 ) -> None:
-    """Denoise every candidate of one shard (one prompt per batch) and write the shard atomically.
+    """Denoise every candidate of one shard and write the shard atomically.
 
-    Previews are written before the shard: the shard file is what marks this work as done.
+    A batch holds the candidates of ``prompts_per_batch(gen)`` whole prompts, each candidate from its
+    own seeded noise and with its own prompt's embeddings (every prompt encoded alone). Previews are
+    written before the shard: the shard file is what marks this work as done.
     """
     gen = recipe.generate
     n = gen.num_candidates
     dtype = torch_dtype(recipe.model.dtype)
     shape = tuple(backbone.latent_shape(gen))
-    batch_negative = repeat_rows(negative, n, "negative")
+    per_batch = prompts_per_batch(gen)
     latents, embed_rows, candidates = [], [], []
-    for k, (pid, prompt) in enumerate(zip(plan.prompt_ids, plan.prompts)):
-        embeds = backbone.encode_prompts([prompt])
-        seeds = [candidate_seed(gen.seed, pid, i) for i in range(n)]
-        noise = torch.stack([candidate_noise(shape, s, device, dtype) for s in seeds])
-        clean = backbone.sample(repeat_rows(embeds, n, "embeds"), batch_negative, noise, gen)
-        first = (plan.first_position + k) * n  # global rank of this prompt's first candidate
-        wanted = [i for i in range(n) if first + i < gen.previews]
-        if wanted:
-            pixels = backbone.decode(clean[wanted]).float().cpu()
-            for row, i in enumerate(wanted):
-                write_preview(
-                    preview_path(run, pid, i, backbone.modality), pixels[row], backbone.modality, gen.fps
-                )
+    items = list(enumerate(zip(plan.prompt_ids, plan.prompts)))
+    for start in range(0, len(items), per_batch):
+        chunk = items[start : start + per_batch]
+        embeds = [backbone.encode_prompts([prompt]) for _, (_, prompt) in chunk]
+        seeds = [[candidate_seed(gen.seed, pid, i) for i in range(n)] for _, (pid, _) in chunk]
+        noise = torch.stack([candidate_noise(shape, s, device, dtype) for row in seeds for s in row])
+        rows = {key: torch.cat([repeat_rows(e, n, "embeds")[key] for e in embeds]) for key in embeds[0]}
+        clean = backbone.sample(rows, repeat_rows(negative, len(noise), "negative"), noise, gen)
+        for j, (k, (pid, _)) in enumerate(chunk):
+            first = (plan.first_position + k) * n  # global rank of this prompt's first candidate
+            wanted = [i for i in range(n) if first + i < gen.previews]
+            if wanted:
+                pixels = backbone.decode(clean[[j * n + i for i in wanted]]).float().cpu()
+                for row, i in enumerate(wanted):
+                    write_preview(
+                        preview_path(run, pid, i, backbone.modality), pixels[row], backbone.modality, gen.fps
+                    )
+            candidates.extend((pid, i, s) for i, s in enumerate(seeds[j]))
+            embed_rows.append({key: v.cpu() for key, v in embeds[j].items()})
         latents.append(clean.cpu())
-        embed_rows.append({key: v.cpu() for key, v in embeds.items()})
-        candidates.extend((pid, i, s) for i, s in enumerate(seeds))
         if progress is not None:
-            progress.update(n)
+            progress.update(len(noise))
     stacked = {key: torch.cat([row[key] for row in embed_rows]) for key in embed_rows[0]}
     write_shard(run.shard(plan.index), torch.cat(latents), stacked, plan.prompt_ids, candidates, fingerprint)
 

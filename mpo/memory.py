@@ -64,10 +64,11 @@ def check_generate_and_score(
     of the score stage, fit the device."""
     g = recipe.generate
     frames = g.num_frames if video else 1
+    batch = g.num_candidates * max(1, int(getattr(g, "batch_size", None) or g.num_candidates) // g.num_candidates)
     check_fits(
-        generation_bytes(g.num_candidates, latent_shape, dtype, embeds),
-        "one prompt's generation batch (generate.num_candidates candidates)",
-        ["generate.num_candidates", "generate.height / width / num_frames"],
+        generation_bytes(batch, latent_shape, dtype, embeds),
+        f"one generation batch ({batch} candidates)",
+        ["generate.batch_size", "generate.num_candidates", "generate.height / width / num_frames"],
         device,
     )
     decoded = min(g.num_candidates, g.previews)

@@ -53,9 +53,10 @@ pairs and weights of an uninterrupted one. A round's shards record the id of the
 sampled from, and its trained.json the content hashes of its pairs and candidates: a round trained
 again (``--force``) has every later round generated again.
 
-Models: one sampling model is loaded per command and kept across the rounds for generate and score;
-each round's policy is loaded into it in place (on a GPU it waits in host memory while the round
-trains). The trainer builds its own per round, as the train stage always does, and resumes into it.
+Models: one sampling model is loaded per command and kept across the rounds for generation; each
+round's policy is loaded into it in place (on a GPU it waits in host memory while the round scores
+and trains). Scoring loads the VAE alone, as the score stage always does; the trainer builds its own
+model per round, as the train stage always does, and resumes into it.
 
 Where we depart from the online trainers (flow_grpo, DanceGRPO, ...): pairs are kept by per-round
 dominance on every dimension, not by a scalar best-versus-worst; the update is Diffusion-DPO on
@@ -274,9 +275,8 @@ class Policy:
 
 # ---- the models kept across rounds ------------------------------------------------------------------
 class SamplingModel:
-    """The model that generate and score use in every round of one command: loaded once, then given
-    each round's policy in place (:func:`mpo.policy.load_policy`). Scoring decodes with its VAE,
-    which training never changes, whatever policy is in it."""
+    """The model that generates in every round of one command: loaded once, then given each
+    round's policy in place (:func:`mpo.policy.load_policy`)."""
 
     def __init__(self, recipe: Any, acc: Accelerator) -> None:
         self.recipe, self.acc = recipe, acc
@@ -301,15 +301,6 @@ class SamplingModel:
         if policy is not None and want != self.policy_id:
             load_policy(self.backbone, self.recipe.model, self.recipe.model.finetune, policy.folder / WEIGHTS)
             self.policy_id = want
-        return self.backbone
-
-    def any(self) -> Backbone:
-        """The model with whatever weights it holds (for decoding)."""
-        if self.backbone is None:
-            return self.with_policy(None)
-        if self.parked:
-            self.backbone.pipeline().to(self.acc.device)
-            self.parked = False
         return self.backbone
 
     def park(self) -> None:
@@ -496,6 +487,7 @@ def _all_rounds(
                 policy=policy.record if policy is not None else None,
             )
         )
+        model.park()  # scoring loads the VAE alone (and the reward): the accelerator's memory is theirs
         reports.append(
             _timed(
                 name + "score",
@@ -505,7 +497,6 @@ def _all_rounds(
                 acc,
                 force,
                 run=view,
-                load_model=model.any,
             )
         )
         before = _mtime(view.pairs_parquet)
@@ -543,7 +534,6 @@ def _all_rounds(
             return False
         tracking.start()
         tracking.log_round(index, start)
-        model.park()
         reports.append(
             _timed(
                 name + "train",

@@ -7,7 +7,9 @@
 
 Decoded frames go to the reward in memory (images [3,H,W]; videos [T,3,H,W] at ``generate.fps``,
 from which the reward samples one frame per second), never through files. The reward is built once
-per process from ``recipe.reward``; the backbone is used only for ``decode``.
+per process from ``recipe.reward``. Of the generation model only the VAE is loaded
+(``Backbone.load_decoder``: the denoiser and text encoders are never read, so their memory is the
+reward's), decoding in the family's slices / tiles exactly as the full pipeline would.
 
 Work is split by shard, as in generate (shard g on rank g % world). Each shard's scores go to
 candidates/score-<g>.parquet atomically: that file is the unit of resume, and carries the reward
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
@@ -31,7 +33,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from mpo.backbones.base import Backbone
-from mpo.backbones.registry import load_backbone
+from mpo.backbones.registry import load_decoder
 from mpo.config import resolve_paths
 from mpo.distributed import (
     errors_reach_every_rank,
@@ -66,7 +68,11 @@ def reward_fingerprint(recipe: Any) -> dict[str, Any]:
     paths are made absolute, so the run resumes from its recipe.yaml or from another directory."""
     r = resolve_paths(recipe).reward
     fields = ("checklist", "weights", "backend", "model_path", "alignment_model_path", "dtype", "max_frames")
-    return {"reward": {k: getattr(r, k) for k in fields}, "fps": recipe.generate.fps}
+    fingerprint = {"reward": {k: getattr(r, k) for k in fields}, "fps": recipe.generate.fps}
+    vae = resolve_paths(recipe).model.vae_path  # decodes the latents the reward sees
+    if vae is not None:
+        fingerprint["vae"] = vae
+    return fingerprint
 
 
 def shard_fingerprint(run: RunDir, index: int, fingerprint: dict[str, Any]) -> dict[str, Any]:
@@ -151,14 +157,9 @@ def score_stage(
     force: bool = False,
     *,
     run: RunDir | None = None,
-    load_model: Callable[[], Backbone] | None = None,
-    load_reward: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
-    """Score every shard not scored yet, then write scores.parquet.
-
-    An iterative run (:mod:`mpo.rounds`) gives a round's ``run`` directory and the models it keeps
-    loaded across rounds: ``load_model`` (whose VAE decodes) and ``load_reward``, each called only
-    when a shard is to be scored, on every process at once."""
+    """Score every shard not scored yet, then write scores.parquet (an iterative run
+    (:mod:`mpo.rounds`) gives a round's ``run`` directory)."""
     acc = accelerator if accelerator is not None else make_accelerator(recipe)
     run = run if run is not None else RunDir.from_recipe(recipe)
     start = time.perf_counter()
@@ -183,11 +184,8 @@ def score_stage(
     if pending:
         from reward.visionreward import VisionReward
 
-        if load_model is not None:
-            backbone = load_model()
-        else:
-            with main_process_first(acc), whole_model_loading():
-                backbone = load_backbone(recipe.model, acc.device)
+        with main_process_first(acc), whole_model_loading():
+            backbone = load_decoder(recipe.model, acc.device)  # the VAE alone
         g = recipe.generate
         frames = g.num_frames if backbone.modality == "video" else 1
         check_fits(
@@ -196,7 +194,7 @@ def score_stage(
             ["reward.batch_size", "generate.height / width / num_frames"],
             acc.device,
         )
-        reward = load_reward() if load_reward is not None else VisionReward.from_config(recipe.reward, device=acc.device)
+        reward = VisionReward.from_config(recipe.reward, device=acc.device)
         store = CandidateStore(run)
         groups = {name: rows.sort_values("offset") for name, rows in manifest.groupby("shard")}
         progress = tqdm(

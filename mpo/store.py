@@ -302,45 +302,12 @@ def parquet_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 # ---- prompts ------------------------------------------------------------------------------------
-def read_prompt_file(path: str | os.PathLike) -> list[str]:
-    """Prompts from a .txt (one a line, blank lines skipped), .jsonl or .parquet (``prompt`` column)."""
-    path = Path(path)
-    if not path.is_file():
-        raise StoreError(f"prompts.file={str(path)!r}: no such file (relative to {Path.cwd()})")
-    suffix = path.suffix.lower()
-    try:
-        return _read_prompts(path, suffix)
-    except UnicodeDecodeError as err:
-        raise StoreError(
-            f"prompts.file={str(path)!r}: not UTF-8 text (byte {err.start}: {err.reason})"
-        ) from err
+def read_prompt_file(path: str | os.PathLike, column: str = "prompt", split: str = "train") -> list[str]:
+    """Prompts from a .txt / .jsonl / .csv / .parquet file, a datasets folder or a hub dataset id
+    (:mod:`mpo.prompts`; ``column`` names the prompt column of every format but .txt)."""
+    from mpo.prompts import read_prompts
 
-
-def _read_prompts(path: Path, suffix: str) -> list[str]:
-    if suffix == ".txt":
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-        return [p for p in prompts if p]
-    if suffix == ".jsonl":
-        prompts = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise StoreError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise StoreError(f"{path}:{number}: expected an object with a string 'prompt' field")
-            prompts.append(record["prompt"])
-        return prompts
-    if suffix == ".parquet":
-        frame = read_parquet(path)
-        if "prompt" not in frame.columns:
-            raise StoreError(f"{path}: no 'prompt' column (columns: {list(frame.columns)})")
-        return [str(p) for p in frame["prompt"]]
-    raise StoreError(
-        f"prompts.file={str(path)!r}: unsupported suffix {suffix!r}; use .txt, .jsonl or .parquet"
-    )
+    return read_prompts(path, column, split)
 
 
 def split_prompts(
@@ -390,7 +357,7 @@ def prepare_prompts(recipe: Any, write: bool = True, force: bool = False) -> pd.
     cfg = recipe.prompts
     if not cfg.file or cfg.file == "???":
         raise StoreError("prompts.file is not set")
-    prompts = read_prompt_file(cfg.file)
+    prompts = read_prompt_file(cfg.file, cfg.column, cfg.dataset_split)
     if cfg.limit is not None:
         prompts = prompts[: cfg.limit]
     if not prompts:

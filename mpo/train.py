@@ -99,6 +99,7 @@ from mpo.train_data import (
     make_dataloader,
     verify_candidates,
 )
+from mpo.train_options import checkpoint_files, is_own, starting_checkpoint, starts_over
 from mpo.train_state import (
     Resumable,
     TrainProgress,
@@ -184,6 +185,7 @@ class Trainer:
     aside_seconds: float = 0.0  # eval and checkpoint time inside the loop
     resumable: Resumable | None = None  # what a checkpoint saves besides the progress (set by setup)
     verified: list[str] = field(default_factory=list)  # candidate shards checked by every process
+    ema: Any = None  # diffusers EMAModel of the trainable weights (train.ema)
     until: int | None = None  # the step training stops at (an iterative run's round end; None: max_steps)
 
 
@@ -197,12 +199,15 @@ def setup_accelerator(recipe: Any) -> Accelerator:
 def init_tracking(recipe: Any, acc: Accelerator, run: RunDir) -> None:
     """Start the tracker run (wandb: under the run directory, ``tracking.mode`` online / offline)."""
     tracker = recipe.tracking.tracker
-    if tracker == "none":
-        return
+    if tracker == "none" or not acc.is_main_process:
+        return  # one tracker run, the main process's (accelerate's wandb tracker starts one per process)
     wandb = {"dir": str(run.root), "name": recipe.tracking.run_name or recipe.name}
     wandb["mode"] = getattr(recipe.tracking, "mode", "online")
-    if tracker == "wandb" and acc.is_main_process:
+    if tracker == "wandb":
         (run.root / "wandb").mkdir(parents=True, exist_ok=True)
+        from mpo.tracking import wandb_run_id
+
+        wandb.update(id=wandb_run_id(run), resume="allow")  # a restart continues the same run
     acc.init_trackers(
         recipe.tracking.project, config=flat_config(recipe, tracker), init_kwargs={"wandb": wandb}
     )
@@ -266,23 +271,13 @@ def setup_optimizer(
     fused: the one-kernel AdamW (where the parameters' device has it), which also takes the
     ``found_inf`` flag that skips a step on the device (:mod:`mpo.finite`); DeepSpeed brings its own
     step, so it gets the plain one."""
+    from mpo.train_options import make_optimizer
+
     cfg = recipe.train
     lr = cfg.learning_rate
     if cfg.scale_lr:
         lr *= cfg.batch_size * cfg.gradient_accumulation_steps * world_size
-    params = [p for p in denoiser.parameters() if p.requires_grad]
-    kwargs = {
-        "lr": lr,
-        "betas": (cfg.adam_beta1, cfg.adam_beta2),
-        "eps": cfg.adam_epsilon,
-        "weight_decay": cfg.weight_decay,
-    }
-    if fused:
-        try:
-            return torch.optim.AdamW(params, fused=True, **kwargs)
-        except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
-            pass
-    return torch.optim.AdamW(params, **kwargs)
+    return make_optimizer(recipe, [p for p in denoiser.parameters() if p.requires_grad], lr, fused)
 
 
 def setup_scheduler(recipe: Any, optimizer: torch.optim.Optimizer) -> Any:
@@ -295,7 +290,15 @@ def setup_scheduler(recipe: Any, optimizer: torch.optim.Optimizer) -> Any:
     name = cfg.lr_schedule
     if name == "constant" and cfg.warmup_steps > 0:
         name = "constant_with_warmup"
-    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+    return get_scheduler(
+        name,
+        optimizer,
+        step_rules=cfg.lr_step_rules,
+        num_warmup_steps=cfg.warmup_steps,
+        num_training_steps=cfg.max_steps,
+        num_cycles=cfg.lr_num_cycles,
+        power=cfg.lr_power,
+    )
 
 
 def stepped_optimizer(acc: Accelerator, optimizer: Any) -> Any:
@@ -330,7 +333,12 @@ UNFINGERPRINTED_TRAIN_KEYS = (
     "num_workers",
     "gradient_checkpointing",
     "attention",
+    "allow_tf32",  # a matmul precision, like the attention kernel: not a different training
+    "resume_from",  # where this run starts from; the checkpoint's own settings are checked
 )
+# The lr schedule's own keys count only for the schedules that read them.
+SCHEDULE_KEYS = {"lr_num_cycles": ("cosine_with_restarts",), "lr_power": ("polynomial",)}
+SCHEDULE_KEYS["lr_step_rules"] = ("piecewise_constant",)
 
 
 def run_settings(recipe: Any, acc: Accelerator, run: RunDir) -> dict[str, Any]:
@@ -349,8 +357,13 @@ def run_settings(recipe: Any, acc: Accelerator, run: RunDir) -> dict[str, Any]:
         for k, v in OmegaConf.to_container(t, resolve=True).items()
         if k not in UNFINGERPRINTED_TRAIN_KEYS
     }
-    if t.lr_schedule == "constant":
-        train.pop("max_steps")  # a constant schedule does not depend on it: training may be extended
+    if t.lr_schedule in ("constant", "constant_with_warmup", "piecewise_constant"):
+        train.pop("max_steps")  # a schedule that does not depend on it: training may be extended
+    for key, schedules in SCHEDULE_KEYS.items():
+        if t.lr_schedule not in schedules:
+            train.pop(key, None)
+    if not t.ema:
+        train.pop("ema_decay", None)
     layout = {
         "processes": acc.num_processes,
         "deepspeed": is_deepspeed(acc),
@@ -360,6 +373,7 @@ def run_settings(recipe: Any, acc: Accelerator, run: RunDir) -> dict[str, Any]:
     train["pairs per step"] = t.batch_size * t.gradient_accumulation_steps * acc.num_processes
     lora = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules") if m.finetune == "lora" else ()
     model_keys = ("family", "path", "revision", "variant", "dtype", "finetune", "expert", *lora)
+    model_keys += ("vae_path",) if m.vae_path is not None else ()  # it decodes the eval samples
     sampling = ("num_inference_steps", "guidance_scale", "height", "width", "num_frames", "fps")
     model = OmegaConf.to_container(m, resolve=True)
     return {
@@ -421,13 +435,17 @@ def setup(
     acc: Accelerator,
     run: RunDir,
     settings: dict[str, Any],
+    start: tuple[int, Path] | None = None,
     resumed_settings: dict[str, Any] | None = None,
     train_round: Any = None,
 ) -> Trainer:
-    """Build model, optimizer, data and eval inputs; resume from the latest checkpoint if any (which
+    """Build model, optimizer, data and eval inputs; resume from checkpoint ``start`` if any (which
     must have been made with ``resumed_settings``, by default ``settings``). ``train_round``
-    (:class:`mpo.rounds.TrainRound`): the data stream of one round of an iterative run."""
+    (:class:`mpo.rounds.TrainRound`): the data stream and reference of one round of an iterative run."""
+    from mpo import train_options
+
     pairs = load_train_pairs(run)
+    train_options.apply_tf32(recipe)
     verified = verify_candidates(run, acc.process_index, acc.num_processes)  # this rank's share
     wait_for_everyone(acc)  # every share checked: all of them are
     trainer = prepare_step(recipe, acc)
@@ -443,7 +461,12 @@ def setup(
         ),
         load_weights=lambda folder: load_weights_into(backbone, acc.unwrap_model(model), finetune, folder),
     )
-    progress = resume(resumable, run, settings, resumed_settings)
+    ema = train_options.make_ema(recipe, acc.unwrap_model(model), _zero_stage(acc))
+    if ema is not None:
+        resumable.extras.append(
+            train_options.EMACheckpoint(ema, acc, model, resumable.save_weights)
+        )
+    progress = resume(resumable, settings, start, resumed_settings)
     seed, before = recipe.train.seed, 0  # an iterative run: each round's own stream, from its position 0
     if train_round is not None:
         seed, before = train_round.stream(recipe.train.seed, settings["train"]["pairs per step"])
@@ -461,6 +484,7 @@ def setup(
     trainer.eval_inputs = setup_eval(recipe, run, acc.device)
     trainer.resumed_from, trainer.saved_step = resumed, resumed if resumed is not None else -1
     trainer.resumable, trainer.verified = resumable, verified
+    trainer.ema = ema
     trainer.best_total = best_so_far(run, progress.step)
     if train_round is not None:  # the round's reference: the base, or the policy the round started from
         trainer.reference = train_round.reference_for(trainer, pairs)
@@ -559,21 +583,25 @@ def setup_precomputed_reference(
 
 
 def resume(
-    r: Resumable, run: RunDir, settings: dict[str, Any], resumed_settings: dict[str, Any] | None = None
+    r: Resumable, settings: dict[str, Any], start: tuple[int, Path] | None, resumed_settings: dict[str, Any] | None = None
 ) -> TrainProgress:
-    """Load the latest complete checkpoint (weights, optimizer, scheduler, RNG) if there is one, after
-    checking that it was made with the settings of this run (or ``resumed_settings``: a round of an
-    iterative run starts from the previous round's last checkpoint); returns where training stands."""
+    """Load the checkpoint training starts from (:func:`train_stage` picked it, ``train.resume_from``:
+    the latest complete one by default; weights, optimizer, scheduler, RNG, EMA) if there is one,
+    after checking that it was made with the settings of this run (or ``resumed_settings``: a round
+    of an iterative run starts from the previous round's last checkpoint); returns where training stands."""
     progress = TrainProgress(settings=settings)
-    latest = latest_checkpoint(run)
-    if latest is None:
+    if start is None:
         return progress
-    path = latest[1]
+    path = start[1]
     stored = read_progress(path)
     check_settings(path, stored.settings, resumed_settings if resumed_settings is not None else settings)
     load_checkpoint(r, path, verified=True)  # train_stage checked every file already
     progress.step, progress.pairs_seen, progress.id = stored.step, stored.pairs_seen, stored.id
     return progress
+
+
+def _zero_stage(acc: Accelerator) -> int | None:
+    return acc.state.deepspeed_plugin.zero_stage if is_deepspeed(acc) else None
 
 
 def setup_eval(recipe: Any, run: RunDir, device: torch.device) -> dict[str, Any] | None:
@@ -705,6 +733,8 @@ def train_loop(t: Trainer) -> dict[str, Any]:
             step_pairs.append(batch["pair"])
             window.append(micro_step(t, batch, step, step_pairs).scalars())
         t.lr_used = t.scheduler.get_last_lr()[0]  # what this step used; the scheduler now moves on
+        if t.ema is not None and not acc.optimizer_step_was_skipped:
+            t.ema.step(t.trainable)  # once per optimizer step, on the float32 trainable weights
         if not acc.optimizer_step_was_skipped:
             t.scheduler.step()
         progress.step, progress.pairs_seen = step, progress.pairs_seen + pairs_per_step
@@ -716,6 +746,8 @@ def train_loop(t: Trainer) -> dict[str, Any]:
         if logging:
             log_train(t, window, step, torch.cat(step_pairs))  # raises first if a value went non-finite
             window = []
+            logged = t.history[-1]
+            bar.set_postfix(loss=f"{logged['train/loss']:.4f}", acc=f"{logged['train/implicit_acc']:.2f}")
         elif evaluating or saving:
             stop_if_not_finite(t)
         aside = time.perf_counter()
@@ -791,6 +823,7 @@ def run_eval(t: Trainer, step: int) -> None:
         ev.record(t.run, step, result)
         if result["grid"] is not None:
             ev.save_grid(t.run, step, result["grid"])
+        ev.save_samples(t.run, step, result["previews"])
     ev.log(t.acc, step, result)
     if step > 0 and result["total"] > t.best_total:  # NaN never wins
         checkpoint(t)
@@ -862,15 +895,21 @@ def train_stage(
         remove_incomplete(run)  # of a killed run: nobody writes checkpoints before the exchange below
     wait_for_everyone(acc)
     latest = latest_checkpoint(run)
+    resume_from = recipe.train.resume_from
     resumed = train_round.resumed_settings(latest, settings) if train_round is not None else settings
-    if latest is not None and not _may_continue(latest, resumed, until, force):
+    if latest is not None and (
+        starts_over(resume_from, latest, force) or not _may_continue(latest, resumed, until, force)
+    ):
         if is_main(acc):
             discard_training(run)
         wait_for_everyone(acc)
         latest = None
+    latest = starting_checkpoint(run, resume_from, latest, recipe.train.max_steps)
+    if latest is not None and not is_own(run, latest[1]):  # another run's, named by train.resume_from
+        _may_continue(latest, settings, recipe.train.max_steps, force=False)
     if latest is not None and latest[0] < until:
-        verify_checkpoint(latest[1], acc.process_index, is_deepspeed(acc))  # before any model is built
-        wait_for_everyone(acc)
+        verify_checkpoint(latest[1], acc.process_index, is_deepspeed(acc), checkpoint_files(recipe))
+        wait_for_everyone(acc)  # every file checked before any model is built
     if latest is not None and latest[0] >= until:
         summary = {"output_dir": str(run.root), "steps": latest[0], "steps trained now": 0, "trained": False}
         _print(acc, "train (up to date)", summary)
@@ -878,11 +917,11 @@ def train_stage(
             end_session(acc)
         return summary
     owns_trackers = not acc.trackers  # an iterative run keeps one tracker run across its rounds
-    if owns_trackers:
-        init_tracking(recipe, acc, run)
     try:
-        t = setup(recipe, acc, run, settings, resumed, train_round)
+        t = setup(recipe, acc, run, settings, latest, resumed, train_round)
         t.until = until
+        if owns_trackers:  # after setup: a stage that fails before training has no tracker run
+            init_tracking(recipe, acc, run)
         done = train_loop(t)
     finally:
         restore_signals()
@@ -890,6 +929,10 @@ def train_stage(
             tracker.finish()
         if owns_trackers:
             acc.trackers = []
+    if acc.is_main_process:
+        from mpo.report import write_report
+
+        write_report(run, recipe, t.backbone)
     best = read_best(run)
     summary = {
         "output_dir": str(run.root),

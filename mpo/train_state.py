@@ -11,6 +11,7 @@
         rng-<rank>.safetensors  every RNG of process <rank> (torch, CUDA; python / numpy as metadata)
         pytorch_model/          DeepSpeed only: the engine's own files (sharded optimizer state)
         progress.json           step, pairs consumed, the settings the run depends on, a unique id
+        ema.safetensors, ema.json, weights_ema/   train.ema: the EMA's state and weights (CheckpointPart)
       step-<n>.tmp/             a checkpoint being written (never trusted; deleted on the next start)
       best                      JSON pointer {"checkpoint", "step", "total"} to the best validated one
 
@@ -80,6 +81,21 @@ class TrainProgress:
     format: str = FORMAT
 
 
+class CheckpointPart:
+    """More state a checkpoint carries beside the model's (e.g. an EMA of the weights), in the same
+    safe formats (safetensors and JSON). ``save`` is called on every process (it may gather),
+    ``load`` on every process after the model's own state; ``files`` are the names a resume reads,
+    which :func:`verify_checkpoint` checks first."""
+
+    files: tuple[str, ...] = ()
+
+    def save(self, folder: Path) -> None:
+        raise NotImplementedError
+
+    def load(self, folder: Path) -> None:
+        raise NotImplementedError
+
+
 @dataclass
 class Resumable:
     """What a checkpoint saves besides the progress, as the trainer built it.
@@ -94,6 +110,7 @@ class Resumable:
     scheduler: Any
     save_weights: Callable[[Path, dict[str, torch.Tensor]], Any]
     load_weights: Callable[[Path], Any]
+    extras: list[CheckpointPart] = field(default_factory=list)  # e.g. the EMA (mpo.train_options)
 
 
 def is_deepspeed(accelerator: Accelerator) -> bool:
@@ -185,6 +202,8 @@ def save_checkpoint(r: Resumable, run: RunDir, progress: TrainProgress) -> Path:
                 if not is_deepspeed(acc):
                     _save_optimizer(tmp, r.optimizer)
                 _save_trainer(tmp, r)
+            for part in r.extras:
+                part.save(tmp)
         except Exception as err:
             raise _write_error(run, tmp, progress.step, err) from err
         wait_for_everyone(acc)
@@ -286,6 +305,8 @@ def load_checkpoint(r: Resumable, path: Path, verified: bool = False) -> None:
             r.load_weights(path / WEIGHTS)
             _load_optimizer(path, r.optimizer)
         _load_trainer(path, r)
+        for part in r.extras:
+            part.load(path)
         _load_rng(path, acc.process_index)
     except (CheckpointError, RankFailure):
         raise
@@ -397,13 +418,14 @@ def _files_read_by(path: Path, rank: int, deepspeed: bool) -> list[Path]:
     return files
 
 
-def verify_checkpoint(path: Path, rank: int, deepspeed: bool) -> None:
+def verify_checkpoint(path: Path, rank: int, deepspeed: bool, extra_files: tuple[str, ...] = ()) -> None:
     """Parse every file that resuming on process ``rank`` reads with a parser that cannot run code
     (JSON, safetensors headers, weights-only torch.load); raise :class:`CheckpointError` naming the
-    first one that is missing, damaged, or holds anything but tensors and plain data."""
+    first one that is missing, damaged, or holds anything but tensors and plain data.
+    ``extra_files``: the names the :class:`CheckpointPart` s of this run read."""
     remedy = f"delete {path} to resume from the checkpoint before it"
     verify_weights(path, remedy)
-    for file in _files_read_by(path, rank, deepspeed):
+    for file in _files_read_by(path, rank, deepspeed) + [path / name for name in extra_files]:
         if not file.is_file():
             raise CheckpointError(f"{file}: missing from the checkpoint; {remedy}")
         if not file.is_relative_to(path / WEIGHTS):  # checked above

@@ -87,9 +87,9 @@ def test_recipe_prints_yaml_that_loads_back(tmp_path, capsys):
 
 
 def test_recipe_error_exits_2_with_the_key(calls, capsys):
-    assert main(["train", TINY_SDXL, "generate.num_candidates=1", "train.lr_schedule=cosine"]) == 2
+    assert main(["train", TINY_SDXL, "generate.num_candidates=1", "train.lr_schedule=onecycle"]) == 2
     err = capsys.readouterr().err
-    assert "generate.num_candidates=1" in err and "train.lr_schedule='cosine'" in err
+    assert "generate.num_candidates=1" in err and "train.lr_schedule='onecycle'" in err
     assert "Traceback" not in err and not calls
 
 

@@ -142,7 +142,7 @@ def test_mpo_run_with_a_tiny_cogvlm2_reward(tmp_path_factory, tmp_path, video_mo
     q = scores[[c for c in scores.columns if c.startswith("q.")]]
     assert q.shape[1] == 64 and q.notna().all().all() and q.std().max() > 0
     assert len(read_parquet(out / "pairs.parquet")) > 0
-    assert (out / "export" / "pipeline").exists()
+    assert (out / "export" / "model_index.json").exists()
 
 
 _STAND_IN = '''"""Stand-in for the release's remote code (tests only): the native port behind the release's

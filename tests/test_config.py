@@ -229,7 +229,7 @@ def _choice_cases() -> list[tuple[str, str, tuple[str, ...]]]:
         ("select.rule", "best", SELECT_RULES),
         ("select.level", "pixel", SELECT_LEVELS),
         ("select.cap_strategy", "first", CAP_STRATEGIES),
-        ("train.lr_schedule", "cosine", LR_SCHEDULES),
+        ("train.lr_schedule", "onecycle", LR_SCHEDULES),
         ("train.mixed_precision", "fp8", MIXED_PRECISION),
         ("train.attention", "flash", ("sdpa", "xformers")),
         ("tracking.tracker", "mlflow", TRACKERS),
@@ -272,12 +272,12 @@ def test_impossible_values(override: str, allowed: str):
 
 
 def test_all_problems_are_reported_together(tmp_path):
-    bad = _write(tmp_path / "bad.yaml", f"defaults: {TINY_SDXL}\ntrain: {{lr_schedule: cosine}}\n")
+    bad = _write(tmp_path / "bad.yaml", f"defaults: {TINY_SDXL}\ntrain: {{lr_schedule: onecycle}}\n")
     message = _error(bad, ["generate.num_candidates=1", "select.threshold=-1", "nonsense=1"])
     assert message.splitlines()[0] == f"{bad}: 4 problems"
     lines = _problem_lines(message)
     assert len(lines) == 4
-    assert any(ln.startswith("train.lr_schedule='cosine'") and str(bad) in ln for ln in lines)
+    assert any(ln.startswith("train.lr_schedule='onecycle'") and str(bad) in ln for ln in lines)
     assert any(ln.startswith("generate.num_candidates=1") for ln in lines)
     assert any(ln.startswith("select.threshold=-1") for ln in lines)
     assert any(ln.startswith("nonsense=1") for ln in lines)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline, WanPipeline
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 import mpo.train
@@ -185,7 +186,7 @@ def test_train_export_and_reload_in_diffusers(family, finetune, prepared, models
 
     assert export_stage(recipe)["exported"] is True
     export = run / "export"
-    pipe = DiffusionPipeline.from_pretrained(export / "pipeline")
+    pipe = DiffusionPipeline.from_pretrained(export)
     assert isinstance(pipe, PIPELINES[family])
     sample = _sample(pipe, family)
     assert torch.isfinite(sample).all() and sample.min() >= 0 and sample.max() <= 1
@@ -205,6 +206,8 @@ def test_train_export_and_reload_in_diffusers(family, finetune, prepared, models
         assert torch.isfinite(_sample(base, family)).all()
     card = (export / "README.md").read_text()
     assert ("text-to-video" if family == "wan" else "text-to-image") in card and "| total |" in card
+    header = ModelCard.load(export / "README.md").data  # beside model_index.json, as the hub reads it
+    assert family in header.tags and header.library_name == "diffusers" and (export / "model_index.json").exists()
 
 
 def test_trainer_draws_timesteps_from_the_recipe_density(prepared, models, tmp_path, monkeypatch):
@@ -321,7 +324,7 @@ def test_mpo_run_tiny_recipe_end_to_end_then_rerun_skips_everything(family, mode
     assert main(["run", str(RECIPES[family]), *overrides]) == 0
     assert "held-out reward: step 0 -> step" in capsys.readouterr().out
     assert read_parquet(out / "eval.parquet")["step"].tolist() == [0, 2]
-    pipe = DiffusionPipeline.from_pretrained(out / "export" / "pipeline")
+    pipe = DiffusionPipeline.from_pretrained(out / "export")
     assert isinstance(pipe, PIPELINES[family]) and torch.isfinite(_sample(pipe, family)).all()
     reports = run_all(load_recipe(str(RECIPES[family]), overrides))
     assert [r.did_work for r in reports] == [False] * 5, [(r.name, r.did_work) for r in reports]
@@ -524,7 +527,7 @@ def test_wan_low_noise_expert_trains_alone_and_exports_in_the_diffusers_layout(
     train_stage(recipe)
     export_stage(recipe)
     base = WanPipeline.from_pretrained(two_experts)
-    exported = WanPipeline.from_pretrained(out / "export" / "pipeline")
+    exported = WanPipeline.from_pretrained(out / "export")
     state = lambda module: module.state_dict()  # noqa: E731
     untouched = state(base.transformer)
     assert all(

@@ -63,8 +63,9 @@ def _recipe(out: Path, models: Path, path: Path = SDXL, family: str = "sdxl", ex
     return load_recipe(str(path), _overrides(out, models, family, extra))
 
 
-def _command(stages: str, out: Path, models: Path, *options: str) -> list[str]:
-    return [sys.executable, str(SCRIPT), stages, str(SDXL), *_overrides(out, models), *options]
+def _command(stages: str, out: Path, models: Path, *options: str, recipe: Path = SDXL) -> list[str]:
+    family = "cogvideox" if recipe == COGVIDEOX else "sdxl"
+    return [sys.executable, str(SCRIPT), stages, str(recipe), *_overrides(out, models, family), *options]
 
 
 def _run(command: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -146,6 +147,10 @@ def test_a_changed_recipe_is_refused_in_an_existing_run(reference, tmp_path, mod
     shutil.copytree(reference.root, tmp_path / "run")
     with pytest.raises(StoreError, match=r"shard-00000.*generate\.seed: 0 -> 1"):
         generate_stage(_recipe(tmp_path / "run", models, extra=("generate.seed=1",)))
+    with pytest.raises(StoreError, match=r"shard-00000.*generate\.scheduler"):
+        generate_stage(_recipe(tmp_path / "run", models, extra=("generate.scheduler=unipc",)))
+    with pytest.raises(StoreError, match=r"shard-00000.*generate\.batch_size"):
+        generate_stage(_recipe(tmp_path / "run", models, extra=("generate.batch_size=6",)))
     with pytest.raises(StoreError, match=r"prompts\.parquet"):
         generate_stage(_recipe(tmp_path / "run", models, extra=("prompts.limit=3",)))
 
@@ -223,3 +228,88 @@ def test_cogvideox_generates_and_scores_videos(tmp_path, models):
     assert len(scores) == 4 == summary["samples"]
     assert scores["total"].notna().all()
     assert any(c.startswith("dim.") for c in scores.columns)
+
+
+# Cheaper sampling: several prompts per denoising batch and another scheduler.
+BATCHED = ("generate.prompts_per_shard=2", "generate.batch_size=6", "generate.scheduler=dpmpp_2m")
+
+
+def test_batching_across_prompts_in_the_stage_keeps_the_candidates(reference, tmp_path, models):
+    """Two prompts per batch give the candidates of one prompt per batch (the reference), each from its
+    own seeded noise and its own prompt's embeddings. Compared to a subprocess run, hence to rounding
+    (tests/test_sampling.py documents the per-family batch tolerance)."""
+    run = RunDir(tmp_path / "run")
+    generate_stage(_recipe(run.root, models, extra=BATCHED[:2]))
+    batched, alone = _all_latents(run), _all_latents(reference)
+    assert batched.keys() == alone.keys()
+    for key in alone:
+        torch.testing.assert_close(batched[key], alone[key], atol=1e-5, rtol=1e-5)
+    ids = sorted({k[0] for k in alone})
+    ea, eb = CandidateStore(run).embeddings(ids), CandidateStore(reference).embeddings(ids)
+    assert ea.keys() == eb.keys()
+    for key in ea:
+        torch.testing.assert_close(ea[key], eb[key], atol=1e-6, rtol=1e-6)
+    assert read_shard_info(run.shard(0)).fingerprint["generate"]["batch_size"] == 6
+
+
+# Per family: several prompts per batch and another scheduler; CogVideoX also with a cache hook.
+CHEAPER = {
+    "sdxl": (SDXL, BATCHED),
+    "cogvideox": (
+        COGVIDEOX,
+        (
+            "prompts.limit=2",
+            "generate.num_candidates=2",
+            "generate.batch_size=4",
+            "generate.prompts_per_shard=2",
+            "generate.scheduler=unipc",
+            "generate.cache=pab",
+            "generate.previews=1",
+        ),
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("family", ["sdxl", "cogvideox"])
+def test_cheaper_sampling_is_deterministic_and_two_processes_match_one(tmp_path, models, family):
+    recipe, options = CHEAPER[family]
+    one, two = RunDir(tmp_path / "one"), RunDir(tmp_path / "two")
+    _run([*_command("generate", one.root, models, recipe=recipe), *options])
+    launch = [
+        *(sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"),
+        *("--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"),
+        *("--main_process_port", str(_free_port())),
+    ]
+    command = [*launch, *_command("generate", two.root, models, recipe=recipe)[1:], *options]
+    _run(command, {**ENV, "ACCELERATE_USE_CPU": "true"})
+    _assert_same_candidates(one, two)
+    info = read_shard_info(one.shard(0))
+    assert (
+        info.fingerprint["generate"]["scheduler"]
+        == options[-3 if family == "cogvideox" else -1].split("=")[1]
+    )
+    n = int(
+        next(o for o in (*SMALL, *options)[::-1] if o.startswith("generate.num_candidates")).split("=")[1]
+    )
+    assert [c[0] for c in info.candidates] == [0] * n + [1] * n
+
+
+def test_score_stage_never_loads_the_denoiser(reference, tmp_path, models, monkeypatch):
+    from mpo.backbones.base import DiffusersBackbone
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the score stage loaded the whole pipeline")
+
+    copy = RunDir(tmp_path / "run")
+    shutil.copytree(reference.root, copy.root)
+    copy.score_shard(1).unlink()
+    monkeypatch.setattr(DiffusersBackbone, "load", classmethod(refuse))
+    assert score_stage(_recipe(copy.root, models))["shards scored now"] == 1
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(copy.scores_parquet),
+        pd.read_parquet(reference.scores_parquet),
+        check_exact=False,
+        rtol=1e-5,
+    )

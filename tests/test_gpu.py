@@ -45,3 +45,34 @@ def test_vlm_shared_prefix_matches_naive_in_bf16_on_gpu(tmp_path):
     fast = backend.answer(samples, rows)
     naive = backend.answer_naive(samples, rows)
     torch.testing.assert_close(fast.p_yes, naive.p_yes, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "cogvideox"])
+def test_batching_across_prompts_on_gpu_in_bf16(family):
+    """On a GPU, cuBLAS / SDPA may pick other kernels per batch size: several prompts per batch then
+    differ from one prompt per batch only at bf16 rounding (relative L2 below 2 %)."""
+    from mpo.backbones.base import repeat_rows
+    from mpo.backbones.cogvideox import CogVideoXBackbone
+    from mpo.backbones.sdxl import SDXLBackbone
+    from mpo.backbones.tiny import COGVIDEOX_SIZE, SDXL_SIZE, tiny_cogvideox_pipeline, tiny_sdxl_pipeline
+    from mpo.schema import GenerateConfig
+    from mpo.seeds import candidate_noise
+
+    cls, pipe, size = {
+        "sdxl": (SDXLBackbone, tiny_sdxl_pipeline, SDXL_SIZE),
+        "cogvideox": (CogVideoXBackbone, tiny_cogvideox_pipeline, COGVIDEOX_SIZE),
+    }[family]
+    backbone = cls(pipe().to(torch.bfloat16), "cuda")
+    gen = GenerateConfig(num_inference_steps=4, scheduler="dpmpp_2m", **size)
+    shape = backbone.latent_shape(gen)
+    prompts = ["a photo of a cat", "a red car in the city", "the blue sea"]
+    embeds = [repeat_rows(backbone.encode_prompts([p]), 2, "e") for p in prompts]
+    noise = [
+        torch.stack([candidate_noise(shape, 10 * k + i, "cuda", torch.bfloat16) for i in range(2)])
+        for k in range(3)
+    ]
+    negative = backbone.encode_prompts([""])
+    alone = torch.cat([backbone.sample(embeds[k], negative, noise[k], gen) for k in range(3)]).float()
+    rows = {key: torch.cat([e[key] for e in embeds]) for key in embeds[0]}
+    together = backbone.sample(rows, negative, torch.cat(noise), gen).float()
+    assert ((together - alone).norm() / alone.norm()).item() < 2e-2

@@ -108,7 +108,7 @@ def test_mpo_run_on_two_ddp_processes_exits_0_and_exports_the_one_process_model(
     assert (
         progress["settings"]["layout"]["processes"] == 2 and not progress["settings"]["layout"]["deepspeed"]
     )
-    unet = Path("export") / "pipeline" / "unet"
+    unet = Path("export") / "unet"
     assert_same_training(_weights(finished / unet), _weights(out / unet), _weights(models / "sdxl" / "unet"))
 
 
@@ -126,7 +126,7 @@ def zero2_run(models, tmp_path_factory) -> Path:
 def test_mpo_run_on_two_zero2_processes_exports_the_one_process_model(zero2_run, finished, models):
     progress = json.loads((zero2_run / "checkpoints" / "step-2" / "progress.json").read_text())
     assert progress["settings"]["layout"]["deepspeed"] and progress["settings"]["layout"]["processes"] == 2
-    unet = Path("export") / "pipeline" / "unet"
+    unet = Path("export") / "unet"
     assert_same_training(
         _weights(finished / unet), _weights(zero2_run / unet), _weights(models / "sdxl" / "unet")
     )
@@ -160,7 +160,7 @@ def test_mpo_run_on_two_zero3_processes_full_cogvideox_exports_the_one_process_m
     assert main(["run", str(COGVIDEOX), *_cogvideox_full(one, models, "train.batch_size=2")]) == 0
     result = launch(config, ["run", str(COGVIDEOX), *_cogvideox_full(two, models, TWO_RANKS)], timeout=500)
     assert_whole_run(result, two)
-    transformer = Path("export") / "pipeline" / "transformer"
+    transformer = Path("export") / "transformer"
     base = _weights(models / "cogvideox" / "transformer")
     assert_same_training(_weights(one / transformer), _weights(two / transformer), base)
 

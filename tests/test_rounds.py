@@ -144,6 +144,7 @@ def test_round_0_samples_with_the_recipes_seed_and_later_rounds_with_their_own()
         (["rounds.reference=policy"], "rounds.reference"),
         (["rounds.max_pairs=0"], "rounds.max_pairs"),
         (["rounds.count=-1"], "rounds.count"),
+        (["train.resume_from=none"], "train.resume_from"),
     ],
 )
 def test_bad_rounds_settings_are_refused_naming_the_key(extra, key):

@@ -41,13 +41,14 @@ def test_mpo_run_tiny_sdxl_end_to_end_then_rerun_skips_everything(tmp_path_facto
     for name in ("prompts.parquet", "candidates.parquet", "scores.parquet", "pairs.parquet", "eval.parquet"):
         assert (out / name).exists(), name
     assert read_parquet(out / "eval.parquet")["step"].tolist() == [0, 2, 4]
-    pipe = DiffusionPipeline.from_pretrained(out / "export" / "pipeline")
+    pipe = DiffusionPipeline.from_pretrained(out / "export")
     assert isinstance(pipe, StableDiffusionXLPipeline)
     image = pipe("a red car", num_inference_steps=2, height=16, width=16, output_type="pt").images
     assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
-    # wandb (offline) got the sample grid of every eval.
+    # wandb (offline) got every eval's samples, one image each: 3 evals x 2 held-out prompts.
     runs = list((out / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and len(list(runs[0].glob("files/media/images/eval/samples_*.png"))) == 3
+    assert len(runs) == 1 and len(list(runs[0].glob("files/media/images/eval/samples_*.png"))) == 6
+    assert (out / "report" / "curve-total.png").exists()  # the run's pictures, written by train
 
     reports = run_all(load_recipe(str(SDXL), overrides))
     assert [r.name for r in reports] == STAGES
@@ -76,7 +77,7 @@ def test_mpo_run_tiny_cogvideox(tmp_path_factory, tmp_path):
     assert [r.did_work for r in reports] == [True] * 5
     export = out / "export"
     assert (export / "lora" / "pytorch_lora_weights.safetensors").exists()
-    pipe = DiffusionPipeline.from_pretrained(export / "pipeline")
+    pipe = DiffusionPipeline.from_pretrained(export)
     assert isinstance(pipe, CogVideoXPipeline)
     frames = pipe(
         "a red car",

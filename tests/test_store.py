@@ -120,9 +120,9 @@ def test_prepare_prompts_reads_formats_and_applies_limit(tmp_path):
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt key"}\n')
     with pytest.raises(StoreError, match=r"bad\.jsonl:2"):
         prepare_prompts(_recipe(tmp_path / "bad", bad))
-    (tmp_path / "p.csv").write_text("prompt\na\n")
+    (tmp_path / "p.tsv").write_text("prompt\na\n")
     with pytest.raises(StoreError, match="unsupported suffix"):
-        prepare_prompts(_recipe(tmp_path / "csv", tmp_path / "p.csv"))
+        prepare_prompts(_recipe(tmp_path / "csv", tmp_path / "p.tsv"))
 
 
 def test_prepare_prompts_writes_once_and_refuses_a_changed_split(tmp_path):

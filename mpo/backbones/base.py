@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from mpo.backbones.schedules import PredictionType, TimestepSampler, TrainingSchedule
+from mpo.sampling import SamplingSettings, SamplingState, SamplingSupport, check_sampling, reset_cache
 
 if TYPE_CHECKING:
     from mpo.schema import GenerateConfig, ModelConfig, TrainConfig
@@ -49,6 +50,9 @@ class Backbone(ABC):
 
     family: ClassVar[str]  # set by @register_backbone
     modality: ClassVar[Literal["image", "video"]]
+    # The kohya / ComfyUI LoRA convention of this family's denoiser (mpo.lora_formats): {"layout":
+    # a layout name, "architecture": the modelspec id}; None where there is none.
+    comfyui_lora: ClassVar[dict[str, str] | None] = None
     # The schedule kind the family trains with, known before any weight is loaded (recipe checks).
     schedule_class: ClassVar[type[TrainingSchedule] | None] = None
     channel_dim: ClassVar[int] = 0  # the channel axis of one latent ([C, h, w]: 0; [F, C, h, w]: 1)
@@ -172,6 +176,12 @@ class Backbone(ABC):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents to pixels in [0, 1] (images [B,3,H,W], videos [B,T,3,H,W])."""
 
+    @classmethod
+    def load_decoder(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> Backbone:
+        """What the score stage needs: a backbone whose ``decode`` works. A family may load less than
+        everything (the VAE alone); by default this is :meth:`load`."""
+        return cls.load(cfg, device)
+
     # ---- training ---------------------------------------------------------------------------------
     @property
     @abstractmethod
@@ -247,6 +257,8 @@ class DiffusersBackbone(Backbone):
     pipeline_class: ClassVar[type]
     denoiser_attr: str  # "unet" or "transformer" (a family may pick another per instance: transformer_2)
     tiny_pretrain_steps: ClassVar[int] = 100
+    # Scheduler names, cache hooks and compile blocks this family offers (mpo.sampling).
+    sampling_support: ClassVar[SamplingSupport] = SamplingSupport()
 
     def __init__(self, pipe, device: torch.device | str = "cpu") -> None:
         """Wrap a loaded pipeline: move it to ``device`` and freeze it.
@@ -262,10 +274,36 @@ class DiffusersBackbone(Backbone):
         pipe.set_progress_bar_config(disable=True)  # the stages draw their own progress bars
         self._pipe = pipe
         self._device = torch.device(device)
+        self._sampling = SamplingState(pipe.scheduler)
+
+    @classmethod
+    def check_generate_config(cls, gen: GenerateConfig) -> list[tuple[str, str]]:
+        """The sampling keys (scheduler, cache, compile) against what this family supports."""
+        return check_sampling(gen, cls.sampling_support)
+
+    def use_sampling(self, gen: GenerateConfig) -> None:
+        """Put the recipe's scheduler, cache hooks and compilation on the pipeline (nothing to do when
+        they are already there), and clear the cache hooks' state: every batch starts fresh. A
+        family's ``sample`` calls this before the pipeline's loop."""
+        denoiser = self.denoiser
+        settings = SamplingSettings.from_generate(gen)
+        self._sampling.apply(
+            settings, self._pipe, denoiser, self.sampling_support, lambda: self._pipe.current_timestep
+        )
+        reset_cache(denoiser)
 
     @classmethod
     def load(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> DiffusersBackbone:
         return cls(load_pipeline(cls.pipeline_class, cfg), device)
+
+    @classmethod
+    def load_decoder(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> DiffusersBackbone:
+        """The pipeline with its VAE (and scheduler config) only: every other component is passed as
+        None to ``from_pretrained``, so the denoiser and text encoders are never read from disk.
+        ``decode`` is the very method of a full load, with the family's slicing / tiling."""
+        modules, _ = cls.pipeline_class._get_signature_keys(cls.pipeline_class)
+        skip = {name: None for name in modules if name not in ("vae", "scheduler")}
+        return cls(load_pipeline(cls.pipeline_class, cfg, **skip), device)
 
     # ---- the tiny variant ------------------------------------------------------------------------
     @classmethod
@@ -321,8 +359,9 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def load_pipeline(pipeline_cls: type, cfg: ModelConfig):
-    """``pipeline_cls.from_pretrained(cfg.path, ...)`` with errors that name ``model.path``.
+def load_pipeline(pipeline_cls: type, cfg: ModelConfig, **components):
+    """``pipeline_cls.from_pretrained(cfg.path, ...)`` with errors that name ``model.path``;
+    ``components`` are passed on (None skips loading that component).
 
     A local folder holding another family's pipeline is refused before any weight is read, so a
     recipe pointing an SDXL adapter at a CogVideoX folder fails with one clear line, not a stack of
@@ -345,9 +384,12 @@ def load_pipeline(pipeline_cls: type, cfg: ModelConfig):
     # diffusers renamed `torch_dtype` to `dtype` (the old name warns on every load); older releases
     # only know the old one.
     dtype_key = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+    components = dict(components)
+    if getattr(cfg, "vae_path", None):  # model.vae_path: e.g. an fp16-safe SDXL VAE
+        components["vae"] = load_vae_override(cfg.vae_path, dtype, dtype_key)
     try:
         return pipeline_cls.from_pretrained(
-            cfg.path, revision=cfg.revision, variant=cfg.variant, **{dtype_key: dtype}
+            cfg.path, revision=cfg.revision, variant=cfg.variant, **{dtype_key: dtype}, **components
         )
     except (OSError, ValueError) as err:
         if isinstance(err, ValueError) and Path(cfg.path).is_dir():
@@ -360,3 +402,17 @@ def load_pipeline(pipeline_cls: type, cfg: ModelConfig):
             f"model.path={cfg.path!r}: cannot load a {pipeline_cls.__name__} (not a local diffusers folder, "
             f"and not a reachable hub id{hint}): {err}"
         ) from err
+
+
+def load_vae_override(path: str, dtype: torch.dtype, dtype_key: str) -> nn.Module:
+    """``model.vae_path``: a VAE folder or hub id (its own config names the class), or a ``vae/``
+    subfolder of a pipeline folder."""
+    from pathlib import Path
+
+    from diffusers import AutoModel
+
+    subfolder = "vae" if (Path(path) / "vae" / "config.json").is_file() else None
+    try:
+        return AutoModel.from_pretrained(path, subfolder=subfolder, **{dtype_key: dtype})
+    except (OSError, ValueError) as err:
+        raise OSError(f"model.vae_path={path!r}: cannot load a VAE there ({err})") from err

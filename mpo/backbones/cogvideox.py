@@ -32,6 +32,7 @@ from torch import nn
 from mpo.backbones.base import DiffusersBackbone, Embeddings, repeat_rows
 from mpo.backbones.registry import register_backbone
 from mpo.backbones.schedules import DDPMSchedule
+from mpo.sampling import SCHEDULER_ALIASES, SamplingSupport
 
 if TYPE_CHECKING:
     from mpo.schema import GenerateConfig
@@ -53,6 +54,17 @@ class CogVideoXBackbone(DiffusersBackbone):
     # The tiny VAE compresses space by 4 and time by 4: 3 latent frames of 8 x 8.
     tiny_size: ClassVar[dict[str, int]] = {"height": 32, "width": 32, "num_frames": 9}
     tiny_pretrain_steps: ClassVar[int] = 150
+    # ddim is the CogVideoX variant (the trailing, SNR-shifted schedule it was trained on). The
+    # transformer supports diffusers' cache hooks; FasterCache reads its [B, F, C, H, W] latents.
+    sampling_support: ClassVar[SamplingSupport] = SamplingSupport(
+        schedulers={**SCHEDULER_ALIASES, "ddim": ("CogVideoXDDIMScheduler", {})},
+        caches={
+            "first_block": {"threshold": 0.05},
+            "faster": {"tensor_format": "BFCHW"},
+            "pab": {"spatial_attention_block_skip_range": 2},
+        },
+        compile_blocks=("CogVideoXBlock",),
+    )
 
     def __init__(self, pipe: CogVideoXPipeline, device: torch.device | str = "cpu") -> None:
         """Sampling with DDIM (deterministic); the VAE decodes in slices and tiles."""
@@ -153,7 +165,7 @@ class CogVideoXBackbone(DiffusersBackbone):
 
     @classmethod
     def check_generate_config(cls, gen: GenerateConfig) -> list[tuple[str, str]]:
-        problems = []
+        problems = super().check_generate_config(gen)
         if gen.num_frames < 1 or (gen.num_frames - 1) % TEMPORAL_COMPRESSION:
             problems.append(
                 (
@@ -227,6 +239,7 @@ class CogVideoXBackbone(DiffusersBackbone):
     def sample(
         self, embeds: Embeddings, negative: Embeddings, noise: torch.Tensor, gen: GenerateConfig
     ) -> torch.Tensor:
+        self.use_sampling(gen)
         batch = noise.shape[0]
         dtype = self._pipe.transformer.dtype
         spatial, temporal = self._pipe.vae_scale_factor_spatial, self._pipe.vae_scale_factor_temporal

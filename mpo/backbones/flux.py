@@ -38,6 +38,7 @@ from torch import nn
 from mpo.backbones.base import DiffusersBackbone, Embeddings, repeat_rows
 from mpo.backbones.registry import register_backbone
 from mpo.backbones.schedules import FlowMatchSchedule
+from mpo.sampling import FLOW_RENAMED, FLOW_SCHEDULER_ALIASES, SamplingSupport
 
 if TYPE_CHECKING:
     from mpo.schema import GenerateConfig
@@ -53,6 +54,11 @@ class FluxBackbone(DiffusersBackbone):
     pipeline_class = FluxPipeline
     denoiser_attr = "transformer"
     modality: ClassVar[Literal["image", "video"]] = "image"
+    sampling_support: ClassVar[SamplingSupport] = SamplingSupport(
+        schedulers=FLOW_SCHEDULER_ALIASES,
+        renamed=FLOW_RENAMED,
+        caches={"first_block": {"threshold": 0.05}, "pab": {"spatial_attention_block_skip_range": 2}},
+    )
     schedule_class = FlowMatchSchedule
     # The tiny VAE downsamples by 2: 16 x 16 pixels are 8 x 8 latents, packed to 16 tokens.
     tiny_size: ClassVar[dict[str, int]] = {"height": 16, "width": 16}
@@ -170,7 +176,7 @@ class FluxBackbone(DiffusersBackbone):
     # ---- recipe checks ----------------------------------------------------------------------------
     @classmethod
     def check_generate_config(cls, gen: GenerateConfig) -> list[tuple[str, str]]:
-        problems = []
+        problems = super().check_generate_config(gen)
         for key in ("height", "width"):
             if getattr(gen, key) <= 0 or getattr(gen, key) % SPATIAL_MULTIPLE:
                 problems.append(
@@ -253,6 +259,7 @@ class FluxBackbone(DiffusersBackbone):
         self, embeds: Embeddings, negative: Embeddings, noise: torch.Tensor, gen: GenerateConfig
     ) -> torch.Tensor:
         """The pipeline's sampler with embedded guidance (``negative`` is empty and unused)."""
+        self.use_sampling(gen)
         batch, _, height, width = noise.shape
         embeds = repeat_rows(embeds, batch, "embeds")
         dtype = self._pipe.transformer.dtype

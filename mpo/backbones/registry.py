@@ -137,5 +137,16 @@ def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backb
     return cls.load(cfg, device)
 
 
+def load_decoder(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backbone:
+    """What the score stage loads: the family's decoder alone (:meth:`Backbone.load_decoder`), the
+    tiny variant built first as in :func:`load_backbone`."""
+    cls = get_backbone_class(cfg.family)
+    if cfg.tiny:
+        from mpo.backbones.tiny import ensure_tiny
+
+        ensure_tiny(cls, cfg)
+    return cls.load_decoder(cfg, device)
+
+
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"

@@ -31,6 +31,7 @@ from torch import nn
 from mpo.backbones.base import DiffusersBackbone, Embeddings, repeat_rows
 from mpo.backbones.registry import register_backbone
 from mpo.backbones.schedules import FlowMatchSchedule
+from mpo.sampling import FLOW_RENAMED, FLOW_SCHEDULER_ALIASES, SamplingSupport
 
 if TYPE_CHECKING:
     from mpo.schema import GenerateConfig
@@ -45,6 +46,10 @@ class SD3Backbone(DiffusersBackbone):
     pipeline_class = StableDiffusion3Pipeline
     denoiser_attr = "transformer"
     modality: ClassVar[Literal["image", "video"]] = "image"
+    # The joint transformer has no diffusers cache hooks; its blocks compile one by one.
+    sampling_support: ClassVar[SamplingSupport] = SamplingSupport(
+        schedulers=FLOW_SCHEDULER_ALIASES, renamed=FLOW_RENAMED, compile_blocks=("JointTransformerBlock",)
+    )
     schedule_class = FlowMatchSchedule
     # The tiny VAE downsamples by 2: 16 x 16 pixels are 8 x 8 latents, 16 patches of 2 x 2.
     tiny_size: ClassVar[dict[str, int]] = {"height": 16, "width": 16}
@@ -157,7 +162,7 @@ class SD3Backbone(DiffusersBackbone):
     # ---- recipe checks ----------------------------------------------------------------------------
     @classmethod
     def check_generate_config(cls, gen: GenerateConfig) -> list[tuple[str, str]]:
-        problems = []
+        problems = super().check_generate_config(gen)
         for key in ("height", "width"):
             if getattr(gen, key) <= 0 or getattr(gen, key) % SPATIAL_MULTIPLE:
                 problems.append(
@@ -214,6 +219,7 @@ class SD3Backbone(DiffusersBackbone):
     def sample(
         self, embeds: Embeddings, negative: Embeddings, noise: torch.Tensor, gen: GenerateConfig
     ) -> torch.Tensor:
+        self.use_sampling(gen)
         batch = noise.shape[0]
         negative = repeat_rows(negative, batch, "negative")
         embeds = repeat_rows(embeds, batch, "embeds")

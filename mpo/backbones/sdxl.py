@@ -52,6 +52,10 @@ class SDXLBackbone(DiffusersBackbone):
     pipeline_class = StableDiffusionXLPipeline
     denoiser_attr = "unet"
     modality: ClassVar[Literal["image", "video"]] = "image"
+    comfyui_lora: ClassVar[dict[str, str] | None] = {
+        "layout": "sgm-unet",
+        "architecture": "stable-diffusion-xl-v1-base/lora",
+    }
     schedule_class = DDPMSchedule
     # The tiny VAE downsamples by 2: 16 x 16 pixels are the 8 x 8 latents its UNet was pretrained at.
     tiny_size: ClassVar[dict[str, int]] = {"height": 16, "width": 16}
@@ -152,7 +156,7 @@ class SDXLBackbone(DiffusersBackbone):
 
     @classmethod
     def check_generate_config(cls, gen: GenerateConfig) -> list[tuple[str, str]]:
-        problems = []
+        problems = super().check_generate_config(gen)
         for key in ("height", "width"):
             value = getattr(gen, key)
             if value <= 0 or value % 8:
@@ -206,6 +210,7 @@ class SDXLBackbone(DiffusersBackbone):
     def sample(
         self, embeds: Embeddings, negative: Embeddings, noise: torch.Tensor, gen: GenerateConfig
     ) -> torch.Tensor:
+        self.use_sampling(gen)
         batch = noise.shape[0]
         negative = repeat_rows(negative, batch, "negative")
         embeds = repeat_rows(embeds, batch, "embeds")

@@ -113,7 +113,9 @@ def pretrain_tiny_denoiser(
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0, foreach=True)
     losses = []
     try:
-        for _ in range(steps):
+        from tqdm.auto import tqdm
+
+        for _ in tqdm(range(steps), desc=f"building tiny {backbone.family}", unit="step", leave=False, mininterval=2):
             offset = torch.randn(batch_size, *offset_shape, generator=generator)
             x0 = (offset + torch.randn(batch_size, *latent_shape, generator=generator)).to(device)
             noise = torch.randn(batch_size, *latent_shape, generator=generator).to(device)
@@ -255,4 +257,9 @@ def ensure_tiny(cls: type[Backbone], cfg: ModelConfig) -> None:
             f"model.path={cfg.path!r} exists but holds no diffusers model (no model_index.json); "
             "model.tiny=true builds only into a missing or empty folder"
         )
+    from mpo.logs import get_logger
+
+    get_logger(__name__).info(
+        "model.tiny: building the tiny random-initialised %s at %s (once; later runs load it)", cfg.family, path
+    )
     cls.build_tiny(path)

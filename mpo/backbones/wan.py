@@ -35,6 +35,7 @@ from torch import nn
 from mpo.backbones.base import DiffusersBackbone, Embeddings, load_pipeline, repeat_rows
 from mpo.backbones.registry import register_backbone
 from mpo.backbones.schedules import FlowMatchSchedule, TimestepSampler
+from mpo.sampling import FLOW_RENAMED, FLOW_SCHEDULER_ALIASES, SamplingSupport
 
 if TYPE_CHECKING:
     from mpo.schema import GenerateConfig, ModelConfig, TrainConfig
@@ -61,6 +62,11 @@ class WanBackbone(DiffusersBackbone):
     pipeline_class = WanPipeline
     denoiser_attr = "transformer"
     modality: ClassVar[Literal["image", "video"]] = "video"
+    sampling_support: ClassVar[SamplingSupport] = SamplingSupport(
+        schedulers=FLOW_SCHEDULER_ALIASES,
+        renamed=FLOW_RENAMED,
+        caches={"first_block": {"threshold": 0.05}, "pab": {"spatial_attention_block_skip_range": 2}},
+    )
     schedule_class = FlowMatchSchedule
     channel_dim: ClassVar[int] = 0  # latents are [C, F, h, w]
     # The tiny VAE compresses space by 4 and time by 4: 3 latent frames of 8 x 8.
@@ -191,7 +197,7 @@ class WanBackbone(DiffusersBackbone):
     # ---- recipe checks ----------------------------------------------------------------------------
     @classmethod
     def check_generate_config(cls, gen: GenerateConfig) -> list[tuple[str, str]]:
-        problems = []
+        problems = super().check_generate_config(gen)
         if gen.num_frames < 1 or (gen.num_frames - 1) % TEMPORAL_COMPRESSION:
             problems.append(
                 (
@@ -260,6 +266,7 @@ class WanBackbone(DiffusersBackbone):
     def sample(
         self, embeds: Embeddings, negative: Embeddings, noise: torch.Tensor, gen: GenerateConfig
     ) -> torch.Tensor:
+        self.use_sampling(gen)
         batch = noise.shape[0]
         dtype = self._pipe.transformer.dtype
         spatial, temporal = self._pipe.vae_scale_factor_spatial, self._pipe.vae_scale_factor_temporal
