@@ -248,8 +248,7 @@ class ExportConfig:
 
 @dataclass
 class RoundsConfig:
-    """Iterative MPO (``mpo run`` only): each round generates from the policy the previous round
-    trained, scores, selects dominant pairs and trains on them. Off (count 0) by default."""
+    """Iterative MPO (mpo run only): rounds that each sample from the policy the round before trained."""
 
     count: int = opt(
         0,
