@@ -91,8 +91,21 @@ def _quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()
 
 
+# Stages that an iterative recipe runs per round, inside ``mpo run`` only (eval and export read the
+# training state at the run's root, which rounds share).
+ROUND_STAGES = ("generate", "score", "select", "train")
+
+
 def _run_stage(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.command in ROUND_STAGES and recipe.rounds.count:
+        from mpo.config import RecipeError
+
+        raise RecipeError(
+            f"rounds.count={recipe.rounds.count}: a recipe with rounds runs its {args.command} stage in every "
+            f"round, through `mpo run` (each round generates from the policy the previous one trained); "
+            "`mpo eval` and `mpo export` work on it too"
+        )
     _quiet_libraries()
     _locked_stage(args.command, recipe, bool(getattr(args, "force", False)))
 

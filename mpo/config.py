@@ -43,6 +43,8 @@ from mpo.schema import (  # noqa: F401  (re-exported: the schema is part of this
     MODEL_DTYPES,
     OPTIMIZERS,
     REFERENCES,
+    ROUND_PROMPTS,
+    ROUND_REFERENCES,
     SELECT_LEVELS,
     SELECT_RULES,
     TIMESTEP_SAMPLING,
@@ -55,6 +57,7 @@ from mpo.schema import (  # noqa: F401  (re-exported: the schema is part of this
     PromptsConfig,
     Recipe,
     RewardConfig,
+    RoundsConfig,
     SelectConfig,
     TrackingConfig,
     TrainConfig,
@@ -340,6 +343,12 @@ RULES: tuple[_Rule, ...] = (
     _one_of("tracking.mode", TRACKER_MODES),
     _at_least("tracking.log_every", 1),
     _one_of("export.which", EXPORT_WHICH),
+    _at_least("rounds.count", 0, why="0 = offline: one generate, score, select and train"),
+    _at_least("rounds.steps", 1, optional=True),
+    _one_of("rounds.prompts", ROUND_PROMPTS),
+    _at_least("rounds.prompts_per_round", 1, optional=True),
+    _one_of("rounds.reference", ROUND_REFERENCES),
+    _at_least("rounds.max_pairs", 1, optional=True),
     _Rule("prompts.column", lambda v: bool(v.strip()), "a non-empty column name"),
     _Rule("prompts.dataset_split", lambda v: bool(v.strip()), "a non-empty split name"),
     _Rule(
@@ -435,6 +444,7 @@ class _Checker:
 
             if importlib.util.find_spec("xformers") is None:
                 self.add("train.attention", "needs the xformers package: pip install 'mpo-trainer[xformers]'")
+        self.check_rounds()
         backbone = self.check_family()
         self.check_lora_formats(backbone)
         self.check_training_knobs()
@@ -445,6 +455,31 @@ class _Checker:
                 "reward.checklist",
                 f"is {_article(modality)} checklist but model.family={c.model.family!r} makes "
                 f"{backbone.modality}s; use {_article(backbone.modality)} checklist",
+            )
+
+    def check_rounds(self) -> None:
+        """Rounds split ``train.max_steps`` (the length the learning-rate schedule spans) evenly, and
+        continue their own checkpoints only (round 0 samples the base)."""
+        r, steps = self.cfg.rounds, self.cfg.train.max_steps
+        if r.count < 1 or not all(self.wanted(k) for k in ("rounds.count", "rounds.steps", "train.max_steps")):
+            return
+        if self.wanted("train.resume_from") and self.cfg.train.resume_from != "latest":
+            self.add(
+                "train.resume_from",
+                f"must be latest with rounds.count={r.count}: the rounds continue their own checkpoints "
+                "(round 0 samples the base model; start a run from another's weights without rounds)",
+            )
+        if r.steps is None and steps % r.count:
+            self.add(
+                "rounds.count",
+                f"must divide train.max_steps={steps} (rounds of equal length), or set rounds.steps and "
+                "train.max_steps = rounds.count x rounds.steps",
+            )
+        elif r.steps is not None and r.steps * r.count != steps:
+            self.add(
+                "rounds.steps",
+                f"x rounds.count = {r.steps} x {r.count} = {r.steps * r.count} steps must equal train.max_steps="
+                f"{steps} (the total, which the learning-rate schedule spans): set train.max_steps={r.steps * r.count}",
             )
 
     def check_training_knobs(self) -> None:

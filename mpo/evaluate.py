@@ -246,7 +246,9 @@ def _evaluated_alike(run: RunDir, step: int, checkpoint: Any, recipe: Any, acc: 
 
     if not run.eval_parquet.exists() or not (read_parquet(run.eval_parquet)["step"] == step).any():
         return False
-    stored, now = read_progress(checkpoint).settings, run_settings(recipe, acc, run)
+    stored = read_progress(checkpoint).settings
+    index = (stored.get("rounds") or {}).get("round")  # an iterative run: the round it was trained in
+    now = run_settings(recipe, acc, run.round_dir(index) if index is not None else run)
     return all(stored.get(k) == now.get(k) for k in ("eval", "eval sampling", "reward"))
 
 

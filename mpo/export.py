@@ -221,6 +221,12 @@ def model_card(recipe: Any, run: RunDir, backbone: Backbone, record: dict[str, A
     from mpo.model_card import build_card, read_pair_stats
 
     where = recipe.export.push_to_hub.repo_id or str(run.export.resolve())
+    pair_lines = None
+    if recipe.rounds.count:  # iterative: each round selected its own pairs
+        from mpo.rounds import rounds_markdown
+
+        pair_lines = [f"{recipe.rounds.count} rounds, each sampling from the policy the round before trained.", ""]
+        pair_lines += rounds_markdown(run, recipe)
     return build_card(
         recipe,
         modality=backbone.modality,
@@ -232,6 +238,7 @@ def model_card(recipe: Any, run: RunDir, backbone: Backbone, record: dict[str, A
         lora_kwargs=backbone.lora_load_kwargs,
         fmt=fmt,
         short=_short,
+        pair_lines=pair_lines,
     )
 
 

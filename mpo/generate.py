@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,18 +259,33 @@ def discard_mismatched(
 
 @errors_reach_every_rank
 def generate_stage(
-    recipe: Any, accelerator: Accelerator | None = None, force: bool = False
+    recipe: Any,
+    accelerator: Accelerator | None = None,
+    force: bool = False,
+    *,
+    run: RunDir | None = None,
+    prompts: pd.DataFrame | None = None,
+    load_model: Callable[[], Backbone] | None = None,
+    policy: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Generate (or finish generating) every shard of the run, then rebuild candidates.parquet.
-    ``force``: shards made by other settings are made again instead of refused."""
+    ``force``: shards made by other settings are made again instead of refused.
+
+    An iterative run (:mod:`mpo.rounds`) gives a round's ``run`` directory, its ``prompts`` (rows of
+    prompts.parquet), ``load_model``, the model to sample with (called only when a shard is to be
+    made, on every process at once), and ``policy``, what that model's weights are: it joins every
+    shard's fingerprint, so candidates of another policy are never taken for this one's."""
     acc = accelerator if accelerator is not None else make_accelerator(recipe)
-    run = RunDir.from_recipe(recipe)
+    run = run if run is not None else RunDir.from_recipe(recipe)
     start = time.perf_counter()
-    prompts = prepare_prompts(recipe, write=is_main(acc), force=force)
-    wait_for_everyone(acc)  # a forced new prompt table is written before anyone reads it
-    prompts = prepare_prompts(recipe, write=False)
+    if prompts is None:
+        prompts = prepare_prompts(recipe, write=is_main(acc), force=force)
+        wait_for_everyone(acc)  # a forced new prompt table is written before anyone reads it
+        prompts = prepare_prompts(recipe, write=False)
     plans = plan_shards(prompts, recipe.generate.prompts_per_shard)
     fingerprint = generation_fingerprint(recipe)
+    if policy is not None:
+        fingerprint["policy"] = policy
     if is_main(acc):
         if force and run.candidates_dir.is_dir():
             discard_mismatched(run, plans, recipe, fingerprint)
@@ -291,8 +306,11 @@ def generate_stage(
     mine = split_for_process(pending, acc)
     n = recipe.generate.num_candidates
     if pending:
-        with main_process_first(acc), whole_model_loading():  # the first load may build a tiny model
-            backbone = load_backbone(recipe.model, acc.device)
+        if load_model is not None:
+            backbone = load_model()
+        else:
+            with main_process_first(acc), whole_model_loading():  # the first load may build a tiny model
+                backbone = load_backbone(recipe.model, acc.device)
         with torch.no_grad():
             negative = {k: v.cpu() for k, v in backbone.encode_negative().items()}
         check_generate_and_score(

@@ -119,8 +119,10 @@ def build_card(
     fmt: Any,
     lora_kwargs: dict[str, Any] | None = None,
     short: Any,
+    pair_lines: list[str] | None = None,
 ) -> ModelCard:
-    """The card of one export: header, how to load it, what it was trained on, what it changed."""
+    """The card of one export: header, how to load it, what it was trained on, what it changed.
+    ``pair_lines``: the preference-pair section in place of ``pair_stats`` (an iterative run's rounds)."""
     lora = recipe.model.finetune == "lora"
     comfyui = lora and "comfyui" in list(recipe.export.lora_formats)
     data = card_data(recipe, modality, lora_only=lora and not pipeline_here)
@@ -154,7 +156,9 @@ def build_card(
         if scores["after"].isna().any():
             lines += ["", "n/a: the reward's backend cannot judge that dimension."]
     lines += ["", "## Preference pairs", ""]
-    if pair_stats is None:
+    if pair_lines is not None:
+        lines += pair_lines
+    elif pair_stats is None:
         lines.append("The pair statistics (select_stats.json) are missing.")
     else:
         lines += ["| statistic | value |", "|---|---|"]

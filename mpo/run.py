@@ -5,8 +5,10 @@
     mpo run recipes/tiny/sdxl.yaml                                                   # 1 process
     accelerate launch --config_file launch/multi_gpu.yaml -m mpo.cli run RECIPE        # 8 GPUs
 
-generate -> score -> select -> train (with eval) -> export. Each stage decides for itself what is
-already done (complete shards, score files, an up-to-date pairs file, a checkpoint at
+generate -> score -> select -> train (with eval) -> export; with ``rounds`` in the recipe, rounds of
+generate -> score -> select -> train from the current policy, then export (:mod:`mpo.rounds`).
+Each stage decides for itself what is already done (complete shards, score files, an up-to-date
+pairs file, a checkpoint at
 ``train.max_steps``, an export of the chosen checkpoint), so a rerun after a kill picks up where the
 job stopped and a rerun of a finished run does nothing. A stage whose finished work was made with other
 settings refuses, naming the key; ``force`` redoes it and, through the content hashes each later stage
@@ -92,20 +94,25 @@ def run_all(recipe: Any, accelerator: Accelerator | None = None, force: bool = F
     from mpo.train import setup_accelerator
 
     acc = accelerator if accelerator is not None else setup_accelerator(recipe)
-    reports = []
-    for name, stage in STAGES:
+    reports, stages = [], STAGES
+    if recipe.rounds.count:  # iterative MPO: rounds of generate, score, select and train, then export
+        from mpo.rounds import run_rounds
+
+        reports, stages = run_rounds(recipe, acc, force), [s for s in STAGES if s[0] == "export"]
+    for name, stage in stages:
         started = time.perf_counter()
         did_work, summary = stage(recipe, acc, force)
         reports.append(StageReport(name, did_work, round(time.perf_counter() - started, 2), summary))
     if is_main(acc):
-        print_run_summary(RunDir.from_recipe(recipe), reports)
+        print_run_summary(RunDir.from_recipe(recipe), reports, recipe)
     if accelerator is None:  # built here: the session ends here, once, after every stage
         end_session(acc)
     return reports
 
 
-def print_run_summary(run: RunDir, reports: list[StageReport]) -> None:
-    """The closing tables: what each stage did, and the held-out reward before and after training."""
+def print_run_summary(run: RunDir, reports: list[StageReport], recipe: Any = None) -> None:
+    """The closing tables: what each stage did, each round's numbers (iterative runs), and the
+    held-out reward before and after training."""
     from rich.console import Console
     from rich.table import Table
 
@@ -118,6 +125,10 @@ def print_run_summary(run: RunDir, reports: list[StageReport]) -> None:
         stages.add_row(r.name, "done now" if r.did_work else "skipped (up to date)", f"{r.seconds:.1f}")
     console = Console()
     console.print(stages)
+    if recipe is not None and recipe.rounds.count:
+        from mpo.rounds import print_rounds_table
+
+        print_rounds_table(run, recipe)
     scores = before_after(run, _exported_step(reports))
     if scores.empty:
         return

@@ -36,6 +36,8 @@ ATTENTION = ("sdpa", "xformers")
 TRACKERS = ("wandb", "tensorboard", "none")
 TRACKER_MODES = ("online", "offline")
 EXPORT_WHICH = ("best", "last")
+ROUND_PROMPTS = ("same", "fresh")
+ROUND_REFERENCES = ("base", "previous")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode")
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")  # mpo.loss
 # train.loss_weighting: min_snr for DDPM (epsilon / v) schedules, sigma_sqrt / cosmap for flow matching;
@@ -245,6 +247,38 @@ class ExportConfig:
 
 
 @dataclass
+class RoundsConfig:
+    """Iterative MPO (mpo run only): rounds that each sample from the policy the round before trained."""
+
+    count: int = opt(
+        0,
+        "rounds of generate -> score -> select -> train, each sampling its candidates from the policy the "
+        "round before trained (0: offline, one of each over the run)",
+    )
+    steps: int | None = opt(
+        None, "optimizer steps per round (null: train.max_steps / count); count x steps must equal train.max_steps"
+    )
+    prompts: str = opt(
+        "same",
+        "the train prompts a round generates for: the same ones every round, or a fresh slice of one seeded "
+        "permutation each round (cyclically)",
+        ROUND_PROMPTS,
+    )
+    prompts_per_round: int | None = opt(
+        None, "train prompts per round (null: all of them with prompts=same, an equal share with fresh)"
+    )
+    reference: str = opt(
+        "base",
+        "each round's Diffusion-DPO reference: the frozen base model, or the policy the round started from "
+        "(live or precomputed, as train.reference says)",
+        ROUND_REFERENCES,
+    )
+    max_pairs: int | None = opt(
+        None, "pairs kept per round in all, chosen by select.cap_strategy (null: every pair the rule keeps)"
+    )
+
+
+@dataclass
 class Recipe:
     """One experiment: every stage's settings and the run directory they share."""
 
@@ -260,3 +294,4 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)

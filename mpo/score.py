@@ -151,10 +151,17 @@ def score_shard(
 
 
 @errors_reach_every_rank
-def score_stage(recipe: Any, accelerator: Accelerator | None = None, force: bool = False) -> dict[str, Any]:
-    """Score every shard not scored yet, then write scores.parquet."""
+def score_stage(
+    recipe: Any,
+    accelerator: Accelerator | None = None,
+    force: bool = False,
+    *,
+    run: RunDir | None = None,
+) -> dict[str, Any]:
+    """Score every shard not scored yet, then write scores.parquet (an iterative run
+    (:mod:`mpo.rounds`) gives a round's ``run`` directory)."""
     acc = accelerator if accelerator is not None else make_accelerator(recipe)
-    run = RunDir.from_recipe(recipe)
+    run = run if run is not None else RunDir.from_recipe(recipe)
     start = time.perf_counter()
     for path in (run.prompts_parquet, run.candidates_parquet):
         if not path.exists():

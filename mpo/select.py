@@ -450,6 +450,34 @@ def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     return {"path": str(Path(path).resolve()), "content_hash": stored}
 
 
+def cap_total(
+    pairs: pd.DataFrame, stats: SelectionStats, max_pairs: int, cfg: SelectConfig
+) -> pd.DataFrame:
+    """At most ``max_pairs`` pairs in all (an iterative run's ``rounds.max_pairs``), chosen the way
+    the per-prompt cap chooses (``select.cap_strategy``); ``stats`` is updated to what is kept."""
+    cfg = _checked_config(cfg)
+    if len(pairs) > max_pairs:
+        pid, win, lose = (pairs[c].to_numpy(dtype=np.int64) for c in ("prompt_id", "win", "lose"))
+        if cfg.cap_strategy == "largest_margin":
+            order = np.lexsort((lose, win, pid, -pairs["margin"].to_numpy()))
+        else:
+            seeds = _prompt_seeds(cfg.seed, pid)
+            with np.errstate(over="ignore"):
+                key = _mix64(seeds ^ _mix64(win.astype(np.uint64) * np.uint64(1 << 32) + lose.astype(np.uint64)))
+            order = np.lexsort((lose, win, pid, key))
+        pairs = pairs.iloc[np.sort(order[:max_pairs])].reset_index(drop=True)
+        stats.removed_by_cap += stats.pairs - len(pairs)
+    per_prompt = pairs["prompt_id"].value_counts()
+    stats.pairs = len(pairs)
+    stats.kept_dominant = int(pairs["dominant"].sum())
+    stats.prompts_without_pairs = stats.prompts - len(per_prompt)
+    stats.pairs_per_prompt_mean = len(pairs) / stats.prompts if stats.prompts else 0.0
+    stats.pairs_per_prompt_max = int(per_prompt.max()) if len(per_prompt) else 0
+    stats.mean_margin = float(pairs["margin"].mean()) if len(pairs) else None
+    stats.config["max_pairs"] = int(max_pairs)
+    return pairs
+
+
 def select_from_file(
     scores_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -458,11 +486,13 @@ def select_from_file(
     stats_path: str | os.PathLike | None = None,
     split: str | None = None,
     show: bool = True,
+    max_pairs: int | None = None,
 ) -> SelectionStats:
     """Select from a scores parquet file; write the pairs and the statistics JSON, both atomically.
 
     stats_path: defaults to ``<out stem>_stats.json`` beside ``out_path``.
     split: keep only rows whose ``split`` column equals this (e.g. "train"; ignored without the column).
+    max_pairs: keep at most this many pairs in all (:func:`cap_total`).
     """
     scores_path = Path(scores_path)
     try:
@@ -475,6 +505,8 @@ def select_from_file(
         excluded = int((~keep).sum())
         scores = scores.loc[keep]
     pairs, stats = select_pairs(scores, cfg, source=str(scores_path))
+    if max_pairs is not None:
+        pairs = cap_total(pairs, stats, max_pairs, cfg)
     stats.excluded_candidates = excluded
     if excluded:
         stats.notes.append(f"{excluded} candidate(s) outside split {split!r} were left out")
@@ -519,7 +551,9 @@ def print_stats(stats: SelectionStats, title: str = "select") -> None:
 
 
 # ---- the stage ----------------------------------------------------------------------------------
-def _up_to_date(run: RunDir, stats_path: Path, cfg: SelectConfig, force: bool) -> SelectionStats | None:
+def _up_to_date(
+    run: RunDir, stats_path: Path, cfg: SelectConfig, force: bool, max_pairs: int | None = None
+) -> SelectionStats | None:
     """The stored statistics when pairs.parquet was made from this scores file with this config; None
     when it must be made (again): missing, or new scores. Made with another config: refused, naming
     the keys, unless ``force``."""
@@ -529,7 +563,9 @@ def _up_to_date(run: RunDir, stats_path: Path, cfg: SelectConfig, force: bool) -
         stored = json.loads(stats_path.read_text())
     except (OSError, ValueError):
         return None  # a damaged statistics file: the pairs are made again
-    changes = describe_changes(stored.get("config") or {}, dataclasses.asdict(cfg), "select.")
+    config = dict(stored.get("config") or {})
+    changes = describe_changes({"max_pairs": config.pop("max_pairs", None)}, {"max_pairs": max_pairs}, "rounds.")
+    changes += describe_changes(config, dataclasses.asdict(cfg), "select.")
     if changes and not force:
         raise SelectionError(
             f"{run.pairs_parquet} was selected with other settings ({'; '.join(changes)}); restore "
@@ -542,27 +578,37 @@ def _up_to_date(run: RunDir, stats_path: Path, cfg: SelectConfig, force: bool) -
 
 
 @errors_reach_every_rank
-def select_stage(recipe: Any, accelerator: Any = None, force: bool = False) -> SelectionStats:
+def select_stage(
+    recipe: Any,
+    accelerator: Any = None,
+    force: bool = False,
+    *,
+    run: RunDir | None = None,
+    max_pairs: int | None = None,
+) -> SelectionStats:
     """Select pairs for the run: ``<output_dir>/scores.parquet`` -> ``pairs.parquet`` and
     ``select_stats.json``, from the train split only (held-out prompts feed eval, not training).
 
     Skipped (the stored statistics are returned) when both files exist and were made from the same
     scores (by content) with the same ``select`` config; made again from new scores; refused when made
     with another config, unless ``force``. Under ``accelerate launch`` the main process selects and
-    the others wait and read its statistics.
+    the others wait and read its statistics. An iterative run gives a round's ``run`` directory and
+    the round's cap on pairs in all (``max_pairs``).
     """
     from mpo.distributed import is_main, wait_for_everyone
 
-    run = RunDir.from_recipe(recipe)
+    run = run if run is not None else RunDir.from_recipe(recipe)
     cfg = _checked_config(recipe.select)
-    stats_path = run.root / STATS_NAME
+    stats_path = run.pairs_parquet.with_name(STATS_NAME)
     if not run.scores_parquet.exists():
         raise SelectionError(f"{run.scores_parquet}: missing; run the score stage first")
     if is_main(accelerator):
-        stats = _up_to_date(run, stats_path, cfg, force)
+        stats = _up_to_date(run, stats_path, cfg, force, max_pairs)
         if stats is not None:
             print_stats(stats, title=f"select (up to date) -> {run.pairs_parquet}")
         else:
-            select_from_file(run.scores_parquet, run.pairs_parquet, cfg, stats_path=stats_path, split="train")
+            select_from_file(
+                run.scores_parquet, run.pairs_parquet, cfg, stats_path=stats_path, split="train", max_pairs=max_pairs
+            )
     wait_for_everyone(accelerator)
     return SelectionStats.from_dict(json.loads(stats_path.read_text()))

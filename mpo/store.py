@@ -13,6 +13,10 @@
       candidates.parquet                prompt_id, sample_idx, seed, shard, offset
       scores.parquet                    prompt_id, sample_idx, split, total, dim.*, sub.*, q.*, source
       pairs.parquet, checkpoints/, eval.parquet, export/
+      rounds/round-<r>/                 iterative runs (rounds.count >= 1): round r's own candidates/,
+                                        previews/, candidates.parquet, scores.parquet, pairs.parquet and
+                                        recipe.yaml (:meth:`RunDir.round_dir`); prompts.parquet,
+                                        checkpoints/, eval.parquet and export/ stay at the run's root
 
 Shards are named by their *global* index (prompts [g*P, (g+1)*P) of prompts.parquet, P =
 ``generate.prompts_per_shard``), not by the rank that wrote them: so the set of shard files, their
@@ -36,6 +40,7 @@ in its schema metadata, verified by :func:`read_parquet` in the same way.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import mmap
@@ -59,6 +64,7 @@ from safetensors.torch import load_file, save_file
 from mpo.errors import is_environment_error
 
 SHARD_FORMAT = "mpo-candidates/1"
+ROUNDS_DIR = "rounds"
 TMP_MARK = ".tmp-"
 SPLITS = ("train", "val")
 HASH_KEY = "content_hash"
@@ -119,10 +125,26 @@ class RunDir:
         self.eval_parquet = self.root / "eval.parquet"
         self.export = self.root / "export"
         self.negative = self.candidates_dir / "negative.safetensors"
+        self.folder = self.root  # where this view's candidates, scores and pairs live
 
     @classmethod
     def from_recipe(cls, recipe: Any) -> RunDir:
         return cls(recipe.output_dir)
+
+    def round_dir(self, index: int) -> RunDir:
+        """Round ``index`` of an iterative run, as the stages see it: its candidates, previews, scores,
+        pairs and recipe.yaml in ``rounds/round-<index>/`` (``folder``); the prompt table, checkpoints,
+        eval curve and export those of the run, so that one training state runs across the rounds."""
+        view = copy.copy(self)
+        view.folder = self.root / ROUNDS_DIR / f"round-{index:03d}"
+        view.recipe_yaml = view.folder / "recipe.yaml"
+        view.candidates_dir = view.folder / "candidates"
+        view.previews_dir = view.folder / "previews"
+        view.candidates_parquet = view.folder / "candidates.parquet"
+        view.scores_parquet = view.folder / "scores.parquet"
+        view.pairs_parquet = view.folder / "pairs.parquet"
+        view.negative = view.candidates_dir / "negative.safetensors"
+        return view
 
     def shard(self, index: int) -> Path:
         return self.candidates_dir / shard_name(index)

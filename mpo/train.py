@@ -53,7 +53,7 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,6 +186,7 @@ class Trainer:
     resumable: Resumable | None = None  # what a checkpoint saves besides the progress (set by setup)
     verified: list[str] = field(default_factory=list)  # candidate shards checked by every process
     ema: Any = None  # diffusers EMAModel of the trainable weights (train.ema)
+    until: int | None = None  # the step training stops at (an iterative run's round end; None: max_steps)
 
 
 # ---- setup ----------------------------------------------------------------------------------------
@@ -430,9 +431,17 @@ def result_settings(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def setup(
-    recipe: Any, acc: Accelerator, run: RunDir, settings: dict[str, Any], start: tuple[int, Path] | None = None
+    recipe: Any,
+    acc: Accelerator,
+    run: RunDir,
+    settings: dict[str, Any],
+    start: tuple[int, Path] | None = None,
+    resumed_settings: dict[str, Any] | None = None,
+    train_round: Any = None,
 ) -> Trainer:
-    """Build model, optimizer, data and eval inputs; resume from checkpoint ``start`` if any."""
+    """Build model, optimizer, data and eval inputs; resume from checkpoint ``start`` if any (which
+    must have been made with ``resumed_settings``, by default ``settings``). ``train_round``
+    (:class:`mpo.rounds.TrainRound`): the data stream and reference of one round of an iterative run."""
     from mpo import train_options
 
     pairs = load_train_pairs(run)
@@ -457,15 +466,16 @@ def setup(
         resumable.extras.append(
             train_options.EMACheckpoint(ema, acc, model, resumable.save_weights)
         )
-    progress = resume(resumable, settings, start)
+    progress = resume(resumable, settings, start, resumed_settings)
+    seed, before = recipe.train.seed, 0  # an iterative run: each round's own stream, from its position 0
+    if train_round is not None:
+        seed, before = train_round.stream(recipe.train.seed, settings["train"]["pairs per step"])
     loader = make_dataloader(
-        PairDataset(
-            run, pairs, recipe.train.seed, backbone.timestep_sampler(recipe.train), verified=verified
-        ),
+        PairDataset(run, pairs, seed, backbone.timestep_sampler(recipe.train), verified=verified),
         recipe.train.batch_size,
         acc.process_index,
         acc.num_processes,
-        progress.pairs_seen,
+        progress.pairs_seen - before,
         recipe.train.num_workers,
         pin_memory=acc.device.type == "cuda",
     )
@@ -476,7 +486,9 @@ def setup(
     trainer.resumable, trainer.verified = resumable, verified
     trainer.ema = ema
     trainer.best_total = best_so_far(run, progress.step)
-    if recipe.train.reference == "precomputed":
+    if train_round is not None:  # the round's reference: the base, or the policy the round started from
+        trainer.reference = train_round.reference_for(trainer, pairs)
+    elif recipe.train.reference == "precomputed":
         trainer.reference = setup_precomputed_reference(trainer, pairs)
     return trainer
 
@@ -501,16 +513,29 @@ def reference_settings(settings: dict[str, Any], backbone: Backbone) -> dict[str
     }
 
 
-def setup_precomputed_reference(t: Trainer, pairs: pd.DataFrame) -> PrecomputedReference:
+def setup_precomputed_reference(
+    t: Trainer,
+    pairs: pd.DataFrame,
+    *,
+    stream: tuple[int, int, Path] | None = None,
+    live: Callable[[], LiveReference | None] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> PrecomputedReference:
     """``train.reference: precomputed``: the stored reference errors of every planned position, after
     computing those that are missing (:mod:`mpo.reference`) with the policy itself at step 0 (full
-    fine-tuning, in eval mode like a frozen copy) or with its adapters off (LoRA)."""
+    fine-tuning, in eval mode like a frozen copy) or with its adapters off (LoRA).
+
+    A round of an iterative run (:meth:`mpo.rounds.TrainRound.reference_for`) gives its own
+    ``stream`` (seed, optimizer steps, folder), the ``live`` reference that computes its errors and
+    what they depend on besides the settings (``extra``)."""
     acc, cfg = t.acc, t.recipe.train
-    digest, fingerprint = fingerprint_of(reference_settings(t.progress.settings, t.backbone), pairs)
-    plan = Plan(
-        cfg.max_steps * cfg.gradient_accumulation_steps, cfg.batch_size, acc.process_index, acc.num_processes
-    )
-    dataset = PairDataset(t.run, pairs, cfg.seed, t.backbone.timestep_sampler(cfg), verified=t.verified)
+    settings = reference_settings(t.progress.settings, t.backbone)
+    if extra is not None:
+        settings["round"] = extra
+    digest, fingerprint = fingerprint_of(settings, pairs)
+    seed, steps, folder = stream if stream is not None else (cfg.seed, cfg.max_steps, t.run.root / REFERENCE_DIR)
+    plan = Plan(steps * cfg.gradient_accumulation_steps, cfg.batch_size, acc.process_index, acc.num_processes)
+    dataset = PairDataset(t.run, pairs, seed, t.backbone.timestep_sampler(cfg), verified=t.verified)
 
     def batches_from(micro_step: int) -> Iterator[dict[str, Any]]:
         pairs_seen = micro_step * cfg.batch_size * acc.num_processes
@@ -525,20 +550,22 @@ def setup_precomputed_reference(t: Trainer, pairs: pd.DataFrame) -> PrecomputedR
         )
         return iter(loader)
 
-    switch = t.switch
-    at_base = switch is not None or t.progress.step == 0
-    reference = LiveReference(t.backbone, t.policy, switch) if at_base else None
+    if live is None:
+        at_base = t.switch is not None or t.progress.step == 0
+        reference = LiveReference(t.backbone, t.policy, t.switch) if at_base else None
+    else:
+        reference = live()
     bar = tqdm(desc="reference errors", unit="chunk", disable=not acc.is_main_process)
 
     def advance(done: int, total: int) -> None:
         bar.total = total
         bar.update(done - bar.n)
 
-    if switch is None and at_base:
-        t.policy.eval()
+    if reference is not None and reference.module is t.policy and reference.switch is None:
+        t.policy.eval()  # the policy itself is the reference: as a frozen copy would be
     try:
         stored = precompute_reference(
-            t.run.root / REFERENCE_DIR,
+            folder,
             digest,
             fingerprint,
             plan,
@@ -555,16 +582,19 @@ def setup_precomputed_reference(t: Trainer, pairs: pd.DataFrame) -> PrecomputedR
     return stored
 
 
-def resume(r: Resumable, settings: dict[str, Any], start: tuple[int, Path] | None) -> TrainProgress:
+def resume(
+    r: Resumable, settings: dict[str, Any], start: tuple[int, Path] | None, resumed_settings: dict[str, Any] | None = None
+) -> TrainProgress:
     """Load the checkpoint training starts from (:func:`train_stage` picked it, ``train.resume_from``:
     the latest complete one by default; weights, optimizer, scheduler, RNG, EMA) if there is one,
-    after checking that it was made with the settings of this run; returns where training stands."""
+    after checking that it was made with the settings of this run (or ``resumed_settings``: a round
+    of an iterative run starts from the previous round's last checkpoint); returns where training stands."""
     progress = TrainProgress(settings=settings)
     if start is None:
         return progress
     path = start[1]
     stored = read_progress(path)
-    check_settings(path, stored.settings, settings)
+    check_settings(path, stored.settings, resumed_settings if resumed_settings is not None else settings)
     load_checkpoint(r, path, verified=True)  # train_stage checked every file already
     progress.step, progress.pairs_seen, progress.id = stored.step, stored.pairs_seen, stored.id
     return progress
@@ -684,18 +714,19 @@ def stop_if_not_finite(t: Trainer) -> None:
 
 # ---- the loop ---------------------------------------------------------------------------------------
 def train_loop(t: Trainer) -> dict[str, Any]:
-    """Step, log, eval, checkpoint, until ``train.max_steps`` optimizer steps."""
+    """Step, log, eval, checkpoint, until ``train.max_steps`` optimizer steps (or ``t.until``)."""
     cfg, acc, progress = t.recipe.train, t.acc, t.progress
+    until = t.until if t.until is not None else cfg.max_steps
     pairs_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * acc.num_processes
     if progress.step == 0 and not evaluated(t.run, 0):
         run_eval(t, 0)
     bar = tqdm(
-        total=cfg.max_steps, initial=progress.step, desc="train", unit="step", disable=not acc.is_main_process
+        total=until, initial=progress.step, desc="train", unit="step", disable=not acc.is_main_process
     )
     start_step, started, window = progress.step, time.perf_counter(), []
     t.aside_seconds = 0.0
     stop = stop_on_signals()  # undone by train_stage
-    while progress.step < cfg.max_steps:
+    while progress.step < until:
         step, step_pairs = progress.step + 1, []
         for _ in range(cfg.gradient_accumulation_steps):
             batch = next(t.loader)
@@ -709,9 +740,9 @@ def train_loop(t: Trainer) -> dict[str, Any]:
         progress.step, progress.pairs_seen = step, progress.pairs_seen + pairs_per_step
         bar.update(1)
 
-        logging = step % max(t.recipe.tracking.log_every, 1) == 0 or step == cfg.max_steps
-        evaluating = (t.recipe.eval.every > 0 and step % t.recipe.eval.every == 0) or step == cfg.max_steps
-        saving = (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or step == cfg.max_steps
+        logging = step % max(t.recipe.tracking.log_every, 1) == 0 or step == until
+        evaluating = (t.recipe.eval.every > 0 and step % t.recipe.eval.every == 0) or step == until
+        saving = (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or step == until
         if logging:
             log_train(t, window, step, torch.cat(step_pairs))  # raises first if a value went non-finite
             window = []
@@ -726,7 +757,7 @@ def train_loop(t: Trainer) -> dict[str, Any]:
             checkpoint(t)
         if evaluating or saving:
             t.aside_seconds += time.perf_counter() - aside
-        if step < cfg.max_steps and (signum := stop.agreed()) is not None:
+        if step < until and (signum := stop.agreed()) is not None:
             stop_here(t, signum)
     bar.close()
     seconds = time.perf_counter() - started
@@ -843,22 +874,31 @@ def stop_here(t: Trainer, signum: int) -> None:
 
 # ---- the stage ---------------------------------------------------------------------------------------
 @errors_reach_every_rank
-def train_stage(recipe: Any, accelerator: Accelerator | None = None, force: bool = False) -> dict[str, Any]:
+def train_stage(
+    recipe: Any, accelerator: Accelerator | None = None, force: bool = False, *, train_round: Any = None
+) -> dict[str, Any]:
     """Train (or finish training) the run; skipped when a checkpoint at ``train.max_steps`` made with
     this run's settings exists. Checkpoints made with other settings are refused, or with ``force``
-    discarded (with eval.parquet) and training starts again."""
-    run = RunDir.from_recipe(recipe)
+    discarded (with eval.parquet) and training starts again.
+
+    ``train_round`` (:class:`mpo.rounds.TrainRound`): one round of an iterative run, trained on the
+    round's pairs up to the round's last step, from the previous round's last checkpoint."""
+    run = train_round.run if train_round is not None else RunDir.from_recipe(recipe)
+    until = train_round.until if train_round is not None else recipe.train.max_steps
     started = time.perf_counter()
     load_train_pairs(run)  # the inputs exist, or an error says which stage to run
     acc = accelerator if accelerator is not None else setup_accelerator(recipe)
     settings = run_settings(recipe, acc, run)
+    if train_round is not None:
+        settings["rounds"] = train_round.settings
     if is_main(acc):
         remove_incomplete(run)  # of a killed run: nobody writes checkpoints before the exchange below
     wait_for_everyone(acc)
     latest = latest_checkpoint(run)
     resume_from = recipe.train.resume_from
+    resumed = train_round.resumed_settings(latest, settings) if train_round is not None else settings
     if latest is not None and (
-        starts_over(resume_from, latest, force) or not _may_continue(latest, settings, recipe.train.max_steps, force)
+        starts_over(resume_from, latest, force) or not _may_continue(latest, resumed, until, force)
     ):
         if is_main(acc):
             discard_training(run)
@@ -867,24 +907,28 @@ def train_stage(recipe: Any, accelerator: Accelerator | None = None, force: bool
     latest = starting_checkpoint(run, resume_from, latest, recipe.train.max_steps)
     if latest is not None and not is_own(run, latest[1]):  # another run's, named by train.resume_from
         _may_continue(latest, settings, recipe.train.max_steps, force=False)
-    if latest is not None and latest[0] < recipe.train.max_steps:
+    if latest is not None and latest[0] < until:
         verify_checkpoint(latest[1], acc.process_index, is_deepspeed(acc), checkpoint_files(recipe))
         wait_for_everyone(acc)  # every file checked before any model is built
-    if latest is not None and latest[0] >= recipe.train.max_steps:
+    if latest is not None and latest[0] >= until:
         summary = {"output_dir": str(run.root), "steps": latest[0], "steps trained now": 0, "trained": False}
         _print(acc, "train (up to date)", summary)
         if accelerator is None:
             end_session(acc)
         return summary
+    owns_trackers = not acc.trackers  # an iterative run keeps one tracker run across its rounds
     try:
-        t = setup(recipe, acc, run, settings, latest)
-        init_tracking(recipe, acc, run)  # after setup: a stage that fails before training has no tracker run
+        t = setup(recipe, acc, run, settings, latest, resumed, train_round)
+        t.until = until
+        if owns_trackers:  # after setup: a stage that fails before training has no tracker run
+            init_tracking(recipe, acc, run)
         done = train_loop(t)
     finally:
         restore_signals()
-        for tracker in acc.trackers:  # the process group lives on: ``mpo run`` exports next
+        for tracker in acc.trackers if owns_trackers else ():  # the group lives on: ``mpo run`` exports next
             tracker.finish()
-        acc.trackers = []
+        if owns_trackers:
+            acc.trackers = []
     if acc.is_main_process:
         from mpo.report import write_report
 
