@@ -164,11 +164,21 @@ def _verbosity_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
     group = parser.add_mutually_exclusive_group()
     default = argparse.SUPPRESS if suppress else "normal"
     group.add_argument(
-        "-v", "--verbose", dest="verbosity", action="store_const", const="verbose", default=default,
+        "-v",
+        "--verbose",
+        dest="verbosity",
+        action="store_const",
+        const="verbose",
+        default=default,
         help="debug messages of mpo and reward, info of the libraries",
     )
     group.add_argument(
-        "-q", "--quiet", dest="verbosity", action="store_const", const="quiet", default=default,
+        "-q",
+        "--quiet",
+        dest="verbosity",
+        action="store_const",
+        const="quiet",
+        default=default,
         help="warnings and errors only; no progress bars",
     )
 
@@ -269,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("export-dataset", help=text, description=text, parents=[common])
     sub.add_argument("recipe", help="recipe YAML of the run")
     sub.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
-    sub.add_argument("--candidates", action="store_true", help="also a 'candidates' split: every scored sample")
+    sub.add_argument(
+        "--candidates", action="store_true", help="also a 'candidates' split: every scored sample"
+    )
     sub.add_argument("--out", help="folder to save_to_disk into (default: <output_dir>/dataset)")
     sub.add_argument("--push-to-hub", metavar="REPO", help="also push it to this hub dataset repo")
     sub.add_argument("--public", action="store_true", help="create the hub dataset repo public")

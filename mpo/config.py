@@ -356,7 +356,9 @@ RULES: tuple[_Rule, ...] = (
         lambda v: len(v) > 0 and len(set(v)) == len(v) and all(f in LORA_FORMATS for f in v),
         f"a non-empty list of distinct formats from {list(LORA_FORMATS)}",
     ),
-    _Rule("export.push_to_hub.repo_id", lambda v: v is None or _repo_id(v), "a hub repo id, owner/name, or null"),
+    _Rule(
+        "export.push_to_hub.repo_id", lambda v: v is None or _repo_id(v), "a hub repo id, owner/name, or null"
+    ),
     _at_least("train.lr_num_cycles", 1),
     _positive("train.lr_power"),
     _one_of("train.optimizer", OPTIMIZERS),
@@ -461,7 +463,9 @@ class _Checker:
         """Rounds split ``train.max_steps`` (the length the learning-rate schedule spans) evenly, and
         continue their own checkpoints only (round 0 samples the base)."""
         r, steps = self.cfg.rounds, self.cfg.train.max_steps
-        if r.count < 1 or not all(self.wanted(k) for k in ("rounds.count", "rounds.steps", "train.max_steps")):
+        if r.count < 1 or not all(
+            self.wanted(k) for k in ("rounds.count", "rounds.steps", "train.max_steps")
+        ):
             return
         if self.wanted("train.resume_from") and self.cfg.train.resume_from != "latest":
             self.add(
@@ -489,13 +493,17 @@ class _Checker:
             import importlib.util
 
             if importlib.util.find_spec("bitsandbytes") is None:
-                self.add("train.optimizer", "needs bitsandbytes: pip install 'mpo-trainer[bnb]' (or use adamw)")
+                self.add(
+                    "train.optimizer", "needs bitsandbytes: pip install 'mpo-trainer[bnb]' (or use adamw)"
+                )
         if self.wanted("train.lr_schedule") and t.lr_schedule == "piecewise_constant" and not t.lr_step_rules:
             self.add("train.lr_schedule", 'piecewise_constant needs train.lr_step_rules, e.g. "1:100,0.1"')
         resume = t.resume_from
         named = resume not in ("latest", "none")
         if self.wanted("train.resume_from") and named and not (Path(resume) / "progress.json").is_file():
-            self.add("train.resume_from", "not latest, none, or a checkpoint folder (one holding progress.json)")
+            self.add(
+                "train.resume_from", "not latest, none, or a checkpoint folder (one holding progress.json)"
+            )
 
     def check_lora_formats(self, backbone: Any) -> None:
         """A ComfyUI LoRA file needs a LoRA run and a family with a ComfyUI key convention."""
@@ -505,7 +513,9 @@ class _Checker:
         if self.cfg.model.finetune != "lora":
             self.add(key, f"comfyui is a LoRA file layout, but model.finetune={self.cfg.model.finetune!r}")
         elif backbone is not None and backbone.comfyui_lora is None:
-            self.add(key, f"model.family={self.cfg.model.family!r} has no ComfyUI LoRA convention; use [diffusers]")
+            self.add(
+                key, f"model.family={self.cfg.model.family!r} has no ComfyUI LoRA convention; use [diffusers]"
+            )
 
     def check_precision(self) -> None:
         """LoRA under mixed precision keeps its frozen base in the compute dtype: in float32 it takes

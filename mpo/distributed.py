@@ -83,7 +83,9 @@ class LaunchError(ValueError):
     launch them."""
 
 
-def check_process_group(num_processes: int, distributed_type: DistributedType, env: dict[str, str] | None = None) -> None:
+def check_process_group(
+    num_processes: int, distributed_type: DistributedType, env: dict[str, str] | None = None
+) -> None:
     """Refuse processes that a launcher started together but that accelerate does not run as one
     distributed group. accelerate's multi-GPU launcher on a machine without GPUs and without
     ``ACCELERATE_USE_CPU=true`` gives, with the gloo backend set here, ranks 0..N-1 of N under

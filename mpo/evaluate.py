@@ -131,9 +131,7 @@ def evaluate(
     previews: list[dict[str, Any]] = []
     mine = _my_items(items, accelerator)
     batch = max(1, int(recipe.reward.batch_size))
-    bar = tqdm(
-        total=len(mine), desc="eval", unit="sample", leave=False, disable=not is_main(accelerator)
-    )
+    bar = tqdm(total=len(mine), desc="eval", unit="sample", leave=False, disable=not is_main(accelerator))
     for start in range(0, len(mine), batch):
         chunk = mine[start : start + batch]
         for p, text, _ in (item for item, _ in chunk):
@@ -332,6 +330,8 @@ def save_samples(run: RunDir, step: int, previews: list[dict[str, Any]]) -> None
 
             with atomic_write(folder / f"{name}.mp4") as tmp:
                 tracker_media.write_mp4(tmp, x["video"], x["fps"])
-        index.append({k: x[k] for k in ("prompt_id", "sample_idx", "prompt", "total")} | {"file": f"{name}.png"})
+        index.append(
+            {k: x[k] for k in ("prompt_id", "sample_idx", "prompt", "total")} | {"file": f"{name}.png"}
+        )
     if index:
         write_text(folder / "samples.json", json.dumps(index, indent=2))

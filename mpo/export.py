@@ -178,11 +178,17 @@ def write_comfyui_lora(recipe: Any, backbone: Backbone, weights: Path, out: Path
 
     convention = type(backbone).comfyui_lora
     if convention is None:  # the recipe loader refuses this; a direct caller gets the same words
-        raise ValueError(f"export.lora_formats: model.family={recipe.model.family!r} has no ComfyUI LoRA layout")
+        raise ValueError(
+            f"export.lora_formats: model.family={recipe.model.family!r} has no ComfyUI LoRA layout"
+        )
     layers = load_file(str(weights / LORA_DIR / LORA_FILE))
     component = denoiser_component(backbone.pipeline(), backbone.denoiser)
-    state = to_comfyui(layers, component, convention["layout"], backbone.denoiser.config, recipe.model.lora_alpha)
-    meta = comfyui_metadata(recipe.model.lora_rank, recipe.model.lora_alpha, convention.get("architecture"), recipe.name)
+    state = to_comfyui(
+        layers, component, convention["layout"], backbone.denoiser.config, recipe.model.lora_alpha
+    )
+    meta = comfyui_metadata(
+        recipe.model.lora_rank, recipe.model.lora_alpha, convention.get("architecture"), recipe.name
+    )
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / COMFYUI_FILE), metadata=meta)
     return out / COMFYUI_FILE
@@ -215,7 +221,9 @@ def before_after(run: RunDir, step: int | None = None) -> pd.DataFrame:
     return frame
 
 
-def model_card(recipe: Any, run: RunDir, backbone: Backbone, record: dict[str, Any], pipeline_here: bool = True):
+def model_card(
+    recipe: Any, run: RunDir, backbone: Backbone, record: dict[str, Any], pipeline_here: bool = True
+):
     """README.md of the export (a ``huggingface_hub.ModelCard``): how to load it, what it was trained
     on, what it changed. Its snippet loads from the hub repo when one is set, else from ``export/``."""
     from mpo.model_card import build_card, read_pair_stats
@@ -225,7 +233,10 @@ def model_card(recipe: Any, run: RunDir, backbone: Backbone, record: dict[str, A
     if recipe.rounds.count:  # iterative: each round selected its own pairs
         from mpo.rounds import rounds_markdown
 
-        pair_lines = [f"{recipe.rounds.count} rounds, each sampling from the policy the round before trained.", ""]
+        pair_lines = [
+            f"{recipe.rounds.count} rounds, each sampling from the policy the round before trained.",
+            "",
+        ]
         pair_lines += rounds_markdown(run, recipe)
     return build_card(
         recipe,

@@ -109,9 +109,10 @@ def build_dataset(recipe: Any, run: RunDir, candidates: bool = False):
     prompts = read_parquet(run.prompts_parquet).set_index("prompt_id")
     manifest = read_parquet(run.candidates_parquet).set_index(["prompt_id", "sample_idx"])
     columns = _score_columns(scores)
-    wanted = sorted({(int(r.prompt_id), int(r.win)) for r in pairs.itertuples()} | {
-        (int(r.prompt_id), int(r.lose)) for r in pairs.itertuples()
-    })
+    wanted = sorted(
+        {(int(r.prompt_id), int(r.win)) for r in pairs.itertuples()}
+        | {(int(r.prompt_id), int(r.lose)) for r in pairs.itertuples()}
+    )
     if candidates:
         wanted = sorted(set(wanted) | {(int(p), int(i)) for p, i in scores.index})
     pixels, modality = decode_candidates(recipe, run, wanted)
@@ -194,7 +195,10 @@ def build_dataset(recipe: Any, run: RunDir, candidates: bool = False):
 
 
 def export_dataset(
-    recipe: Any, out: str | os.PathLike | None = None, candidates: bool = False, push_to_hub: str | None = None,
+    recipe: Any,
+    out: str | os.PathLike | None = None,
+    candidates: bool = False,
+    push_to_hub: str | None = None,
     private: bool = True,
 ) -> dict[str, Any]:
     """Build and save the dataset (and push it when ``push_to_hub`` names a dataset repo)."""
@@ -206,7 +210,9 @@ def export_dataset(
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         data.save_to_disk(str(tmp))
-        (tmp / "mpo_source.json").write_text(json.dumps({"run": str(run.root.resolve()), "recipe": recipe.name}))
+        (tmp / "mpo_source.json").write_text(
+            json.dumps({"run": str(run.root.resolve()), "recipe": recipe.name})
+        )
         old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
         if target.exists():
             os.replace(target, old)

@@ -40,12 +40,16 @@ def already_pushed(run_root: Path, cfg: Any, record: dict[str, Any]) -> bool:
     if not path.exists():
         return False
     stored = json.loads(path.read_text())
-    return stored.get("export") == record and stored.get("repo_id") == cfg.repo_id and (
-        stored.get("revision") == cfg.revision
+    return (
+        stored.get("export") == record
+        and stored.get("repo_id") == cfg.repo_id
+        and (stored.get("revision") == cfg.revision)
     )
 
 
-def push_export(folder: Path, cfg: Any, record: dict[str, Any], run_name: str, api: Any = None) -> dict[str, Any]:
+def push_export(
+    folder: Path, cfg: Any, record: dict[str, Any], run_name: str, api: Any = None
+) -> dict[str, Any]:
     """Upload ``folder`` to ``cfg.repo_id`` (at ``cfg.revision``); returns what was pushed."""
     if api is None:
         from huggingface_hub import HfApi
@@ -53,7 +57,9 @@ def push_export(folder: Path, cfg: Any, record: dict[str, Any], run_name: str, a
         api = HfApi()
     message = cfg.commit_message or f"{run_name}: checkpoint {record['checkpoint']} (step {record['step']})"
     try:
-        repo = api.create_repo(repo_id=cfg.repo_id, repo_type="model", private=bool(cfg.private), exist_ok=True)
+        repo = api.create_repo(
+            repo_id=cfg.repo_id, repo_type="model", private=bool(cfg.private), exist_ok=True
+        )
         if cfg.revision:
             api.create_branch(repo_id=cfg.repo_id, repo_type="model", branch=cfg.revision, exist_ok=True)
         commit = api.upload_folder(

@@ -69,9 +69,14 @@ def sgm_unet_module(module: str, config: Any) -> str:
         return _TOP_LEVEL[module]
     per_block = config["layers_per_block"]
     if not isinstance(per_block, int):
-        raise LoraFormatError(f"layers_per_block={per_block!r}: the sgm layout needs one number for every block")
+        raise LoraFormatError(
+            f"layers_per_block={per_block!r}: the sgm layout needs one number for every block"
+        )
     up_types = list(config["up_block_types"])
-    match = re.fullmatch(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)(?:\.(.+))?", module)
+    match = re.fullmatch(
+        r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)(?:\.(.+))?",
+        module,
+    )
     if match:
         blocks, b, kind, layer, inner = match.groups()
         b, layer, inner = int(b), int(layer), inner or ""

@@ -153,9 +153,7 @@ def _column(data: Any, where: str, column: str, split: str) -> list[str]:
 
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
-            raise PromptsError(
-                f"{where}: no split {split!r} (prompts.dataset_split); splits: {list(data)}"
-            )
+            raise PromptsError(f"{where}: no split {split!r} (prompts.dataset_split); splits: {list(data)}")
         data = data[split]
     if column not in data.column_names:
         raise PromptsError(f"{where}: no column {column!r} (prompts.column); columns: {data.column_names}")

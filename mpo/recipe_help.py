@@ -60,7 +60,9 @@ def recipe_keys(cls: type = Recipe, prefix: str = "") -> list[KeyDoc]:
         text = f.metadata.get(HELP, "")
         if not text:
             raise TypeError(f"mpo.schema: {key} has no help text (declare it with opt(default, help))")
-        docs.append(KeyDoc(key, _type_name(hints[f.name]), _default(f), text, f.metadata.get(CHOICES), section))
+        docs.append(
+            KeyDoc(key, _type_name(hints[f.name]), _default(f), text, f.metadata.get(CHOICES), section)
+        )
     return docs
 
 

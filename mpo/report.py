@@ -135,7 +135,9 @@ def _pair_images(
     return found
 
 
-def pair_pictures(recipe: Any, run: RunDir, out: Path, shown: int = PAIRS_SHOWN, backbone: Any = None) -> list[Path]:
+def pair_pictures(
+    recipe: Any, run: RunDir, out: Path, shown: int = PAIRS_SHOWN, backbone: Any = None
+) -> list[Path]:
     """The ``shown`` pairs with the largest margins: winner and loser with every dimension's score."""
     if not run.pairs_parquet.exists() or not run.scores_parquet.exists():
         return []
@@ -162,7 +164,11 @@ def pair_pictures(recipe: Any, run: RunDir, out: Path, shown: int = PAIRS_SHOWN,
             ax.text(0.5, -0.04, "\n".join(lines), transform=ax.transAxes, ha="center", va="top", fontsize=7)
         axes[row][0].annotate(
             _wrap(str(prompts.loc[p, "prompt"]), 40) + f"\nmargin {r.margin:.4f} ({r.rule})",
-            xy=(-0.1, 0.5), xycoords="axes fraction", ha="right", va="center", fontsize=8,
+            xy=(-0.1, 0.5),
+            xycoords="axes fraction",
+            ha="right",
+            va="center",
+            fontsize=8,
         )
     fig.tight_layout()
     return [_save(fig, out / "pairs.png")]

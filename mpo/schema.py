@@ -77,22 +77,33 @@ class ModelConfig:
         "float32 whatever this says (LoRA under mixed precision: the compute dtype)",
         MODEL_DTYPES,
     )
-    finetune: str = opt("lora", "what trains: LoRA adapters on the denoiser, or all of its weights", FINETUNE_MODES)
+    finetune: str = opt(
+        "lora", "what trains: LoRA adapters on the denoiser, or all of its weights", FINETUNE_MODES
+    )
     lora_rank: int = opt(8, "LoRA rank r")
     lora_alpha: int = opt(8, "LoRA alpha (the adapter's scale is alpha / r)")
     lora_dropout: float = opt(0.0, "dropout on the LoRA branch, in [0, 1)")
-    lora_target_modules: list[str] | None = opt(None, "module names given LoRA (null: the backbone's attention projections)")
+    lora_target_modules: list[str] | None = opt(
+        None, "module names given LoRA (null: the backbone's attention projections)"
+    )
     expert: str | None = opt(None, "two-expert models (Wan 2.2 A14B): which trains, high_noise | low_noise")
     tiny: bool = opt(False, "build the tiny random-initialised variant at `path` if it does not exist")
-    vae_path: str | None = opt(None, "a VAE folder or hub id that replaces the pipeline's (e.g. an fp16-safe SDXL VAE)")
+    vae_path: str | None = opt(
+        None, "a VAE folder or hub id that replaces the pipeline's (e.g. an fp16-safe SDXL VAE)"
+    )
 
 
 @dataclass
 class PromptsConfig:
     """Where the prompts come from and how they are split into train and held-out prompts."""
 
-    file: str = opt("???", "prompts: .txt (one a line), .jsonl / .csv / .parquet, a datasets save_to_disk folder, or a hub dataset id")
-    column: str = opt("prompt", "the column (or JSON field) holding the prompt text, for every format but .txt")
+    file: str = opt(
+        "???",
+        "prompts: .txt (one a line), .jsonl / .csv / .parquet, a datasets save_to_disk folder, or a hub dataset id",
+    )
+    column: str = opt(
+        "prompt", "the column (or JSON field) holding the prompt text, for every format but .txt"
+    )
     dataset_split: str = opt("train", "the split read from a hub dataset id or a saved DatasetDict")
     val_fraction: float = opt(0.1, "fraction of the prompts held out for the eval curves")
     val_count: int | None = opt(None, "number of held-out prompts (overrides val_fraction when set)")
@@ -116,10 +127,13 @@ class GenerateConfig:
     previews: int = opt(16, "decoded PNG/MP4 previews written (0 = none)")
     # Sampling cost (mpo.sampling; `mpo calibrate` measures what a cheaper setting keeps of the pairs)
     scheduler: str = opt(
-        "default", "sampler: default (the family's own) | euler | dpmpp_2m | unipc | ddim | a diffusers class name"
+        "default",
+        "sampler: default (the family's own) | euler | dpmpp_2m | unipc | ddim | a diffusers class name",
     )
     scheduler_options: dict[str, Any] = opt_list(dict, "from_config overrides of that scheduler class")
-    cache: str = opt("none", "diffusers cache hook where the family supports it: none | first_block | faster | pab")
+    cache: str = opt(
+        "none", "diffusers cache hook where the family supports it: none | first_block | faster | pab"
+    )
     cache_options: dict[str, Any] = opt_list(dict, "fields of the cache config, e.g. threshold")
     compile: str = opt("none", "torch.compile of the denoiser: none | regional (repeated blocks) | full")
     batch_size: int | None = opt(None, "candidates per denoising batch, whole prompts (null: num_candidates)")
@@ -131,7 +145,10 @@ class RewardConfig:
 
     checklist: str = opt("image-full", "a bundled checklist name or a YAML path")
     weights: str | None = opt(None, "weights file from `reward fit` (replaces the checklist's weights)")
-    backend: str = opt("pixel-stats", "who answers the questions: vlm | cogvlm2 | pixel-stats (vlm picks cogvlm2 for a CogVLM2 checkpoint)")
+    backend: str = opt(
+        "pixel-stats",
+        "who answers the questions: vlm | cogvlm2 | pixel-stats (vlm picks cogvlm2 for a CogVLM2 checkpoint)",
+    )
     model_path: str | None = opt(None, "VLM path or hub id (backend=vlm / cogvlm2)")
     alignment_model_path: str | None = opt(None, "alignment term: CLIP-FlanT5 (VQAScore) or a VLM (optional)")
     batch_size: int = opt(8, "samples scored per forward")
@@ -159,7 +176,7 @@ class TrainConfig:
 
     beta: float = opt(5000.0, "Diffusion-DPO beta (per-sample loss = mean over latent elements)")
     learning_rate: float = opt(1e-8, "peak learning rate (per pair unless scale_lr)")
-    scale_lr: bool = opt(False, "multiply lr by effective batch size (the paper's \"before scaling\")")
+    scale_lr: bool = opt(False, 'multiply lr by effective batch size (the paper\'s "before scaling")')
     lr_schedule: str = opt("constant", "diffusers' lr schedule after warmup", LR_SCHEDULES)
     warmup_steps: int = opt(0, "optimizer steps of linear warmup")
     max_steps: int = opt(100, "optimizer steps in all")
@@ -177,20 +194,37 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "most recent checkpoints kept (the best one is always kept)")
     seed: int = opt(0, "seed of LoRA init, pair order, noise and timesteps")
     num_workers: int = opt(0, "dataloader worker processes reading cached latents")
-    timestep_range: list[float] = opt_list(lambda: [0.0, 1.0], "[low, high]: the fraction of the schedule timesteps are drawn from")
-    timestep_sampling: str = opt("uniform", "uniform | logit_normal | mode (SD3 paper 3.1), over timestep_range", TIMESTEP_SAMPLING)
+    timestep_range: list[float] = opt_list(
+        lambda: [0.0, 1.0], "[low, high]: the fraction of the schedule timesteps are drawn from"
+    )
+    timestep_sampling: str = opt(
+        "uniform", "uniform | logit_normal | mode (SD3 paper 3.1), over timestep_range", TIMESTEP_SAMPLING
+    )
     logit_mean: float = opt(0.0, "logit_normal: mean of the normal whose sigmoid is the timestep fraction")
     logit_std: float = opt(1.0, "logit_normal: its standard deviation")
     mode_scale: float = opt(1.29, "mode: the SD3 paper's s")
     lr_num_cycles: int = opt(1, "cosine_with_restarts: number of hard restarts")
     lr_power: float = opt(1.0, "polynomial: power of the decay")
-    lr_step_rules: str | None = opt(None, 'piecewise_constant: "multiplier:step,...,last multiplier", e.g. "1:100,0.1:200,0.01"')
-    allow_tf32: bool = opt(False, "TF32 matmuls and convolutions on Ampere+ GPUs (faster fp32, ~10-bit mantissa)")
-    optimizer: str = opt("adamw", "adamw (torch) or adamw_8bit (bitsandbytes: pip install 'mpo-trainer[bnb]')", OPTIMIZERS)
-    ema: bool = opt(False, "keep an exponential moving average of the trainable weights (diffusers' EMAModel)")
+    lr_step_rules: str | None = opt(
+        None, 'piecewise_constant: "multiplier:step,...,last multiplier", e.g. "1:100,0.1:200,0.01"'
+    )
+    allow_tf32: bool = opt(
+        False, "TF32 matmuls and convolutions on Ampere+ GPUs (faster fp32, ~10-bit mantissa)"
+    )
+    optimizer: str = opt(
+        "adamw", "adamw (torch) or adamw_8bit (bitsandbytes: pip install 'mpo-trainer[bnb]')", OPTIMIZERS
+    )
+    ema: bool = opt(
+        False, "keep an exponential moving average of the trainable weights (diffusers' EMAModel)"
+    )
     ema_decay: float = opt(0.9999, "EMA decay per optimizer step")
-    resume_from: str = opt("latest", "latest (the newest checkpoint of this run), none (start from the base model), or a checkpoint folder")
-    loss_type: str = opt("sigmoid", "sigmoid (Diffusion-DPO), hinge or ipo (formulas in mpo/loss.py)", LOSS_TYPES)
+    resume_from: str = opt(
+        "latest",
+        "latest (the newest checkpoint of this run), none (start from the base model), or a checkpoint folder",
+    )
+    loss_type: str = opt(
+        "sigmoid", "sigmoid (Diffusion-DPO), hinge or ipo (formulas in mpo/loss.py)", LOSS_TYPES
+    )
     sft_weight: float = opt(0.0, "weight of the winner's plain denoising loss added to the DPO loss")
     loss_weighting: str = opt(
         "none",
@@ -199,7 +233,9 @@ class TrainConfig:
         LOSS_WEIGHTINGS,
     )
     snr_gamma: float = opt(5.0, "gamma of min_snr")
-    reference: str = opt("live", "live (frozen copy / adapters off) or precomputed (one pass before training)", REFERENCES)
+    reference: str = opt(
+        "live", "live (frozen copy / adapters off) or precomputed (one pass before training)", REFERENCES
+    )
 
 
 @dataclass
@@ -221,7 +257,9 @@ class TrackingConfig:
     project: str = opt("mpo", "tracker project")
     run_name: str | None = opt(None, "tracker run name (null: the recipe's name)")
     log_every: int = opt(1, "optimizer steps between training-curve points")
-    mode: str = opt("online", "wandb: online, or offline (log under the run dir, `wandb sync` later)", TRACKER_MODES)
+    mode: str = opt(
+        "online", "wandb: online, or offline (log under the run dir, `wandb sync` later)", TRACKER_MODES
+    )
 
 
 @dataclass
@@ -240,7 +278,9 @@ class ExportConfig:
 
     merge_lora: bool = opt(True, "LoRA runs: also write the pipeline with the adapter merged in")
     which: str = opt("best", "which checkpoint is exported", EXPORT_WHICH)
-    lora_formats: list[str] = opt_list(lambda: ["diffusers"], "LoRA files written: diffusers, and/or comfyui (kohya keys)", LORA_FORMATS)
+    lora_formats: list[str] = opt_list(
+        lambda: ["diffusers"], "LoRA files written: diffusers, and/or comfyui (kohya keys)", LORA_FORMATS
+    )
     license: str | None = opt(None, "model card license when the base model's is unknown (e.g. openrail++)")
     ema: bool = opt(True, "with train.ema: export the EMA weights (false: the raw trained weights)")
     push_to_hub: PushToHubConfig = field(default_factory=PushToHubConfig)
@@ -256,7 +296,8 @@ class RoundsConfig:
         "round before trained (0: offline, one of each over the run)",
     )
     steps: int | None = opt(
-        None, "optimizer steps per round (null: train.max_steps / count); count x steps must equal train.max_steps"
+        None,
+        "optimizer steps per round (null: train.max_steps / count); count x steps must equal train.max_steps",
     )
     prompts: str = opt(
         "same",

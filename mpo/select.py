@@ -450,9 +450,7 @@ def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     return {"path": str(Path(path).resolve()), "content_hash": stored}
 
 
-def cap_total(
-    pairs: pd.DataFrame, stats: SelectionStats, max_pairs: int, cfg: SelectConfig
-) -> pd.DataFrame:
+def cap_total(pairs: pd.DataFrame, stats: SelectionStats, max_pairs: int, cfg: SelectConfig) -> pd.DataFrame:
     """At most ``max_pairs`` pairs in all (an iterative run's ``rounds.max_pairs``), chosen the way
     the per-prompt cap chooses (``select.cap_strategy``); ``stats`` is updated to what is kept."""
     cfg = _checked_config(cfg)
@@ -463,7 +461,9 @@ def cap_total(
         else:
             seeds = _prompt_seeds(cfg.seed, pid)
             with np.errstate(over="ignore"):
-                key = _mix64(seeds ^ _mix64(win.astype(np.uint64) * np.uint64(1 << 32) + lose.astype(np.uint64)))
+                key = _mix64(
+                    seeds ^ _mix64(win.astype(np.uint64) * np.uint64(1 << 32) + lose.astype(np.uint64))
+                )
             order = np.lexsort((lose, win, pid, key))
         pairs = pairs.iloc[np.sort(order[:max_pairs])].reset_index(drop=True)
         stats.removed_by_cap += stats.pairs - len(pairs)
@@ -564,7 +564,9 @@ def _up_to_date(
     except (OSError, ValueError):
         return None  # a damaged statistics file: the pairs are made again
     config = dict(stored.get("config") or {})
-    changes = describe_changes({"max_pairs": config.pop("max_pairs", None)}, {"max_pairs": max_pairs}, "rounds.")
+    changes = describe_changes(
+        {"max_pairs": config.pop("max_pairs", None)}, {"max_pairs": max_pairs}, "rounds."
+    )
     changes += describe_changes(config, dataclasses.asdict(cfg), "select.")
     if changes and not force:
         raise SelectionError(
@@ -608,7 +610,12 @@ def select_stage(
             print_stats(stats, title=f"select (up to date) -> {run.pairs_parquet}")
         else:
             select_from_file(
-                run.scores_parquet, run.pairs_parquet, cfg, stats_path=stats_path, split="train", max_pairs=max_pairs
+                run.scores_parquet,
+                run.pairs_parquet,
+                cfg,
+                stats_path=stats_path,
+                split="train",
+                max_pairs=max_pairs,
             )
     wait_for_everyone(accelerator)
     return SelectionStats.from_dict(json.loads(stats_path.read_text()))

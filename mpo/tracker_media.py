@@ -28,7 +28,9 @@ def write_mp4(path: Path | str, frames: np.ndarray, fps: float) -> None:
     """uint8 [T, H, W, 3] frames as an H.264 MP4 (imageio's ffmpeg), playable in browsers."""
     import imageio.v2 as imageio
 
-    with imageio.get_writer(str(path), format="FFMPEG", mode="I", fps=max(fps, 1.0), macro_block_size=1) as writer:
+    with imageio.get_writer(
+        str(path), format="FFMPEG", mode="I", fps=max(fps, 1.0), macro_block_size=1
+    ) as writer:
         for frame in frames:
             writer.append_data(frame)
 
@@ -56,7 +58,9 @@ def gif_bytes(frames: np.ndarray, fps: float) -> bytes:
     pictures = [Image.fromarray(frame) for frame in frames]
     buffer = io.BytesIO()
     duration = round(1000 / max(fps, 1.0))
-    pictures[0].save(buffer, format="GIF", save_all=True, append_images=pictures[1:], duration=duration, loop=0)
+    pictures[0].save(
+        buffer, format="GIF", save_all=True, append_images=pictures[1:], duration=duration, loop=0
+    )
     return buffer.getvalue()
 
 
@@ -70,10 +74,14 @@ def log_tensorboard(tracker: Any, previews: list[dict[str, Any]], step: int) -> 
         if "video" in x:
             frames = x["video"]
             image = Summary.Image(
-                height=frames.shape[1], width=frames.shape[2], colorspace=3,
+                height=frames.shape[1],
+                width=frames.shape[2],
+                colorspace=3,
                 encoded_image_string=gif_bytes(frames, x["fps"]),
             )
-            writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=f"{tag}/video", image=image)]), step)
+            writer._get_file_writer().add_summary(
+                Summary(value=[Summary.Value(tag=f"{tag}/video", image=image)]), step
+            )
         else:
             writer.add_image(tag, x["image"], global_step=step, dataformats="HWC")
     writer.flush()

@@ -463,9 +463,7 @@ def setup(
     )
     ema = train_options.make_ema(recipe, acc.unwrap_model(model), _zero_stage(acc))
     if ema is not None:
-        resumable.extras.append(
-            train_options.EMACheckpoint(ema, acc, model, resumable.save_weights)
-        )
+        resumable.extras.append(train_options.EMACheckpoint(ema, acc, model, resumable.save_weights))
     progress = resume(resumable, settings, start, resumed_settings)
     seed, before = recipe.train.seed, 0  # an iterative run: each round's own stream, from its position 0
     if train_round is not None:
@@ -533,7 +531,9 @@ def setup_precomputed_reference(
     if extra is not None:
         settings["round"] = extra
     digest, fingerprint = fingerprint_of(settings, pairs)
-    seed, steps, folder = stream if stream is not None else (cfg.seed, cfg.max_steps, t.run.root / REFERENCE_DIR)
+    seed, steps, folder = (
+        stream if stream is not None else (cfg.seed, cfg.max_steps, t.run.root / REFERENCE_DIR)
+    )
     plan = Plan(steps * cfg.gradient_accumulation_steps, cfg.batch_size, acc.process_index, acc.num_processes)
     dataset = PairDataset(t.run, pairs, seed, t.backbone.timestep_sampler(cfg), verified=t.verified)
 
@@ -583,7 +583,10 @@ def setup_precomputed_reference(
 
 
 def resume(
-    r: Resumable, settings: dict[str, Any], start: tuple[int, Path] | None, resumed_settings: dict[str, Any] | None = None
+    r: Resumable,
+    settings: dict[str, Any],
+    start: tuple[int, Path] | None,
+    resumed_settings: dict[str, Any] | None = None,
 ) -> TrainProgress:
     """Load the checkpoint training starts from (:func:`train_stage` picked it, ``train.resume_from``:
     the latest complete one by default; weights, optimizer, scheduler, RNG, EMA) if there is one,
@@ -720,9 +723,7 @@ def train_loop(t: Trainer) -> dict[str, Any]:
     pairs_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * acc.num_processes
     if progress.step == 0 and not evaluated(t.run, 0):
         run_eval(t, 0)
-    bar = tqdm(
-        total=until, initial=progress.step, desc="train", unit="step", disable=not acc.is_main_process
-    )
+    bar = tqdm(total=until, initial=progress.step, desc="train", unit="step", disable=not acc.is_main_process)
     start_step, started, window = progress.step, time.perf_counter(), []
     t.aside_seconds = 0.0
     stop = stop_on_signals()  # undone by train_stage

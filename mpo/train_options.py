@@ -46,11 +46,18 @@ def apply_tf32(recipe: Any) -> None:
     torch.backends.cudnn.allow_tf32 = enabled
 
 
-def make_optimizer(recipe: Any, params: list[nn.Parameter], lr: float, fused: bool = False) -> torch.optim.Optimizer:
+def make_optimizer(
+    recipe: Any, params: list[nn.Parameter], lr: float, fused: bool = False
+) -> torch.optim.Optimizer:
     """``train.optimizer``: torch's AdamW (``fused``: the one-kernel one where the device has it, which
     also takes the device-side ``found_inf`` skip of :mod:`mpo.finite`) or bitsandbytes' AdamW8bit."""
     cfg = recipe.train
-    kwargs = {"lr": lr, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon, "weight_decay": cfg.weight_decay}
+    kwargs = {
+        "lr": lr,
+        "betas": (cfg.adam_beta1, cfg.adam_beta2),
+        "eps": cfg.adam_epsilon,
+        "weight_decay": cfg.weight_decay,
+    }
     if cfg.optimizer == "adamw_8bit":
         try:
             import bitsandbytes as bnb
@@ -76,7 +83,9 @@ def make_ema(recipe: Any, model: nn.Module, zero_stage: int | None) -> Any:
     if not recipe.train.ema:
         return None
     if zero_stage == 3:
-        raise OptionError("train.ema=true does not work with DeepSpeed ZeRO-3 (partitioned weights); use ZeRO-2 or DDP")
+        raise OptionError(
+            "train.ema=true does not work with DeepSpeed ZeRO-3 (partitioned weights); use ZeRO-2 or DDP"
+        )
     from diffusers.training_utils import EMAModel
 
     return EMAModel(trainable(model), decay=float(recipe.train.ema_decay), foreach=True)
@@ -136,7 +145,11 @@ def starting_checkpoint(
             f"delete the ones after {path.name} to go back to it, or use a new output_dir"
         )
     if not is_own(run, path):
-        log.info("train.resume_from=%s: the run has checkpoints of its own; continuing from %s", resume_from, latest[1])
+        log.info(
+            "train.resume_from=%s: the run has checkpoints of its own; continuing from %s",
+            resume_from,
+            latest[1],
+        )
     return latest
 
 
@@ -171,7 +184,10 @@ class EMACheckpoint(CheckpointPart):
         if acc.is_main_process:
             values = self.ema.state_dict()
             shadow = values.pop("shadow_params")
-            save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(shadow)}, str(folder / EMA_TENSORS))
+            save_file(
+                {str(i): p.detach().cpu().contiguous() for i, p in enumerate(shadow)},
+                str(folder / EMA_TENSORS),
+            )
             (folder / EMA_VALUES).write_text(json.dumps(values, indent=1))
 
     def load(self, folder: Path) -> None:
@@ -193,6 +209,8 @@ def exported_weights(recipe: Any, checkpoint: Path) -> Path:
     if recipe.train.ema and recipe.export.ema:
         ema = checkpoint / EMA_WEIGHTS
         if not ema.is_dir():
-            raise OptionError(f"{checkpoint}: no {EMA_WEIGHTS}/ (trained without train.ema?); set export.ema=false")
+            raise OptionError(
+                f"{checkpoint}: no {EMA_WEIGHTS}/ (trained without train.ema?); set export.ema=false"
+            )
         return ema
     return checkpoint / "weights"

@@ -95,5 +95,7 @@ def test_project_logger_writes_before_and_after_accelerate_state(capsys):
     PartialState()
     log.info("after state")
     err = capsys.readouterr().err
-    assert "DEBUG mpo.test: before state" in err and "INFO mpo.test: [RANK 0] after state" in err  # accelerate names the rank
+    assert (
+        "DEBUG mpo.test: before state" in err and "INFO mpo.test: [RANK 0] after state" in err
+    )  # accelerate names the rank
     setup_logging("normal")

@@ -153,7 +153,10 @@ def test_comfyui_lora_loads_in_diffusers_and_equals_the_merged_export(lora_run, 
 
     # Keys round-trip: diffusers' own converter turns the kohya file back into our diffusers file.
     ours = convert_unet_state_dict_to_peft(
-        {k.removeprefix("unet."): v for k, v in load_file(str(lora / "pytorch_lora_weights.safetensors")).items()}
+        {
+            k.removeprefix("unet."): v
+            for k, v in load_file(str(lora / "pytorch_lora_weights.safetensors")).items()
+        }
     )
     base = StableDiffusionXLPipeline.from_pretrained(models / "sdxl")
     state, alphas = StableDiffusionXLPipeline.lora_state_dict(str(path), unet_config=base.unet.config)
@@ -176,17 +179,32 @@ def test_comfyui_lora_loads_in_diffusers_and_equals_the_merged_export(lora_run, 
 
 def _sdxl_unet_config():
     """The parts of SDXL base's UNet config the sgm layout depends on."""
-    return {"layers_per_block": 2, "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}
+    return {
+        "layers_per_block": 2,
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    }
 
 
 @pytest.mark.parametrize(
     "module, kohya",
     [  # names as they appear in public SDXL kohya LoRA files
-        ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "input_blocks_4_1_transformer_blocks_0_attn1_to_q"),
-        ("down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_out.0", "input_blocks_8_1_transformer_blocks_9_attn2_to_out_0"),
+        (
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+            "input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+        ),
+        (
+            "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_out.0",
+            "input_blocks_8_1_transformer_blocks_9_attn2_to_out_0",
+        ),
         ("mid_block.attentions.0.proj_in", "middle_block_1_proj_in"),
-        ("up_blocks.0.attentions.2.transformer_blocks.3.ff.net.0.proj", "output_blocks_2_1_transformer_blocks_3_ff_net_0_proj"),
-        ("up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k", "output_blocks_3_1_transformer_blocks_0_attn1_to_k"),
+        (
+            "up_blocks.0.attentions.2.transformer_blocks.3.ff.net.0.proj",
+            "output_blocks_2_1_transformer_blocks_3_ff_net_0_proj",
+        ),
+        (
+            "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k",
+            "output_blocks_3_1_transformer_blocks_0_attn1_to_k",
+        ),
         ("down_blocks.0.resnets.1.conv1", "input_blocks_2_0_in_layers_2"),
         ("mid_block.resnets.1.time_emb_proj", "middle_block_2_emb_layers_1"),
         ("up_blocks.2.resnets.0.conv_shortcut", "output_blocks_6_0_skip_connection"),
@@ -221,8 +239,10 @@ def test_every_sdxl_attention_and_resnet_layer_round_trips_through_diffusers(tmp
         unet = UNet2DConditionModel(**config)
     layers = {}
     for name, module in unet.named_modules():
-        if isinstance(module, torch.nn.Linear | torch.nn.Conv2d) and ".norm" not in name and (
-            "attentions" in name or "resnets" in name or "samplers" in name
+        if (
+            isinstance(module, torch.nn.Linear | torch.nn.Conv2d)
+            and ".norm" not in name
+            and ("attentions" in name or "resnets" in name or "samplers" in name)
         ):
             for which in ("lora_A", "lora_B"):  # a distinct value per tensor: a swapped name shows
                 layers[f"unet.{name}.{which}.weight"] = torch.full((1, 1), float(len(layers)))
@@ -248,7 +268,9 @@ def test_the_comfyui_file_is_offered_where_a_convention_exists_and_refused_with_
             load_recipe(str(recipe), overrides)
     else:
         assert list(load_recipe(str(recipe), overrides).export.lora_formats) == ["diffusers", "comfyui"]
-    assert (get_backbone_class(family).comfyui_lora is not None) == (family == "sdxl")  # the one convention here
+    assert (get_backbone_class(family).comfyui_lora is not None) == (
+        family == "sdxl"
+    )  # the one convention here
 
 
 def test_push_to_hub_makes_the_expected_calls_with_the_export_files(lora_run, models):
@@ -285,8 +307,12 @@ def test_a_failed_upload_names_the_repo_and_keeps_the_export(lora_run, models, t
             raise ConnectionError("hub unreachable")
 
     run, recipe = lora_run
-    with pytest.raises(HubError, match=r"'me/tiny-sdxl-mpo': upload failed \(ConnectionError: hub unreachable\)"):
-        push_export(run / "export", recipe.export.push_to_hub, {"checkpoint": "x", "step": 1}, "r", api=Down())
+    with pytest.raises(
+        HubError, match=r"'me/tiny-sdxl-mpo': upload failed \(ConnectionError: hub unreachable\)"
+    ):
+        push_export(
+            run / "export", recipe.export.push_to_hub, {"checkpoint": "x", "step": 1}, "r", api=Down()
+        )
     assert (run / "export" / "model_index.json").exists()
 
 
@@ -294,7 +320,11 @@ def test_a_failed_upload_names_the_repo_and_keeps_the_export(lora_run, models, t
 def _wandb_records(run: Path) -> list[dict]:
     (log,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
     out = subprocess.run(
-        ["wandb", "leet", "inspect", "--json", str(log)], capture_output=True, text=True, timeout=120, check=True
+        ["wandb", "leet", "inspect", "--json", str(log)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     ).stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
@@ -355,8 +385,13 @@ def test_export_dataset_is_a_preference_dataset_with_decoded_images(lora_run, mo
     assert set(data) == {"pairs", "candidates"} and summary["pairs rows"] == len(pairs)
     assert len(data["pairs"]) == len(pairs) and len(data["candidates"]) == len(scores)
     row = data["pairs"][0]
-    assert row["prompt_id"] == pairs["prompt_id"][0] and (row["win_idx"], row["lose_idx"]) == (pairs["win"][0], pairs["lose"][0])
-    assert row["margin"] == pytest.approx(pairs["margin"][0]) and row["rule"] == "mpo" and row["label_0"] == 1.0
+    assert row["prompt_id"] == pairs["prompt_id"][0] and (row["win_idx"], row["lose_idx"]) == (
+        pairs["win"][0],
+        pairs["lose"][0],
+    )
+    assert (
+        row["margin"] == pytest.approx(pairs["margin"][0]) and row["rule"] == "mpo" and row["label_0"] == 1.0
+    )
     by_key = scores.set_index(["prompt_id", "sample_idx"])
     win = by_key.loc[(row["prompt_id"], row["win_idx"])]
     assert row["win_scores"]["total"] == pytest.approx(win["total"])
@@ -377,7 +412,9 @@ def test_export_dataset_pushes_the_saved_splits_to_a_private_hub_dataset(lora_ru
     from mpo.export_dataset import export_dataset
 
     pushed = []
-    monkeypatch.setattr(datasets.DatasetDict, "push_to_hub", lambda self, repo, **kw: pushed.append((self, repo, kw)))
+    monkeypatch.setattr(
+        datasets.DatasetDict, "push_to_hub", lambda self, repo, **kw: pushed.append((self, repo, kw))
+    )
     _, recipe = lora_run
     summary = export_dataset(recipe, tmp_path / "prefs", push_to_hub="me/tiny-prefs")
     ((data, repo, kwargs),) = pushed
@@ -429,7 +466,9 @@ def test_ema_weights_differ_from_the_raw_ones_resume_exactly_and_are_exported(pr
     exported = _lora_file(run / "export")
     assert all(torch.equal(exported[k], ema[k]) for k in ema)
     assert json.loads((run / "export" / "export.json").read_text())["ema"] is True
-    pipe = DiffusionPipeline.from_pretrained(run / "export")  # the EMA adapter merged in, as diffusers loads it
+    pipe = DiffusionPipeline.from_pretrained(
+        run / "export"
+    )  # the EMA adapter merged in, as diffusers loads it
     assert isinstance(pipe, StableDiffusionXLPipeline)
 
 
@@ -444,8 +483,12 @@ def test_resume_from_another_runs_checkpoint_and_from_none(lora_run, prepared, m
     summary = train_stage(recipe_for(run, models, extra=extra))
     assert summary["resumed from step"] == 1 and summary["steps trained now"] == 1
     own = load_file(run / "checkpoints" / "step-2" / "weights" / "lora" / "pytorch_lora_weights.safetensors")
-    theirs = load_file(source / "checkpoints" / "step-2" / "weights" / "lora" / "pytorch_lora_weights.safetensors")
-    assert own.keys() == theirs.keys() and all(torch.equal(own[k], theirs[k]) for k in own)  # = continuing there
+    theirs = load_file(
+        source / "checkpoints" / "step-2" / "weights" / "lora" / "pytorch_lora_weights.safetensors"
+    )
+    assert own.keys() == theirs.keys() and all(
+        torch.equal(own[k], theirs[k]) for k in own
+    )  # = continuing there
     # A restart with the same recipe continues from the run's own checkpoints, not the other run's.
     assert train_stage(recipe_for(run, models, extra=extra))["trained"] is False
     # none never discards checkpoints unasked; with force it trains again from step 0.
@@ -475,13 +518,20 @@ def test_wandb_resumes_into_the_same_run_and_a_failed_setup_starts_none(lora_run
 
     # A setup that fails (a checkpoint of a LoRA run given to a full fine-tuning) opens no run.
     other = copy_run(prepared, tmp_path / "other")
-    bad = [*extra[:-1], "train.max_steps=2", "model.finetune=full", f"train.resume_from={source / 'checkpoints' / 'step-1'}"]
+    bad = [
+        *extra[:-1],
+        "train.max_steps=2",
+        "model.finetune=full",
+        f"train.resume_from={source / 'checkpoints' / 'step-1'}",
+    ]
     with pytest.raises(CheckpointError, match="other settings"):
         train_stage(recipe_for(other, models, extra=bad))
     assert not (other / "wandb").exists()
 
 
-@pytest.mark.parametrize("family", ["sdxl", "wan"])  # AutoencoderKL / AutoencoderKLWan: the VAE's config names it
+@pytest.mark.parametrize(
+    "family", ["sdxl", "wan"]
+)  # AutoencoderKL / AutoencoderKLWan: the VAE's config names it
 def test_vae_override_replaces_the_pipelines_vae(family, models, tmp_path):
     from diffusers import AutoModel
 
@@ -490,11 +540,15 @@ def test_vae_override_replaces_the_pipelines_vae(family, models, tmp_path):
 
     load_backbone(ModelConfig(family=family, path=str(models / family), tiny=True))  # built once per session
     vae = AutoModel.from_pretrained(str(models / family / "vae"))
-    name, bias = next((n, p) for n, p in vae.named_parameters() if n.startswith("decoder.") and n.endswith("bias"))
+    name, bias = next(
+        (n, p) for n, p in vae.named_parameters() if n.startswith("decoder.") and n.endswith("bias")
+    )
     with torch.no_grad():
         bias.add_(0.5)
     vae.save_pretrained(tmp_path / "my-vae")
-    backbone = load_backbone(ModelConfig(family=family, path=str(models / family), vae_path=str(tmp_path / "my-vae")))
+    backbone = load_backbone(
+        ModelConfig(family=family, path=str(models / family), vae_path=str(tmp_path / "my-vae"))
+    )
     loaded = backbone.pipeline().vae
     assert type(loaded) is type(vae)
     torch.testing.assert_close(dict(loaded.named_parameters())[name], bias)
@@ -518,7 +572,13 @@ def test_two_processes_train_with_ema_wandb_and_pictures(prepared, models, tmp_p
     extra = [*EMA[:-2], "train.max_steps=2", "eval.every=1", "eval.num_prompts=2", "tracking.tracker=wandb",
              "tracking.mode=offline"]  # fmt: skip
     two = copy_run(prepared, tmp_path / "two")
-    overrides = [*SDXL_SMALL, f"output_dir={two}", f"model.path={models / 'sdxl'}", *extra, "train.batch_size=1"]
+    overrides = [
+        *SDXL_SMALL,
+        f"output_dir={two}",
+        f"model.path={models / 'sdxl'}",
+        *extra,
+        "train.batch_size=1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     if "deepspeed" in launch:
         env.pop("ACCELERATE_USE_CPU", None)  # with it, accelerate drops DeepSpeed
@@ -531,7 +591,9 @@ def test_two_processes_train_with_ema_wandb_and_pictures(prepared, models, tmp_p
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert len(list((two / "wandb").glob("offline-run-*"))) == 1  # the main process's run only
-    assert (two / "report" / "curve-total.png").exists() and (two / "eval" / "step-0" / "samples.json").exists()
+    assert (two / "report" / "curve-total.png").exists() and (
+        two / "eval" / "step-0" / "samples.json"
+    ).exists()
     one = copy_run(prepared, tmp_path / "one")
     train_stage(recipe_for(one, models, extra=[*extra[:-2], "tracking.tracker=none", "train.batch_size=2"]))
     a = _lora_file(one / "checkpoints" / "step-2" / "weights_ema")

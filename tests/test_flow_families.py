@@ -207,7 +207,11 @@ def test_train_export_and_reload_in_diffusers(family, finetune, prepared, models
     card = (export / "README.md").read_text()
     assert ("text-to-video" if family == "wan" else "text-to-image") in card and "| total |" in card
     header = ModelCard.load(export / "README.md").data  # beside model_index.json, as the hub reads it
-    assert family in header.tags and header.library_name == "diffusers" and (export / "model_index.json").exists()
+    assert (
+        family in header.tags
+        and header.library_name == "diffusers"
+        and (export / "model_index.json").exists()
+    )
 
 
 def test_trainer_draws_timesteps_from_the_recipe_density(prepared, models, tmp_path, monkeypatch):

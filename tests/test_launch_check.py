@@ -14,7 +14,9 @@ TWO = {"WORLD_SIZE": "2"}
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_launched_processes_outside_a_distributed_group_are_refused_with_the_fix(processes):
-    with pytest.raises(LaunchError, match=r"started 2 processes .*not be averaged.*ACCELERATE_USE_CPU=true") as caught:
+    with pytest.raises(
+        LaunchError, match=r"started 2 processes .*not be averaged.*ACCELERATE_USE_CPU=true"
+    ) as caught:
         check_process_group(processes, DistributedType.NO, TWO)
     assert exit_status(caught.value) == 2
 

@@ -101,7 +101,8 @@ def test_a_hub_id_is_loaded_with_load_dataset_and_its_failure_named(tmp_path, mo
 def test_recipe_column_reaches_the_prompt_table_and_hub_ids_stay_unresolved(tmp_path):
     files = _write_all(tmp_path)
     recipe = load_recipe(
-        str(SDXL), [f"output_dir={tmp_path / 'run'}", f"prompts.file={files['csv']}", "prompts.column=caption"]
+        str(SDXL),
+        [f"output_dir={tmp_path / 'run'}", f"prompts.file={files['csv']}", "prompts.column=caption"],
     )
     table = prepare_prompts(recipe)
     assert table["prompt"].tolist() == TEXTS

@@ -14,7 +14,15 @@ def _previews() -> list[dict]:
     rng = np.random.default_rng(0)
     video = rng.integers(0, 255, (5, 16, 16, 3), dtype=np.uint8)
     return [
-        {"prompt_id": 3, "sample_idx": 0, "prompt": "a red car", "total": 0.25, "image": video[0], "video": video, "fps": 4.0},
+        {
+            "prompt_id": 3,
+            "sample_idx": 0,
+            "prompt": "a red car",
+            "total": 0.25,
+            "image": video[0],
+            "video": video,
+            "fps": 4.0,
+        },
         {"prompt_id": 7, "sample_idx": 1, "prompt": "a blue sea", "total": float("nan"), "image": video[1]},
     ]
 
@@ -34,10 +42,14 @@ def test_wandb_gets_captioned_images_and_videos(tmp_path):
     log_wandb(_Tracker(run), _previews(), step=5)
     run.finish()
     (log,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
-    out = subprocess.run(["wandb", "leet", "inspect", "--json", str(log)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["wandb", "leet", "inspect", "--json", str(log)], capture_output=True, text=True, check=True
+    )
     (row,) = [json.loads(x)["history"]["item"] for x in out.stdout.splitlines() if '"history"' in x]
     assert row["eval/samples.captions"] == ["a red car (step 5, reward 0.2500)", "a blue sea (step 5)"]
-    assert row["eval/videos._type"] == "videos" and row["eval/videos.captions"] == ["a red car (step 5, reward 0.2500)"]
+    assert row["eval/videos._type"] == "videos" and row["eval/videos.captions"] == [
+        "a red car (step 5, reward 0.2500)"
+    ]
     (video,) = tmp_path.glob("wandb/offline-run-*/files/media/videos/eval/*.mp4")
     assert video.stat().st_size > 0
 

@@ -38,7 +38,9 @@ def test_every_diffusers_schedule_is_accepted_and_shapes_the_lr():
     assert _lr_curve(["train.lr_schedule=linear"])[5] == pytest.approx(0.5)
     assert _lr_curve(["train.lr_schedule=cosine"])[5] == pytest.approx(0.5)
     restarts = _lr_curve(["train.lr_schedule=cosine_with_restarts", "train.lr_num_cycles=2"])
-    assert restarts[5] == pytest.approx(1.0) and restarts[4] < 0.2  # the second cycle starts again at the peak
+    assert (
+        restarts[5] == pytest.approx(1.0) and restarts[4] < 0.2
+    )  # the second cycle starts again at the peak
     poly = _lr_curve(["train.lr_schedule=polynomial", "train.lr_power=2.0"])
     assert poly[5] == pytest.approx((1 - 1e-7) * 0.25 + 1e-7)
     warm = _lr_curve(["train.lr_schedule=constant", "train.warmup_steps=4"])

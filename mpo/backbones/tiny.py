@@ -115,7 +115,9 @@ def pretrain_tiny_denoiser(
     try:
         from tqdm.auto import tqdm
 
-        for _ in tqdm(range(steps), desc=f"building tiny {backbone.family}", unit="step", leave=False, mininterval=2):
+        for _ in tqdm(
+            range(steps), desc=f"building tiny {backbone.family}", unit="step", leave=False, mininterval=2
+        ):
             offset = torch.randn(batch_size, *offset_shape, generator=generator)
             x0 = (offset + torch.randn(batch_size, *latent_shape, generator=generator)).to(device)
             noise = torch.randn(batch_size, *latent_shape, generator=generator).to(device)
@@ -260,6 +262,8 @@ def ensure_tiny(cls: type[Backbone], cfg: ModelConfig) -> None:
     from mpo.logs import get_logger
 
     get_logger(__name__).info(
-        "model.tiny: building the tiny random-initialised %s at %s (once; later runs load it)", cfg.family, path
+        "model.tiny: building the tiny random-initialised %s at %s (once; later runs load it)",
+        cfg.family,
+        path,
     )
     cls.build_tiny(path)
