@@ -84,10 +84,10 @@ class FluxBackbone(DiffusersBackbone):
         3-axis rotary 4 / 6 / 6, guidance embedding), a two-level VAE without quant convs (factor 2,
         a shift factor, its decoder fitted briefly so that decoded colour follows the latents) and
         the release's dynamic-shift scheduler."""
-        from diffusers import AutoencoderKL, FluxTransformer2DModel
+        from diffusers import FluxTransformer2DModel
         from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-        from mpo.backbones.tiny import clip_tokenizer, fit_tiny_decoder, t5_tokenizer
+        from mpo.backbones.tiny import clip_tokenizer, t5_tokenizer, tiny_flow_vae
 
         tokenizer = clip_tokenizer()
         tokenizer_2 = t5_tokenizer(16)
@@ -135,25 +135,7 @@ class FluxBackbone(DiffusersBackbone):
                 guidance_embeds=True,
                 axes_dims_rope=(4, 6, 6),  # sums to the head dim, as (16, 56, 56) does to 128
             )
-            vae = AutoencoderKL(
-                in_channels=3,
-                out_channels=3,
-                down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-                block_out_channels=(32, 64),
-                latent_channels=4,
-                layers_per_block=1,
-                norm_num_groups=8,
-                sample_size=cls.tiny_size["height"],
-                # A random VAE's latents are small; 0.2 brings them to unit scale, as the release's
-                # factor does for its own (SDXL's tiny VAE uses 0.13 the same way).
-                scaling_factor=0.2,
-                shift_factor=0.1159,
-                use_quant_conv=False,
-                use_post_quant_conv=False,
-            )
-            with torch.enable_grad():
-                fit_tiny_decoder(vae, (4, 8, 8), seed=seed)  # decoded colour follows the latents
+            vae = tiny_flow_vae(cls.tiny_size["height"], shift_factor=0.1159, seed=seed)
         scheduler = FlowMatchEulerDiscreteScheduler(  # the released FLUX.1-dev scheduler config
             num_train_timesteps=1000,
             shift=3.0,

@@ -71,10 +71,10 @@ class SD3Backbone(DiffusersBackbone):
         16 text positions), a 2-layer MM-DiT with SD3.5 Medium's dual attention in its first block and
         RMS q/k norms (2 heads of 8), and a two-level VAE without quant convs (factor 2, a shift
         factor, its decoder fitted briefly so that decoded colour follows the latents)."""
-        from diffusers import AutoencoderKL, SD3Transformer2DModel
+        from diffusers import SD3Transformer2DModel
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-        from mpo.backbones.tiny import clip_tokenizer, fit_tiny_decoder, t5_tokenizer
+        from mpo.backbones.tiny import clip_tokenizer, t5_tokenizer, tiny_flow_vae
 
         tokenizer = clip_tokenizer()
         t5_length = 16
@@ -127,25 +127,7 @@ class SD3Backbone(DiffusersBackbone):
                 dual_attention_layers=(0,),
                 qk_norm="rms_norm",
             )
-            vae = AutoencoderKL(
-                in_channels=3,
-                out_channels=3,
-                down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-                block_out_channels=(32, 64),
-                latent_channels=4,
-                layers_per_block=1,
-                norm_num_groups=8,
-                sample_size=cls.tiny_size["height"],
-                # A random VAE's latents are small; 0.2 brings them to unit scale, as the release's
-                # factor does for its own (SDXL's tiny VAE uses 0.13 the same way).
-                scaling_factor=0.2,
-                shift_factor=0.0609,
-                use_quant_conv=False,
-                use_post_quant_conv=False,
-            )
-            with torch.enable_grad():
-                fit_tiny_decoder(vae, (4, 8, 8), seed=seed)  # decoded colour follows the latents
+            vae = tiny_flow_vae(cls.tiny_size["height"], shift_factor=0.0609, seed=seed)
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # the release's
         return StableDiffusion3Pipeline(
             transformer=transformer,

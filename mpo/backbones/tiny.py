@@ -137,6 +137,33 @@ def pretrain_tiny_denoiser(
     return losses
 
 
+def tiny_flow_vae(sample_size: int, shift_factor: float, seed: int):
+    """The tiny 4-channel VAE of the flow image families (SD3, FLUX: they differ in the shift only),
+    its decoder fitted so that decoded colour follows the latents."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=sample_size,
+        # A random VAE's latents are small; 0.2 brings them to unit scale, as the release's
+        # factor does for its own (SDXL's tiny VAE uses 0.13 the same way).
+        scaling_factor=0.2,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    with torch.enable_grad():
+        fit_tiny_decoder(vae, (4, 8, 8), seed=seed)
+    return vae
+
+
 def fit_tiny_decoder(
     vae: torch.nn.Module, latent_shape: tuple[int, ...], steps: int = 40, seed: int = 0, lr: float = 3e-3
 ) -> list[float]:
