@@ -46,7 +46,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mpo.config import load_recipe, load_select_config, to_yaml
-from mpo.errors import errors_reach_every_rank, exit_status, message
+from mpo.errors import errors_reach_every_rank, exit_status, message, print_line
 
 # command -> (module, function); each function takes the loaded recipe.
 STAGES: dict[str, tuple[str, str]] = {
@@ -309,10 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.handler(args)
     except KeyboardInterrupt:
         _end_progress_bars()
-        print(
+        print_line(
             f"mpo {args.command}: interrupted (SIGINT); everything finished so far is kept: run the same "
-            "command again to resume",
-            file=sys.stderr,
+            "command again to resume"
         )
         return _leave(130)
     except Exception as err:
@@ -323,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             err, status = cause, cause.exit_status
         _end_progress_bars()
-        print(f"mpo {args.command}: {message(err)}", file=sys.stderr)
+        print_line(f"mpo {args.command}: {message(err)}")
         return _leave(status)
     finally:
         if previous is not None:

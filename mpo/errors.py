@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -64,6 +66,22 @@ def exit_status(err: BaseException) -> int | None:
     if isinstance(err, RuntimeError):
         return 1
     return None
+
+
+def print_line(line: str) -> None:
+    """Write one line to stderr in a single system call. Under a launcher every rank shares one pipe;
+    ``print`` writes the text and its newline separately, so two ranks' lines can run together into
+    one. A single write of up to PIPE_BUF bytes (4096 on Linux) reaches the pipe whole."""
+    sys.stderr.flush()
+    data = (line.replace("\n", " ") + "\n").encode("utf-8", "replace")
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stream without a descriptor (a test's capture)
+        sys.stderr.write(data.decode("utf-8"))
+        sys.stderr.flush()
+        return
+    while data:
+        data = data[os.write(fd, data) :]
 
 
 def message(err: BaseException) -> str:

@@ -467,14 +467,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mpo.errors import print_line
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except _bad_input_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_line(f"error: {err}")
         return 2
     except _stopped_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_line(f"error: {err}")
         return 1
 
 

@@ -268,7 +268,10 @@ def test_a_signal_to_the_launcher_checkpoints_both_ranks_and_the_resume_matches(
     )
     deadline = time.monotonic() + 200
     while not all((markers / f"rank-{r}-step-3").exists() for r in (0, 1)):
-        assert job.poll() is None and time.monotonic() < deadline, "training never reached step 3"
+        if job.poll() is not None or time.monotonic() > deadline:
+            job.kill()
+            out, err = job.communicate()
+            raise AssertionError(f"training never reached step 3: {out[-2000:]}{err[-3000:]}")
         time.sleep(0.2)
     job.send_signal(signum)  # what SLURM's time limit (SIGTERM) or a Ctrl-C (SIGINT) does
     stdout, stderr = job.communicate(timeout=120)
