@@ -52,6 +52,7 @@ SETTINGS = {
         "scheduler=dpmpp_2m,num_inference_steps=10",
         "scheduler=unipc,num_inference_steps=10",
         "scheduler=unipc,num_inference_steps=10,batch_size=16",
+        "scheduler=unipc,num_inference_steps=10,batch_size=auto,channels_last=true",
     ],
     "cogvideox": [
         "num_inference_steps=25",
@@ -62,6 +63,7 @@ SETTINGS = {
         "cache=pab,num_inference_steps=50",
         "cache=first_block,cache_options={threshold: 0.1},num_inference_steps=50",
         "scheduler=unipc,num_inference_steps=10,batch_size=16",
+        "scheduler=unipc,num_inference_steps=10,batch_size=auto,attention=sdpa_flash",
     ],
 }
 
@@ -300,7 +302,7 @@ def full(
         gen = _with(base, **{o.split("=", 1)[0].removeprefix("generate."): _value(o) for o in overrides})
         with count_denoiser_calls(backbone.denoiser) as counter:
             start = time.perf_counter()
-            _, _, seconds = denoise_candidates(backbone, prompts, negative, gen, dtype)
+            _, _, seconds, _ = denoise_candidates(backbone, prompts, negative, gen, dtype)
             wall = time.perf_counter() - start
         per_step = seconds / counter.calls
         rows.append((label, counter.rows / n, seconds / n, per_step, flops / per_step / peak, wall))

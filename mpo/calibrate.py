@@ -12,8 +12,10 @@ candidate setting (``generate.*`` overrides), from the same seeded noise as ``mp
 every candidate with the recipe's reward, selects pairs with the recipe's rule, and prints per
 setting:
 
-- denoiser calls per candidate (rows through the network: guidance's doubled batch counts twice)
-  and seconds per candidate (sampling only, after a warm-up batch);
+- denoiser calls per candidate (rows through the network: guidance's doubled batch counts twice),
+  the denoiser's multiply-accumulates per candidate (its linear and convolution layers, counted as
+  they run: what a cache hook skips is not counted; :mod:`mpo.block_work`) and seconds per
+  candidate (sampling only, after a warm-up batch);
 - pair Jaccard: |pairs in both| / |pairs in either|, a pair being (prompt, unordered candidates);
 - kept: the fraction of the reference's pairs selected with the same winner;
 - Spearman: rank correlation of the candidates' reward totals with the reference's.
@@ -21,7 +23,9 @@ setting:
 The recommendation is the cheapest setting (fewest denoiser calls, then seconds) whose agreement,
 the smaller of Jaccard and kept, is at least ``--agreement``: a setting that selects many more
 pairs than the reference (high kept, low Jaccard) is not called agreeing. Nothing is written to the
-run directory; ``--out FILE`` saves the table as JSON.
+run directory; ``--out FILE`` saves the table as JSON. Below the table, for each setting that runs
+less of some block than the reference does, the share of each repeated block's work that still ran:
+where a cache hook saves.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +42,8 @@ import torch
 
 from mpo.backbones.base import Backbone, Embeddings, repeat_rows, torch_dtype
 from mpo.backbones.registry import load_backbone
-from mpo.generate import prompts_per_batch
+from mpo.block_work import BlockWork, count_block_work, format_fractions
+from mpo.generate import plan_batches, with_steps
 from mpo.sampling import count_denoiser_calls
 from mpo.score import order_columns
 from mpo.seeds import candidate_noise, candidate_seed
@@ -69,6 +74,8 @@ class Row:
     jaccard: float
     kept: float
     spearman: float
+    gmacs: float = 0.0  # the denoiser's multiply-accumulates per candidate, in 1e9
+    block_work: dict[str, float] = field(default_factory=dict)  # share of the reference's, per block
 
     @property
     def agreement(self) -> float:
@@ -110,14 +117,19 @@ def calibration_prompts(recipe: Any, count: int) -> pd.DataFrame:
 def denoise_candidates(
     backbone: Backbone, prompts: pd.DataFrame, negative: Embeddings, gen: Any, dtype
 ) -> tuple:
-    """Every candidate of ``prompts`` as generate makes it; returns (latents, denoiser rows, seconds)."""
+    """Every candidate of ``prompts`` as generate makes it (``batch_size: auto`` probes first);
+    returns (latents, denoiser rows, seconds, the denoiser's work per block)."""
     n = gen.num_candidates
     shape = tuple(backbone.latent_shape(gen))
-    per_batch = prompts_per_batch(gen)
     device = next(backbone.denoiser.parameters()).device
     ids, texts = prompts["prompt_id"].astype(int).tolist(), prompts["prompt"].astype(str).tolist()
+    per_batch = plan_batches(backbone, gen, texts[0], negative, device, dtype).prompts
+    blocks = getattr(getattr(backbone, "sampling_support", None), "compile_blocks", ())
     out, rows, seconds = [], 0, 0.0
-    with count_denoiser_calls(backbone.denoiser) as counter:
+    with (
+        count_denoiser_calls(backbone.denoiser) as counter,
+        count_block_work(backbone.denoiser, blocks) as work,
+    ):
         for start in range(0, len(ids), per_batch):
             embeds = [backbone.encode_prompts([t]) for t in texts[start : start + per_batch]]
             chunk = ids[start : start + per_batch]
@@ -135,7 +147,7 @@ def denoise_candidates(
             )
             seconds += time.perf_counter() - clock
         rows = counter.rows
-    return torch.cat(out), rows, seconds
+    return torch.cat(out), rows, seconds, work
 
 
 def _synchronize(device: torch.device) -> None:
@@ -206,27 +218,32 @@ def calibrate(
     with torch.no_grad():
         negative = backbone.encode_negative()
         # A warm-up batch (one prompt, two steps), so that one-time costs are nobody's seconds.
-        denoise_candidates(backbone, subset.head(1), negative, _steps(reference.generate, 2), dtype)
+        denoise_candidates(backbone, subset.head(1), negative, with_steps(reference.generate, 2), dtype)
         results = {}
         for label, setting in [(REFERENCE, reference), *settings]:
-            latents, rows, seconds = denoise_candidates(backbone, subset, negative, setting.generate, dtype)
+            latents, rows, seconds, work = denoise_candidates(
+                backbone, subset, negative, setting.generate, dtype
+            )
             scores = _score(backbone, reward, subset, latents, setting)
             pairs, _ = select_pairs(scores, setting.select, source=f"calibrate {label}")
-            count = len(latents)
-            results[label] = (scores, pairs, rows / count, seconds / count)
+            results[label] = (scores, pairs, rows / len(latents), seconds / len(latents), work, len(latents))
     table = []
-    for label, (scores, pairs, calls, seconds) in results.items():
+    reference_work: BlockWork = results[REFERENCE][4]
+    for label, (scores, pairs, calls, seconds, work, count) in results.items():
         agree = agreement(results[REFERENCE][:2], (scores, pairs))
-        table.append(Row(label, calls, seconds, len(pairs), **agree))
+        per_block = work.fractions(reference_work)
+        table.append(
+            Row(
+                label,
+                calls,
+                seconds,
+                len(pairs),
+                **agree,
+                gmacs=work.total() / count / 1e9,
+                block_work=per_block,
+            )
+        )
     return table
-
-
-def _steps(gen: Any, steps: int) -> Any:
-    from omegaconf import OmegaConf
-
-    copy = OmegaConf.create(OmegaConf.to_container(gen)) if OmegaConf.is_config(gen) else gen
-    copy.num_inference_steps = steps
-    return copy
 
 
 def recommend(table: Sequence[Row], threshold: float) -> Row | None:
@@ -239,16 +256,24 @@ def format_table(table: Sequence[Row], threshold: float) -> str:
     reference = next(r for r in table if r.setting == REFERENCE)
     width = max(len(r.setting) for r in table)
     head = (
-        f"{'setting':<{width}}  {'calls/cand':>10}  {'s/cand':>8}  {'x ref':>6}  {'pairs':>5}  "
-        f"{'jaccard':>7}  {'kept':>5}  {'spearman':>8}"
+        f"{'setting':<{width}}  {'calls/cand':>10}  {'GMAC/cand':>9}  {'s/cand':>8}  {'x ref':>6}  "
+        f"{'pairs':>5}  {'jaccard':>7}  {'kept':>5}  {'spearman':>8}"
     )
     lines = [head, "-" * len(head)]
     for r in table:
         ratio = r.seconds / reference.seconds if reference.seconds > 0 else float("nan")
         lines.append(
-            f"{r.setting:<{width}}  {r.denoiser_calls:>10.1f}  {r.seconds:>8.3f}  {ratio:>6.2f}  {r.pairs:>5d}  "
-            f"{r.jaccard:>7.3f}  {r.kept:>5.3f}  {r.spearman:>8.3f}"
+            f"{r.setting:<{width}}  {r.denoiser_calls:>10.1f}  {r.gmacs:>9.3g}  {r.seconds:>8.3f}  "
+            f"{ratio:>6.2f}  {r.pairs:>5d}  {r.jaccard:>7.3f}  {r.kept:>5.3f}  {r.spearman:>8.3f}"
         )
+    skipping = [
+        r
+        for r in table
+        if any(f < 0.999 * (r.denoiser_calls / reference.denoiser_calls) for f in r.block_work.values())
+    ]
+    if skipping:
+        lines.append("work that ran per block, % of the reference's (a cache hook skips the rest):")
+        lines.extend(f"  {r.setting}: {format_fractions(r.block_work)}" for r in skipping)
     best = recommend(table, threshold)
     if best is None:
         lines.append(
@@ -286,6 +311,8 @@ def run_calibrate(
             "generate.cache=none",
             "generate.cache_options={}",
             "generate.compile=none",
+            "generate.attention=default",
+            "generate.channels_last=false",
             "generate.batch_size=null",
             f"generate.num_inference_steps={reference_steps}",
         ],

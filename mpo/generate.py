@@ -15,7 +15,9 @@ What makes the result independent of the number of processes:
   prompts), in a batch of ``generate.batch_size`` candidates (whole prompts of one shard; default:
   prompt p's N alone). Batching across prompts changes no candidate beyond the kernels' batch
   invariance (bitwise on CPU at one thread; tests/test_sampling.py), and the batch size is part of
-  the fingerprint, so a resumed run never mixes two;
+  the fingerprint, so a resumed run never mixes two (``batch_size: auto`` finds the largest batch
+  that fits by trying, :mod:`mpo.batch_fit`: then candidates agree across machines to that
+  invariance, not bit for bit);
 - the sampler (``generate.scheduler`` and options, cache hooks, compile: :mod:`mpo.sampling`) is
   set up by the backbone's ``sample``, so the loop below never sees a family;
 - shard g always holds prompts [g*P, (g+1)*P) (P = ``generate.prompts_per_shard``); processes take
@@ -44,6 +46,7 @@ prompt.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,11 +55,13 @@ from typing import Any
 import pandas as pd
 import torch
 from accelerate import Accelerator
+from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from mpo.backbones.base import Backbone, Embeddings, repeat_rows, torch_dtype
 from mpo.backbones.registry import load_backbone
+from mpo.batch_fit import BatchPlan, find_prompts_per_batch
 from mpo.config import resolve_paths, save_resolved, to_yaml
 from mpo.distributed import (
     errors_reach_every_rank,
@@ -68,7 +73,8 @@ from mpo.distributed import (
     wait_for_everyone,
     whole_model_loading,
 )
-from mpo.memory import check_generate_and_score
+from mpo.memory import check_generate_and_score, generation_bytes
+from mpo.sampling import BATCH_AUTO
 from mpo.sampling import fingerprint_keys as sampling_fingerprint
 from mpo.seeds import candidate_noise, candidate_seed
 from mpo.store import (
@@ -137,9 +143,46 @@ def generation_fingerprint(recipe: Any) -> dict[str, Any]:
 
 
 def prompts_per_batch(gen: Any) -> int:
-    """Whole prompts per denoising batch: ``generate.batch_size`` candidates (None: one prompt's N)."""
+    """Whole prompts per denoising batch: ``generate.batch_size`` candidates (None: one prompt's N;
+    auto: a whole shard's, the most :func:`mpo.batch_fit.find_prompts_per_batch` will try)."""
+    if gen.batch_size == BATCH_AUTO:
+        return int(gen.prompts_per_shard)
     batch = gen.num_candidates if gen.batch_size is None else int(gen.batch_size)
     return max(1, batch // int(gen.num_candidates))
+
+
+def with_steps(gen: Any, steps: int) -> Any:
+    """``gen`` with another ``num_inference_steps`` (a recipe section or a plain dataclass)."""
+    if dataclasses.is_dataclass(gen):
+        return dataclasses.replace(gen, num_inference_steps=steps)
+    return OmegaConf.merge(gen, {"num_inference_steps": steps})
+
+
+def plan_batches(
+    backbone: Backbone,
+    gen: Any,
+    first_prompt: str,
+    negative: Embeddings,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> BatchPlan:
+    """The prompts per batch this process denoises: the recipe's, or under ``batch_size: auto`` the
+    largest that fits, probed with two-step samples of ``first_prompt`` (:mod:`mpo.batch_fit`)."""
+    if gen.batch_size != BATCH_AUTO:
+        return BatchPlan(prompts_per_batch(gen))
+    n, shape = int(gen.num_candidates), tuple(backbone.latent_shape(gen))
+    embeds = backbone.encode_prompts([first_prompt])
+    probe_gen = with_steps(gen, min(2, int(gen.num_inference_steps)))
+
+    def probe(k: int) -> None:
+        rows = k * n
+        noise = torch.randn((rows, *shape), generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        backbone.sample(
+            repeat_rows(embeds, rows, "embeds"), repeat_rows(negative, rows, "negative"), noise, probe_gen
+        )
+
+    per_prompt = generation_bytes(n, shape, dtype, embeds)
+    return BatchPlan(find_prompts_per_batch(probe, int(gen.prompts_per_shard), per_prompt, device), auto=True)
 
 
 def expected_candidates(plan: ShardPlan, num_candidates: int, seed: int) -> list[tuple[int, int, int]]:
@@ -189,10 +232,11 @@ def generate_shard(
     fingerprint: dict[str, Any],
     device: torch.device,
     progress: tqdm | None = None,
+    batch: BatchPlan | None = None,
 ) -> None:
     """Denoise every candidate of one shard and write the shard atomically.
 
-    A batch holds the candidates of ``prompts_per_batch(gen)`` whole prompts, each candidate from its
+    A batch holds the candidates of ``batch.prompts`` whole prompts (default: the recipe's), each candidate from its
     own seeded noise and with its own prompt's embeddings (every prompt encoded alone). Previews are
     written before the shard: the shard file is what marks this work as done.
     """
@@ -200,16 +244,24 @@ def generate_shard(
     n = gen.num_candidates
     dtype = torch_dtype(recipe.model.dtype)
     shape = tuple(backbone.latent_shape(gen))
-    per_batch = prompts_per_batch(gen)
+    batch = batch if batch is not None else BatchPlan(prompts_per_batch(gen))
     latents, embed_rows, candidates = [], [], []
     items = list(enumerate(zip(plan.prompt_ids, plan.prompts)))
-    for start in range(0, len(items), per_batch):
-        chunk = items[start : start + per_batch]
+    start = 0
+    while start < len(items):
+        chunk = items[start : start + batch.prompts]
         embeds = [backbone.encode_prompts([prompt]) for _, (_, prompt) in chunk]
         seeds = [[candidate_seed(gen.seed, pid, i) for i in range(n)] for _, (pid, _) in chunk]
         noise = torch.stack([candidate_noise(shape, s, device, dtype) for row in seeds for s in row])
         rows = {key: torch.cat([repeat_rows(e, n, "embeds")[key] for e in embeds]) for key in embeds[0]}
-        clean = backbone.sample(rows, repeat_rows(negative, len(noise), "negative"), noise, gen)
+        try:
+            clean = backbone.sample(rows, repeat_rows(negative, len(noise), "negative"), noise, gen)
+        except Exception as err:
+            del noise, rows, embeds
+            if batch.shrink_after(err, device):
+                continue  # the same prompts again, fewer at a time
+            raise
+        start += len(chunk)
         for j, (k, (pid, _)) in enumerate(chunk):
             first = (plan.first_position + k) * n  # global rank of this prompt's first candidate
             wanted = [i for i in range(n) if first + i < gen.previews]
@@ -305,6 +357,7 @@ def generate_stage(
     wait_for_everyone(acc)
     mine = split_for_process(pending, acc)
     n = recipe.generate.num_candidates
+    batch = BatchPlan(0)
     if pending:
         if load_model is not None:
             backbone = load_model()
@@ -331,8 +384,11 @@ def generate_stage(
             unit="candidate",
             disable=not is_main(acc),
         )
+        if mine:
+            dtype = torch_dtype(recipe.model.dtype)
+            batch = plan_batches(backbone, recipe.generate, mine[0].prompts[0], negative, acc.device, dtype)
         for plan in mine:
-            generate_shard(backbone, plan, negative, recipe, run, fingerprint, acc.device, progress)
+            generate_shard(backbone, plan, negative, recipe, run, fingerprint, acc.device, progress, batch)
         progress.close()
         del backbone
     generated = sum(gather(acc, sum(len(p.prompt_ids) for p in mine) * n))
@@ -348,6 +404,8 @@ def generate_stage(
         "candidates generated now": generated,
         "processes": acc.num_processes,
     }
+    if batch.prompts:  # this process denoised: with batch_size auto, what it found
+        summary["candidates per batch"] = batch.prompts * n
     if is_main(acc):
         manifest = rebuild_manifest(run, plans, recipe, fingerprint)
         if len(manifest) != summary["candidates"]:

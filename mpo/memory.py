@@ -64,9 +64,9 @@ def check_generate_and_score(
     of the score stage, fit the device."""
     g = recipe.generate
     frames = g.num_frames if video else 1
-    batch = g.num_candidates * max(
-        1, int(getattr(g, "batch_size", None) or g.num_candidates) // g.num_candidates
-    )
+    size = getattr(g, "batch_size", None)
+    fixed = size if isinstance(size, int) else g.num_candidates  # auto: at least one prompt's
+    batch = g.num_candidates * max(1, fixed // g.num_candidates)
     check_fits(
         generation_bytes(batch, latent_shape, dtype, embeds),
         f"one generation batch ({batch} candidates)",

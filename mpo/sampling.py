@@ -17,6 +17,16 @@ Recipe keys (``generate.*``)
   ``cache_options`` are the config's fields (e.g. ``{threshold: 0.05}``).
 - ``compile``: ``none``, ``regional`` (the repeated blocks, each compiled once and reused) or
   ``full`` (the whole denoiser). A compiled denoiser stays compiled for the backbone's life.
+- ``attention``: ``default`` (PyTorch picks the SDPA kernel), ``sdpa_flash``, ``sdpa_efficient``,
+  ``sdpa_cudnn`` or ``sdpa_math`` (that one kernel of ``scaled_dot_product_attention``, every family:
+  all diffusers attention processors end there), or, for a denoiser whose processors go through
+  diffusers' attention dispatcher (Wan, FLUX), one of its backends (``flash`` for the flash-attn
+  package, ``_flash_3``, ``sage``, ``xformers``, ``flex``, ...). Scoped to the sampling call: the
+  trainer's attention is untouched.
+- ``channels_last``: the denoiser's input in channels-last layout, for convolutional denoisers
+  (SDXL's UNet): cuDNN then runs every convolution in NHWC and the activations stay in it. The
+  weights keep their layout (the trainer's optimizer and DeepSpeed's flat buffers own them), each
+  convolution reads its weight in NHWC itself.
 
 Determinism: every setting keeps a candidate a function of its seed and its batch, and batches are
 fixed by the shard plan, so generation stays bitwise repeatable and independent of the number of
@@ -47,6 +57,16 @@ from torch import nn
 SCHEDULER_DEFAULT = "default"
 CACHE_KINDS = ("none", "first_block", "faster", "pab")
 COMPILE_MODES = ("none", "regional", "full")
+BATCH_AUTO = "auto"  # generate.batch_size: the largest batch of whole prompts that fits (mpo.batch_fit)
+ATTENTION_DEFAULT = "default"
+# generate.attention -> the scaled_dot_product_attention kernel it forces (torch.nn.attention).
+SDPA_KERNELS = {
+    "sdpa_flash": "FLASH_ATTENTION",
+    "sdpa_efficient": "EFFICIENT_ATTENTION",
+    "sdpa_cudnn": "CUDNN_ATTENTION",
+    "sdpa_math": "MATH",
+}
+CPU_SDPA_KERNELS = ("sdpa_flash", "sdpa_math")  # the efficient and cuDNN kernels are CUDA's
 
 # Short names -> (diffusers class name, the options that make it that sampler).
 SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -92,6 +112,10 @@ DETERMINISTIC_SCHEDULERS = (
 _STOCHASTIC_OPTIONS = {"algorithm_type": ("sde-dpmsolver", "sde-dpmsolver++")}
 
 
+class SamplingError(ValueError):
+    """A sampling setting this machine cannot run (e.g. an attention backend whose package is missing)."""
+
+
 @dataclass(frozen=True)
 class SamplingSupport:
     """What one family offers: scheduler names (aliases over :data:`SCHEDULER_ALIASES`), cache kinds
@@ -104,6 +128,22 @@ class SamplingSupport:
     regional_compile: bool = True  # False: the denoiser has no repeated blocks to compile one by one
     # Keys of the default scheduler's config that a chosen class knows by another name.
     renamed: Mapping[str, str] = field(default_factory=dict)
+    # The denoiser's attention processors go through diffusers' dispatcher (its backends apply).
+    attention_dispatch: bool = False
+    # The denoiser is convolutional: a channels-last input makes its convolutions run in NHWC.
+    channels_last: bool = False
+
+
+def dispatch_backends() -> list[str]:
+    """diffusers' attention backends (``diffusers.models.attention_dispatch.AttentionBackendName``)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    return [b.value for b in AttentionBackendName]
+
+
+def attention_names(support: SamplingSupport) -> list[str]:
+    names = [ATTENTION_DEFAULT, *SDPA_KERNELS]
+    return names + dispatch_backends() if support.attention_dispatch else names
 
 
 def _plain(value: Any) -> Any:
@@ -206,12 +246,30 @@ def check_sampling(gen: Any, support: SamplingSupport) -> list[tuple[str, str]]:
                 "regional needs repeated blocks, which this family's denoiser lacks; use full",
             )
         )
+    attention = str(getattr(gen, "attention", ATTENTION_DEFAULT))
+    if attention not in attention_names(support):
+        why = (
+            ""
+            if support.attention_dispatch
+            else " (this family's attention does not use diffusers' dispatcher)"
+        )
+        problems.append(("generate.attention", f"must be one of {attention_names(support)}{why}"))
+    if getattr(gen, "channels_last", False) and not support.channels_last:
+        problems.append(
+            (
+                "generate.channels_last",
+                "applies to convolutional denoisers only; this family's is a transformer",
+            )
+        )
     batch = getattr(gen, "batch_size", None)
-    if batch is not None and (batch < 1 or batch % gen.num_candidates):
+    if batch is None or batch == BATCH_AUTO:
+        return problems
+    if not isinstance(batch, int) or batch < 1 or batch % gen.num_candidates:
         problems.append(
             (
                 "generate.batch_size",
-                f"must be null or a positive multiple of generate.num_candidates={gen.num_candidates}",
+                f"must be null, {BATCH_AUTO!r} or a positive multiple of generate.num_candidates="
+                f"{gen.num_candidates}",
             )
         )
     return problems
@@ -266,6 +324,8 @@ class SamplingSettings:
     cache: str = "none"
     cache_options: tuple[tuple[str, Any], ...] = ()
     compile: str = "none"
+    attention: str = ATTENTION_DEFAULT
+    channels_last: bool = False
 
     @classmethod
     def from_generate(cls, gen: Any) -> SamplingSettings:
@@ -279,6 +339,8 @@ class SamplingSettings:
             str(getattr(gen, "cache", "none")),
             frozen(getattr(gen, "cache_options", None)),
             str(getattr(gen, "compile", "none")),
+            str(getattr(gen, "attention", ATTENTION_DEFAULT)),
+            bool(getattr(gen, "channels_last", False)),
         )
 
 
@@ -326,6 +388,60 @@ class SamplingState:
         self.applied = settings
 
 
+@contextmanager
+def attention_kernel(name: str, device: torch.device) -> Iterator[None]:
+    """``generate.attention`` for the length of one sampling call on ``device``."""
+    if name == ATTENTION_DEFAULT:
+        yield
+    elif name in SDPA_KERNELS:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        if device.type == "cpu" and name not in CPU_SDPA_KERNELS:
+            raise SamplingError(
+                f"generate.attention={name!r}: PyTorch has no such kernel on cpu (there: "
+                f"{', '.join(CPU_SDPA_KERNELS)})"
+            )
+        with sdpa_kernel(getattr(SDPBackend, SDPA_KERNELS[name])):
+            yield
+    else:
+        from diffusers.models.attention_dispatch import attention_backend
+
+        try:
+            context = attention_backend(name)
+            context.__enter__()
+        except (RuntimeError, ValueError, ImportError) as err:  # its package is missing, or no kernel
+            raise SamplingError(f"generate.attention={name!r}: {err}") from None
+        try:
+            yield
+        finally:
+            context.__exit__(None, None, None)
+
+
+@contextmanager
+def channels_last_input(denoiser: nn.Module, enabled: bool) -> Iterator[None]:
+    """Hand the denoiser its 4-D input in channels-last layout while sampling (nothing else changes:
+    the weights keep their layout, so training and DeepSpeed never see a converted parameter)."""
+    if not enabled:
+        yield
+        return
+
+    def to_channels_last(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        def convert(value: Any) -> Any:
+            if isinstance(value, torch.Tensor) and value.dim() == 4:
+                return value.contiguous(memory_format=torch.channels_last)
+            return value
+
+        return tuple(convert(a) for a in args[:1]) + args[1:], {
+            k: convert(v) if k == "sample" else v for k, v in kwargs.items()
+        }
+
+    handle = denoiser.register_forward_pre_hook(to_channels_last, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def reset_cache(denoiser: nn.Module) -> None:
     """Forget what the cache hooks kept from the previous batch: each batch starts fresh, so a
     candidate does not depend on what was denoised before it."""
@@ -345,7 +461,9 @@ def compile_denoiser(denoiser: nn.Module, mode: str, support: SamplingSupport) -
         return
     blocks = [m for m in denoiser.modules() if type(m).__name__ in support.compile_blocks]
     if not blocks:
-        raise ValueError("generate.compile='regional': this denoiser declares no repeated blocks; use 'full'")
+        raise SamplingError(
+            "generate.compile='regional': this denoiser declares no repeated blocks; use 'full'"
+        )
     for block in blocks:
         block.compile()
 
@@ -391,6 +509,8 @@ def fingerprint_keys(gen: Any) -> dict[str, Any]:
         if value:
             out[key] = value
     batch = getattr(gen, "batch_size", None)
-    if batch is not None and int(batch) != int(gen.num_candidates):
+    if batch == BATCH_AUTO:
+        out["batch_size"] = BATCH_AUTO
+    elif batch is not None and int(batch) != int(gen.num_candidates):
         out["batch_size"] = int(batch)
     return out

@@ -136,7 +136,16 @@ class GenerateConfig:
     )
     cache_options: dict[str, Any] = opt_list(dict, "fields of the cache config, e.g. threshold")
     compile: str = opt("none", "torch.compile of the denoiser: none | regional (repeated blocks) | full")
-    batch_size: int | None = opt(None, "candidates per denoising batch, whole prompts (null: num_candidates)")
+    attention: str = opt(
+        "default",
+        "attention kernel while sampling: default | sdpa_flash | sdpa_efficient | sdpa_cudnn | sdpa_math,"
+        " or a diffusers attention backend (flash, _flash_3, sage, ...) where the family dispatches",
+    )
+    channels_last: bool = opt(False, "convolutional denoisers (SDXL): sample with NHWC activations")
+    batch_size: int | str | None = opt(
+        None,
+        "candidates per denoising batch, whole prompts (null: num_candidates; auto: the largest that fits)",
+    )
 
 
 @dataclass

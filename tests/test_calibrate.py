@@ -113,6 +113,11 @@ def test_calibrate_command_on_the_tiny_model(models, tmp_path, capsys):
         reference["pairs"],
     )
     assert (reference["denoiser_calls"], same["denoiser_calls"], cheap["denoiser_calls"]) == (8.0, 8.0, 4.0)
+    # The denoiser's work per candidate: the same sampler does the same MACs, half the steps half of them.
+    assert reference["gmacs"] > 0 and same["gmacs"] == reference["gmacs"]
+    assert cheap["gmacs"] == pytest.approx(reference["gmacs"] / 2, rel=1e-9)
+    assert same["block_work"] and set(same["block_work"].values()) == {1.0}
+    assert "GMAC/cand" in printed and "work that ran per block" not in printed  # no cache: nothing skipped
     agreeing = [r for r in data["rows"] if r["setting"] != REFERENCE and r["agreement"] >= 0.5]
     assert data["recommended"] == min(agreeing, key=lambda r: (r["denoiser_calls"], r["seconds"]))["setting"]
     assert not (tmp_path / "run").exists()  # calibrate writes nothing into the run directory
@@ -120,3 +125,17 @@ def test_calibrate_command_on_the_tiny_model(models, tmp_path, capsys):
     status = main(["calibrate", *common, "--setting", "scheduler=dpm"])
     assert status == 2
     assert "generate.scheduler='dpm'" in capsys.readouterr().err
+
+
+def test_the_table_shows_where_a_setting_skips_work():
+    from mpo.calibrate import format_table
+
+    table = [
+        Row(REFERENCE, 100, 1.0, 10, 1, 1, 1, gmacs=8.0, block_work={"b.0": 1.0, "b.1": 1.0, "rest": 1.0}),
+        Row("steps=25", 50, 0.5, 10, 1, 1, 1, gmacs=4.0, block_work={"b.0": 0.5, "b.1": 0.5, "rest": 0.5}),
+        Row("cache=pab", 100, 0.7, 10, 1, 1, 1, gmacs=6.0, block_work={"b.0": 1.0, "b.1": 0.5, "rest": 1.0}),
+    ]
+    text = format_table(table, 0.9)
+    assert "work that ran per block" in text
+    assert "  cache=pab: b0 100 b1 50 rest 100" in text
+    assert "steps=25:" not in text  # fewer steps run every block less, evenly: nothing skipped

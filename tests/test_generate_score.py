@@ -254,7 +254,11 @@ def test_batching_across_prompts_in_the_stage_keeps_the_candidates(reference, tm
 
 # Per family: several prompts per batch and another scheduler; CogVideoX also with a cache hook.
 CHEAPER = {
-    "sdxl": (SDXL, BATCHED),
+    "sdxl": (SDXL, (*BATCHED, "generate.channels_last=true", "generate.attention=sdpa_math")),
+    "sdxl-auto": (
+        SDXL,
+        ("generate.prompts_per_shard=2", "generate.batch_size=auto", "generate.scheduler=unipc"),
+    ),
     "cogvideox": (
         COGVIDEOX,
         (
@@ -264,6 +268,7 @@ CHEAPER = {
             "generate.prompts_per_shard=2",
             "generate.scheduler=unipc",
             "generate.cache=pab",
+            "generate.attention=sdpa_flash",
             "generate.previews=1",
         ),
     ),
@@ -272,7 +277,7 @@ CHEAPER = {
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("family", ["sdxl", "cogvideox"])
+@pytest.mark.parametrize("family", list(CHEAPER))
 def test_cheaper_sampling_is_deterministic_and_two_processes_match_one(tmp_path, models, family):
     recipe, options = CHEAPER[family]
     one, two = RunDir(tmp_path / "one"), RunDir(tmp_path / "two")
@@ -286,10 +291,9 @@ def test_cheaper_sampling_is_deterministic_and_two_processes_match_one(tmp_path,
     _run(command, {**ENV, "ACCELERATE_USE_CPU": "true"})
     _assert_same_candidates(one, two)
     info = read_shard_info(one.shard(0))
-    assert (
-        info.fingerprint["generate"]["scheduler"]
-        == options[-3 if family == "cogvideox" else -1].split("=")[1]
-    )
+    chosen = dict(o.removeprefix("generate.").split("=", 1) for o in options)
+    assert info.fingerprint["generate"]["scheduler"] == chosen["scheduler"]
+    assert str(info.fingerprint["generate"]["batch_size"]) == chosen["batch_size"]
     n = int(
         next(o for o in (*SMALL, *options)[::-1] if o.startswith("generate.num_candidates")).split("=")[1]
     )

@@ -23,6 +23,8 @@ repeat, timestep sampling and the per-sample loss weight (both the schedule's).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -30,7 +32,15 @@ import torch
 from torch import nn
 
 from mpo.backbones.schedules import PredictionType, TimestepSampler, TrainingSchedule
-from mpo.sampling import SamplingSettings, SamplingState, SamplingSupport, check_sampling, reset_cache
+from mpo.sampling import (
+    SamplingSettings,
+    SamplingState,
+    SamplingSupport,
+    attention_kernel,
+    channels_last_input,
+    check_sampling,
+    reset_cache,
+)
 
 if TYPE_CHECKING:
     from mpo.schema import GenerateConfig, ModelConfig, TrainConfig
@@ -281,16 +291,24 @@ class DiffusersBackbone(Backbone):
         """The sampling keys (scheduler, cache, compile) against what this family supports."""
         return check_sampling(gen, cls.sampling_support)
 
-    def use_sampling(self, gen: GenerateConfig) -> None:
-        """Put the recipe's scheduler, cache hooks and compilation on the pipeline (nothing to do when
-        they are already there), and clear the cache hooks' state: every batch starts fresh. A
-        family's ``sample`` calls this before the pipeline's loop."""
+    @contextmanager
+    def sampling(self, gen: GenerateConfig) -> Iterator[None]:
+        """The recipe's sampler around one pipeline call: its scheduler, cache hooks and compilation
+        put on the pipeline (nothing to do when they are already there), the cache hooks' state
+        cleared (every batch starts fresh, even after a call that an error cut short, which leaves
+        the hooks holding another batch's tensors), and the attention kernel and input layout for
+        the length of the call. A family's ``sample`` runs its pipeline inside this."""
         denoiser = self.denoiser
         settings = SamplingSettings.from_generate(gen)
         self._sampling.apply(
             settings, self._pipe, denoiser, self.sampling_support, lambda: self._pipe.current_timestep
         )
         reset_cache(denoiser)
+        with (
+            attention_kernel(settings.attention, self._device),
+            channels_last_input(denoiser, settings.channels_last),
+        ):
+            yield
 
     @classmethod
     def load(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> DiffusersBackbone:

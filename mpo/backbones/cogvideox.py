@@ -239,28 +239,28 @@ class CogVideoXBackbone(DiffusersBackbone):
     def sample(
         self, embeds: Embeddings, negative: Embeddings, noise: torch.Tensor, gen: GenerateConfig
     ) -> torch.Tensor:
-        self.use_sampling(gen)
-        batch = noise.shape[0]
-        dtype = self._pipe.transformer.dtype
-        spatial, temporal = self._pipe.vae_scale_factor_spatial, self._pipe.vae_scale_factor_temporal
-        return self._pipe(
-            prompt_embeds=repeat_rows(embeds, batch, "embeds")["prompt_embeds"].to(self._device, dtype),
-            negative_prompt_embeds=repeat_rows(negative, batch, "negative")["prompt_embeds"].to(
-                self._device, dtype
-            ),
-            height=noise.shape[-2] * spatial,
-            width=noise.shape[-1] * spatial,
-            num_frames=(noise.shape[1] - 1) * temporal + 1,
-            num_inference_steps=gen.num_inference_steps,
-            guidance_scale=gen.guidance_scale,
-            use_dynamic_cfg=False,
-            # [B, F, C, h, w] unit noise: prepare_latents multiplies by init_noise_sigma itself.
-            latents=noise.to(self._device, dtype),
-            # Unused by DDIM at eta = 0; a private generator keeps the global RNG untouched regardless.
-            generator=torch.Generator(device="cpu").manual_seed(0),
-            output_type="latent",
-            return_dict=False,
-        )[0]
+        with self.sampling(gen):
+            batch = noise.shape[0]
+            dtype = self._pipe.transformer.dtype
+            spatial, temporal = self._pipe.vae_scale_factor_spatial, self._pipe.vae_scale_factor_temporal
+            return self._pipe(
+                prompt_embeds=repeat_rows(embeds, batch, "embeds")["prompt_embeds"].to(self._device, dtype),
+                negative_prompt_embeds=repeat_rows(negative, batch, "negative")["prompt_embeds"].to(
+                    self._device, dtype
+                ),
+                height=noise.shape[-2] * spatial,
+                width=noise.shape[-1] * spatial,
+                num_frames=(noise.shape[1] - 1) * temporal + 1,
+                num_inference_steps=gen.num_inference_steps,
+                guidance_scale=gen.guidance_scale,
+                use_dynamic_cfg=False,
+                # [B, F, C, h, w] unit noise: prepare_latents multiplies by init_noise_sigma itself.
+                latents=noise.to(self._device, dtype),
+                # Unused by DDIM at eta = 0; a private generator keeps the global RNG untouched regardless.
+                generator=torch.Generator(device="cpu").manual_seed(0),
+                output_type="latent",
+                return_dict=False,
+            )[0]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

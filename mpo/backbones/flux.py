@@ -58,6 +58,7 @@ class FluxBackbone(DiffusersBackbone):
         schedulers=FLOW_SCHEDULER_ALIASES,
         renamed=FLOW_RENAMED,
         caches={"first_block": {"threshold": 0.05}, "pab": {"spatial_attention_block_skip_range": 2}},
+        attention_dispatch=True,
     )
     schedule_class = FlowMatchSchedule
     # The tiny VAE downsamples by 2: 16 x 16 pixels are 8 x 8 latents, packed to 16 tokens.
@@ -241,22 +242,22 @@ class FluxBackbone(DiffusersBackbone):
         self, embeds: Embeddings, negative: Embeddings, noise: torch.Tensor, gen: GenerateConfig
     ) -> torch.Tensor:
         """The pipeline's sampler with embedded guidance (``negative`` is empty and unused)."""
-        self.use_sampling(gen)
-        batch, _, height, width = noise.shape
-        embeds = repeat_rows(embeds, batch, "embeds")
-        dtype = self._pipe.transformer.dtype
-        packed = self._pipe(
-            prompt_embeds=embeds["prompt_embeds"].to(self._device, dtype),
-            pooled_prompt_embeds=embeds["pooled_prompt_embeds"].to(self._device, dtype),
-            height=height * self.vae_scale_factor,
-            width=width * self.vae_scale_factor,
-            num_inference_steps=gen.num_inference_steps,
-            guidance_scale=gen.guidance_scale,
-            latents=self._pack(noise.to(self._device, dtype)),  # sigma_max = 1: the latents are the noise
-            generator=torch.Generator(device="cpu").manual_seed(0),  # unused by Euler
-            output_type="latent",
-            return_dict=False,
-        )[0]
+        with self.sampling(gen):
+            batch, _, height, width = noise.shape
+            embeds = repeat_rows(embeds, batch, "embeds")
+            dtype = self._pipe.transformer.dtype
+            packed = self._pipe(
+                prompt_embeds=embeds["prompt_embeds"].to(self._device, dtype),
+                pooled_prompt_embeds=embeds["pooled_prompt_embeds"].to(self._device, dtype),
+                height=height * self.vae_scale_factor,
+                width=width * self.vae_scale_factor,
+                num_inference_steps=gen.num_inference_steps,
+                guidance_scale=gen.guidance_scale,
+                latents=self._pack(noise.to(self._device, dtype)),  # sigma_max = 1: the latents are the noise
+                generator=torch.Generator(device="cpu").manual_seed(0),  # unused by Euler
+                output_type="latent",
+                return_dict=False,
+            )[0]
         return self._unpack(packed, height, width)
 
     @torch.no_grad()

@@ -201,25 +201,25 @@ class SD3Backbone(DiffusersBackbone):
     def sample(
         self, embeds: Embeddings, negative: Embeddings, noise: torch.Tensor, gen: GenerateConfig
     ) -> torch.Tensor:
-        self.use_sampling(gen)
-        batch = noise.shape[0]
-        negative = repeat_rows(negative, batch, "negative")
-        embeds = repeat_rows(embeds, batch, "embeds")
-        dtype = self._pipe.transformer.dtype
-        return self._pipe(
-            prompt_embeds=embeds["prompt_embeds"].to(self._device, dtype),
-            pooled_prompt_embeds=embeds["pooled_prompt_embeds"].to(self._device, dtype),
-            negative_prompt_embeds=negative["prompt_embeds"].to(self._device, dtype),
-            negative_pooled_prompt_embeds=negative["pooled_prompt_embeds"].to(self._device, dtype),
-            height=noise.shape[-2] * self.vae_scale_factor,
-            width=noise.shape[-1] * self.vae_scale_factor,
-            num_inference_steps=gen.num_inference_steps,
-            guidance_scale=gen.guidance_scale,
-            latents=noise.to(self._device, dtype),  # sigma_max = 1: the initial latents are the noise
-            generator=torch.Generator(device="cpu").manual_seed(0),  # unused by Euler
-            output_type="latent",
-            return_dict=False,
-        )[0]
+        with self.sampling(gen):
+            batch = noise.shape[0]
+            negative = repeat_rows(negative, batch, "negative")
+            embeds = repeat_rows(embeds, batch, "embeds")
+            dtype = self._pipe.transformer.dtype
+            return self._pipe(
+                prompt_embeds=embeds["prompt_embeds"].to(self._device, dtype),
+                pooled_prompt_embeds=embeds["pooled_prompt_embeds"].to(self._device, dtype),
+                negative_prompt_embeds=negative["prompt_embeds"].to(self._device, dtype),
+                negative_pooled_prompt_embeds=negative["pooled_prompt_embeds"].to(self._device, dtype),
+                height=noise.shape[-2] * self.vae_scale_factor,
+                width=noise.shape[-1] * self.vae_scale_factor,
+                num_inference_steps=gen.num_inference_steps,
+                guidance_scale=gen.guidance_scale,
+                latents=noise.to(self._device, dtype),  # sigma_max = 1: the initial latents are the noise
+                generator=torch.Generator(device="cpu").manual_seed(0),  # unused by Euler
+                output_type="latent",
+                return_dict=False,
+            )[0]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

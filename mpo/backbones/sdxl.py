@@ -29,6 +29,7 @@ from torch import nn
 from mpo.backbones.base import DiffusersBackbone, Embeddings, repeat_rows
 from mpo.backbones.registry import register_backbone
 from mpo.backbones.schedules import DDPMSchedule
+from mpo.sampling import SamplingSupport
 
 if TYPE_CHECKING:
     from mpo.schema import GenerateConfig
@@ -57,6 +58,7 @@ class SDXLBackbone(DiffusersBackbone):
         "architecture": "stable-diffusion-xl-v1-base/lora",
     }
     schedule_class = DDPMSchedule
+    sampling_support: ClassVar[SamplingSupport] = SamplingSupport(channels_last=True)
     # The tiny VAE downsamples by 2: 16 x 16 pixels are the 8 x 8 latents its UNet was pretrained at.
     tiny_size: ClassVar[dict[str, int]] = {"height": 16, "width": 16}
     tiny_pretrain_steps: ClassVar[int] = 200
@@ -210,28 +212,28 @@ class SDXLBackbone(DiffusersBackbone):
     def sample(
         self, embeds: Embeddings, negative: Embeddings, noise: torch.Tensor, gen: GenerateConfig
     ) -> torch.Tensor:
-        self.use_sampling(gen)
-        batch = noise.shape[0]
-        negative = repeat_rows(negative, batch, "negative")
-        embeds = repeat_rows(embeds, batch, "embeds")
-        dtype = self._pipe.unet.dtype
-        return self._pipe(
-            prompt_embeds=embeds["prompt_embeds"].to(self._device, dtype),
-            pooled_prompt_embeds=embeds["pooled_prompt_embeds"].to(self._device, dtype),
-            negative_prompt_embeds=negative["prompt_embeds"].to(self._device, dtype),
-            negative_pooled_prompt_embeds=negative["pooled_prompt_embeds"].to(self._device, dtype),
-            height=noise.shape[-2] * self.vae_scale_factor,
-            width=noise.shape[-1] * self.vae_scale_factor,
-            num_inference_steps=gen.num_inference_steps,
-            guidance_scale=gen.guidance_scale,
-            # Unit noise: prepare_latents multiplies by the scheduler's init_noise_sigma itself.
-            latents=noise.to(self._device, dtype),
-            # Only consulted by stochastic schedulers, which are never used here; a private generator
-            # keeps the global RNG (which training resumes) untouched whatever the scheduler does.
-            generator=torch.Generator(device="cpu").manual_seed(0),
-            output_type="latent",
-            return_dict=False,
-        )[0]
+        with self.sampling(gen):
+            batch = noise.shape[0]
+            negative = repeat_rows(negative, batch, "negative")
+            embeds = repeat_rows(embeds, batch, "embeds")
+            dtype = self._pipe.unet.dtype
+            return self._pipe(
+                prompt_embeds=embeds["prompt_embeds"].to(self._device, dtype),
+                pooled_prompt_embeds=embeds["pooled_prompt_embeds"].to(self._device, dtype),
+                negative_prompt_embeds=negative["prompt_embeds"].to(self._device, dtype),
+                negative_pooled_prompt_embeds=negative["pooled_prompt_embeds"].to(self._device, dtype),
+                height=noise.shape[-2] * self.vae_scale_factor,
+                width=noise.shape[-1] * self.vae_scale_factor,
+                num_inference_steps=gen.num_inference_steps,
+                guidance_scale=gen.guidance_scale,
+                # Unit noise: prepare_latents multiplies by the scheduler's init_noise_sigma itself.
+                latents=noise.to(self._device, dtype),
+                # Only consulted by stochastic schedulers, which are never used here; a private generator
+                # keeps the global RNG (which training resumes) untouched whatever the scheduler does.
+                generator=torch.Generator(device="cpu").manual_seed(0),
+                output_type="latent",
+                return_dict=False,
+            )[0]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,7 @@ class WanBackbone(DiffusersBackbone):
         schedulers=FLOW_SCHEDULER_ALIASES,
         renamed=FLOW_RENAMED,
         caches={"first_block": {"threshold": 0.05}, "pab": {"spatial_attention_block_skip_range": 2}},
+        attention_dispatch=True,
     )
     schedule_class = FlowMatchSchedule
     channel_dim: ClassVar[int] = 0  # latents are [C, F, h, w]
@@ -266,27 +267,27 @@ class WanBackbone(DiffusersBackbone):
     def sample(
         self, embeds: Embeddings, negative: Embeddings, noise: torch.Tensor, gen: GenerateConfig
     ) -> torch.Tensor:
-        self.use_sampling(gen)
-        batch = noise.shape[0]
-        dtype = self._pipe.transformer.dtype
-        spatial, temporal = self._pipe.vae_scale_factor_spatial, self._pipe.vae_scale_factor_temporal
-        return self._pipe(
-            prompt_embeds=repeat_rows(embeds, batch, "embeds")["prompt_embeds"].to(self._device, dtype),
-            negative_prompt_embeds=repeat_rows(negative, batch, "negative")["prompt_embeds"].to(
-                self._device, dtype
-            ),
-            height=noise.shape[-2] * spatial,
-            width=noise.shape[-1] * spatial,
-            num_frames=(noise.shape[2] - 1) * temporal + 1,
-            num_inference_steps=gen.num_inference_steps,
-            guidance_scale=gen.guidance_scale,
-            # [B, C, F, h, w] unit noise in float32, as the pipeline draws its own.
-            latents=noise.to(self._device, torch.float32),
-            # Unused by UniPC; a private generator keeps the global RNG untouched regardless.
-            generator=torch.Generator(device="cpu").manual_seed(0),
-            output_type="latent",
-            return_dict=False,
-        )[0]
+        with self.sampling(gen):
+            batch = noise.shape[0]
+            dtype = self._pipe.transformer.dtype
+            spatial, temporal = self._pipe.vae_scale_factor_spatial, self._pipe.vae_scale_factor_temporal
+            return self._pipe(
+                prompt_embeds=repeat_rows(embeds, batch, "embeds")["prompt_embeds"].to(self._device, dtype),
+                negative_prompt_embeds=repeat_rows(negative, batch, "negative")["prompt_embeds"].to(
+                    self._device, dtype
+                ),
+                height=noise.shape[-2] * spatial,
+                width=noise.shape[-1] * spatial,
+                num_frames=(noise.shape[2] - 1) * temporal + 1,
+                num_inference_steps=gen.num_inference_steps,
+                guidance_scale=gen.guidance_scale,
+                # [B, C, F, h, w] unit noise in float32, as the pipeline draws its own.
+                latents=noise.to(self._device, torch.float32),
+                # Unused by UniPC; a private generator keeps the global RNG untouched regardless.
+                generator=torch.Generator(device="cpu").manual_seed(0),
+                output_type="latent",
+                return_dict=False,
+            )[0]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
