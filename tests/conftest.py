@@ -33,3 +33,13 @@ def finished(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("finished") / "run"
     assert main(["run", str(SDXL), *finished_overrides(out, shared_models(tmp_path_factory))]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is as fast, much faster on a shared machine, and makes CPU kernels
+    bitwise independent of the batch (the batch-invariance tests rely on it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -36,12 +36,7 @@ FAMILIES = ("wan", "sd3", "flux")
 BETA = {"none": 500.0, "sigma_sqrt": 50.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _training_sigmas(model_dir, use_generation_shift: float | None) -> torch.Tensor:

@@ -67,12 +67,7 @@ FINETUNE = {
 Killed = type("Killed", (Exception,), {"__doc__": "Stands in for the job being killed after a checkpoint."})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

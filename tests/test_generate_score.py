@@ -35,13 +35,7 @@ SMALL = [
 ENV = DETERMINISTIC_ENV
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The in-process runs use one thread too (the machine's cores are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,20 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpo.backbones.base import repeat_rows
 from mpo.backbones.cogvideox import CogVideoXBackbone
 from mpo.backbones.registry import get_backbone_class
 from mpo.config import RecipeError, load_recipe
 from mpo.generate import generation_fingerprint
 from mpo.sampling import count_denoiser_calls
 from mpo.schema import GenerateConfig
-from mpo.seeds import candidate_noise
+from tests.tiny_sampling import PROMPTS, TinyBackbones, sample
 
 ROOT = Path(__file__).resolve().parents[1]
 SDXL = ROOT / "recipes" / "tiny" / "sdxl.yaml"
 COGVIDEOX = ROOT / "recipes" / "tiny" / "cogvideox.yaml"
-PROMPTS = ["a photo of a cat", "a red car in the city", "the blue sea"]
-STEPS = 4
 # Batching across prompts, per family: on a CPU in float32 with one thread the tiny models give the
 # same bits whatever the batch (asserted to this tolerance, which also covers BLAS builds that block
 # a GEMM by batch size). On GPUs cuBLAS may pick other kernels per batch size; differences then stay
@@ -29,42 +26,19 @@ STEPS = 4
 BATCH_TOLERANCE = {"sdxl": 1e-5, "cogvideox": 1e-5, "wan": 1e-5, "sd3": 1e-5, "flux": 1e-5}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAMILIES = ("sdxl", "cogvideox", "wan", "sd3", "flux")
 COGVIDEOX_SIZE = CogVideoXBackbone.tiny_size
 
 
-class _Backbones(dict):
-    """Each family's tiny backbone (random weights, in memory), built on first use."""
-
-    def __missing__(self, family: str) -> tuple:
-        cls = get_backbone_class(family)
-        self[family] = (cls(cls.tiny_pipeline()), cls.tiny_size)
-        return self[family]
-
-
 @pytest.fixture(scope="module")
 def backbones() -> dict[str, tuple]:
-    return _Backbones()
+    return TinyBackbones()
 
 
-def _sample(backbone, size, prompts, seeds_per_prompt: int = 2, **sampling) -> torch.Tensor:
-    """All prompts' candidates in one batch, each from its own seeded noise."""
-    gen = GenerateConfig(**{"num_inference_steps": STEPS, **size, **sampling})
-    shape = backbone.latent_shape(gen)
-    embeds = [repeat_rows(backbone.encode_prompts([p]), seeds_per_prompt, "e") for p in prompts]
-    rows = {key: torch.cat([e[key] for e in embeds]) for key in embeds[0]}
-    noise = torch.stack(
-        [candidate_noise(shape, 100 * PROMPTS.index(p) + i) for p in prompts for i in range(seeds_per_prompt)]
-    )
-    return backbone.sample(rows, backbone.encode_negative(), noise, gen)
+_sample = sample
 
 
 # ---- recipe errors ----------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-from mpo.backbones.base import repeat_rows
 from mpo.backbones.registry import get_backbone_class
 from mpo.batch_fit import BatchPlan, find_prompts_per_batch, largest_fitting
 from mpo.block_work import REST, count_block_work, format_fractions
@@ -15,10 +14,8 @@ from mpo.generate import plan_batches
 from mpo.memory import MemoryEstimateError
 from mpo.sampling import SamplingError, check_sampling
 from mpo.schema import GenerateConfig
-from mpo.seeds import candidate_noise
+from tests.tiny_sampling import PROMPTS, STEPS, TinyBackbones, sample
 
-PROMPTS = ["a photo of a cat", "a red car in the city", "the blue sea"]
-STEPS = 4
 # The SDPA kernels compute the same attention; on a CPU in float32 the math and flash kernels
 # differ only in summation order (measured max |diff| < 1e-6 on the tiny models).
 KERNEL_TOLERANCE = 1e-5
@@ -27,35 +24,15 @@ KERNEL_TOLERANCE = 1e-5
 CHANNELS_LAST_TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-class _Backbones(dict):
-    def __missing__(self, family: str):
-        cls = get_backbone_class(family)
-        self[family] = (cls(cls.tiny_pipeline()), cls.tiny_size)
-        return self[family]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def backbones():
-    return _Backbones()
+    return TinyBackbones()
 
 
-def _sample(backbone, size, prompts, per_prompt: int = 2, **sampling) -> torch.Tensor:
-    gen = GenerateConfig(**{"num_inference_steps": STEPS, **size, **sampling})
-    shape = backbone.latent_shape(gen)
-    embeds = [repeat_rows(backbone.encode_prompts([p]), per_prompt, "e") for p in prompts]
-    rows = {key: torch.cat([e[key] for e in embeds]) for key in embeds[0]}
-    noise = torch.stack(
-        [candidate_noise(shape, 100 * PROMPTS.index(p) + i) for p in prompts for i in range(per_prompt)]
-    )
-    return backbone.sample(rows, backbone.encode_negative(), noise, gen)
+_sample = sample
 
 
 class _AllocatorLimit:
