@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -269,6 +269,13 @@ class DiffusersBackbone(Backbone):
     tiny_pretrain_steps: ClassVar[int] = 100
     # Scheduler names, cache hooks and compile blocks this family offers (mpo.sampling).
     sampling_support: ClassVar[SamplingSupport] = SamplingSupport()
+    # What generate.height / width / num_frames must be: a multiple of ``size_multiple`` (and why,
+    # with a size the released model samples at); video: ``frame_compression``k + 1 frames.
+    size_multiple: ClassVar[int] = 8
+    size_reason: ClassVar[str] = "VAE factor 8"
+    size_example: ClassVar[str] = "1024"
+    frame_compression: ClassVar[int | None] = None
+    frames_example: ClassVar[int] = 49
 
     def __init__(self, pipe, device: torch.device | str = "cpu") -> None:
         """Wrap a loaded pipeline: move it to ``device`` and freeze it.
@@ -288,8 +295,27 @@ class DiffusersBackbone(Backbone):
 
     @classmethod
     def check_generate_config(cls, gen: GenerateConfig) -> list[tuple[str, str]]:
-        """The sampling keys (scheduler, cache, compile) against what this family supports."""
-        return check_sampling(gen, cls.sampling_support)
+        """The sampling keys (scheduler, cache, compile) against what this family supports, and the
+        sizes against what its VAE and patching accept."""
+        problems = check_sampling(gen, cls.sampling_support)
+        compression = cls.frame_compression
+        if compression and (gen.num_frames < 1 or (gen.num_frames - 1) % compression):
+            problems.append(
+                (
+                    "generate.num_frames",
+                    f"must be {compression}k+1 (the VAE's temporal compression), e.g. {cls.frames_example}",
+                )
+            )
+        for key in ("height", "width"):
+            if getattr(gen, key) <= 0 or getattr(gen, key) % cls.size_multiple:
+                problems.append(
+                    (
+                        f"generate.{key}",
+                        f"must be a positive multiple of {cls.size_multiple} ({cls.size_reason}), e.g. "
+                        f"{cls.size_example}",
+                    )
+                )
+        return problems
 
     @contextmanager
     def sampling(self, gen: GenerateConfig) -> Iterator[None]:
@@ -309,6 +335,39 @@ class DiffusersBackbone(Backbone):
             channels_last_input(denoiser, settings.channels_last),
         ):
             yield
+
+    def run_pipeline(
+        self,
+        embeds: Embeddings,
+        negative: Embeddings,
+        latents: torch.Tensor,
+        gen: GenerateConfig,
+        **extra: Any,
+    ) -> torch.Tensor:
+        """One sampling call of the family's pipeline, made the way every family makes it: each
+        embedding ``<key>`` (and, where there is a negative prompt, ``negative_<key>``) repeated to
+        the batch and cast to the denoiser's dtype; the recipe's steps and guidance; ``latents`` (the
+        caller's seeded noise, in the layout and dtype its pipeline takes) as the initial latents;
+        latents out. The generator is private and only stochastic schedulers would consult it (none
+        is used here): the global RNG that training resumes stays untouched whatever the scheduler.
+        ``extra``: the family's own arguments (sizes, frames)."""
+        batch = latents.shape[0]
+        dtype = self.denoiser.dtype
+        kwargs = {k: v.to(self._device, dtype) for k, v in repeat_rows(embeds, batch, "embeds").items()}
+        if negative:
+            negative = repeat_rows(negative, batch, "negative")
+            kwargs.update({f"negative_{k}": v.to(self._device, dtype) for k, v in negative.items()})
+        with self.sampling(gen):
+            return self._pipe(
+                **kwargs,
+                **extra,
+                num_inference_steps=gen.num_inference_steps,
+                guidance_scale=gen.guidance_scale,
+                latents=latents,
+                generator=torch.Generator(device="cpu").manual_seed(0),
+                output_type="latent",
+                return_dict=False,
+            )[0]
 
     @classmethod
     def load(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> DiffusersBackbone:

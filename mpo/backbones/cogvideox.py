@@ -29,7 +29,7 @@ import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline
 from torch import nn
 
-from mpo.backbones.base import DiffusersBackbone, Embeddings, repeat_rows
+from mpo.backbones.base import DiffusersBackbone, Embeddings
 from mpo.backbones.registry import register_backbone
 from mpo.backbones.schedules import DDPMSchedule
 from mpo.sampling import SCHEDULER_ALIASES, SamplingSupport
@@ -50,6 +50,10 @@ class CogVideoXBackbone(DiffusersBackbone):
     denoiser_attr = "transformer"
     modality: ClassVar[Literal["image", "video"]] = "video"
     schedule_class = DDPMSchedule
+    size_multiple: ClassVar[int] = SPATIAL_MULTIPLE
+    size_reason: ClassVar[str] = "VAE factor 8 x patch size 2"
+    size_example: ClassVar[str] = "480 x 720"
+    frame_compression: ClassVar[int | None] = TEMPORAL_COMPRESSION
     channel_dim: ClassVar[int] = 1  # latents are [F, C, h, w]
     # The tiny VAE compresses space by 4 and time by 4: 3 latent frames of 8 x 8.
     tiny_size: ClassVar[dict[str, int]] = {"height": 32, "width": 32, "num_frames": 9}
@@ -163,27 +167,6 @@ class CogVideoXBackbone(DiffusersBackbone):
             scheduler=scheduler,
         )
 
-    @classmethod
-    def check_generate_config(cls, gen: GenerateConfig) -> list[tuple[str, str]]:
-        problems = super().check_generate_config(gen)
-        if gen.num_frames < 1 or (gen.num_frames - 1) % TEMPORAL_COMPRESSION:
-            problems.append(
-                (
-                    "generate.num_frames",
-                    f"must be {TEMPORAL_COMPRESSION}k+1 (the VAE's temporal compression), e.g. 49",
-                )
-            )
-        for key in ("height", "width"):
-            if getattr(gen, key) <= 0 or getattr(gen, key) % SPATIAL_MULTIPLE:
-                problems.append(
-                    (
-                        f"generate.{key}",
-                        f"must be a positive multiple of {SPATIAL_MULTIPLE} (VAE factor 8 x patch size 2), "
-                        "e.g. 480 x 720",
-                    )
-                )
-        return problems
-
     # ---- conditioning ----------------------------------------------------------------------------
     @property
     def max_text_length(self) -> int:
@@ -239,28 +222,18 @@ class CogVideoXBackbone(DiffusersBackbone):
     def sample(
         self, embeds: Embeddings, negative: Embeddings, noise: torch.Tensor, gen: GenerateConfig
     ) -> torch.Tensor:
-        with self.sampling(gen):
-            batch = noise.shape[0]
-            dtype = self._pipe.transformer.dtype
-            spatial, temporal = self._pipe.vae_scale_factor_spatial, self._pipe.vae_scale_factor_temporal
-            return self._pipe(
-                prompt_embeds=repeat_rows(embeds, batch, "embeds")["prompt_embeds"].to(self._device, dtype),
-                negative_prompt_embeds=repeat_rows(negative, batch, "negative")["prompt_embeds"].to(
-                    self._device, dtype
-                ),
-                height=noise.shape[-2] * spatial,
-                width=noise.shape[-1] * spatial,
-                num_frames=(noise.shape[1] - 1) * temporal + 1,
-                num_inference_steps=gen.num_inference_steps,
-                guidance_scale=gen.guidance_scale,
-                use_dynamic_cfg=False,
-                # [B, F, C, h, w] unit noise: prepare_latents multiplies by init_noise_sigma itself.
-                latents=noise.to(self._device, dtype),
-                # Unused by DDIM at eta = 0; a private generator keeps the global RNG untouched regardless.
-                generator=torch.Generator(device="cpu").manual_seed(0),
-                output_type="latent",
-                return_dict=False,
-            )[0]
+        spatial, temporal = self._pipe.vae_scale_factor_spatial, self._pipe.vae_scale_factor_temporal
+        # [B, F, C, h, w] unit noise: prepare_latents multiplies by init_noise_sigma itself.
+        return self.run_pipeline(
+            embeds,
+            negative,
+            noise.to(self._device, self.denoiser.dtype),
+            gen,
+            height=noise.shape[-2] * spatial,
+            width=noise.shape[-1] * spatial,
+            num_frames=(noise.shape[1] - 1) * temporal + 1,
+            use_dynamic_cfg=False,
+        )
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import nn
 
-from mpo.backbones.base import DiffusersBackbone, Embeddings, repeat_rows
+from mpo.backbones.base import DiffusersBackbone, Embeddings
 from mpo.backbones.registry import register_backbone
 from mpo.backbones.schedules import FlowMatchSchedule
 from mpo.sampling import FLOW_RENAMED, FLOW_SCHEDULER_ALIASES, SamplingSupport
@@ -61,6 +61,8 @@ class FluxBackbone(DiffusersBackbone):
         attention_dispatch=True,
     )
     schedule_class = FlowMatchSchedule
+    size_multiple: ClassVar[int] = SPATIAL_MULTIPLE
+    size_reason: ClassVar[str] = "VAE factor 8 x 2 x 2 packing"
     # The tiny VAE downsamples by 2: 16 x 16 pixels are 8 x 8 latents, packed to 16 tokens.
     tiny_size: ClassVar[dict[str, int]] = {"height": 16, "width": 16}
     tiny_pretrain_steps: ClassVar[int] = 200
@@ -156,21 +158,6 @@ class FluxBackbone(DiffusersBackbone):
             transformer=transformer,
         )
 
-    # ---- recipe checks ----------------------------------------------------------------------------
-    @classmethod
-    def check_generate_config(cls, gen: GenerateConfig) -> list[tuple[str, str]]:
-        problems = super().check_generate_config(gen)
-        for key in ("height", "width"):
-            if getattr(gen, key) <= 0 or getattr(gen, key) % SPATIAL_MULTIPLE:
-                problems.append(
-                    (
-                        f"generate.{key}",
-                        f"must be a positive multiple of {SPATIAL_MULTIPLE} (VAE factor 8 x 2 x 2 packing), "
-                        "e.g. 1024",
-                    )
-                )
-        return problems
-
     @property
     def lora_target_modules(self) -> list[str]:
         """Both streams of the double-stream blocks' attention (image: to_*, text: add_*_proj /
@@ -242,22 +229,16 @@ class FluxBackbone(DiffusersBackbone):
         self, embeds: Embeddings, negative: Embeddings, noise: torch.Tensor, gen: GenerateConfig
     ) -> torch.Tensor:
         """The pipeline's sampler with embedded guidance (``negative`` is empty and unused)."""
-        with self.sampling(gen):
-            batch, _, height, width = noise.shape
-            embeds = repeat_rows(embeds, batch, "embeds")
-            dtype = self._pipe.transformer.dtype
-            packed = self._pipe(
-                prompt_embeds=embeds["prompt_embeds"].to(self._device, dtype),
-                pooled_prompt_embeds=embeds["pooled_prompt_embeds"].to(self._device, dtype),
-                height=height * self.vae_scale_factor,
-                width=width * self.vae_scale_factor,
-                num_inference_steps=gen.num_inference_steps,
-                guidance_scale=gen.guidance_scale,
-                latents=self._pack(noise.to(self._device, dtype)),  # sigma_max = 1: the latents are the noise
-                generator=torch.Generator(device="cpu").manual_seed(0),  # unused by Euler
-                output_type="latent",
-                return_dict=False,
-            )[0]
+        _, _, height, width = noise.shape
+        # sigma_max = 1: the latents are the noise, packed into the transformer's tokens.
+        packed = self.run_pipeline(
+            embeds,
+            {},
+            self._pack(noise.to(self._device, self.denoiser.dtype)),
+            gen,
+            height=height * self.vae_scale_factor,
+            width=width * self.vae_scale_factor,
+        )
         return self._unpack(packed, height, width)
 
     @torch.no_grad()

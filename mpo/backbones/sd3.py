@@ -28,7 +28,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from torch import nn
 
-from mpo.backbones.base import DiffusersBackbone, Embeddings, repeat_rows
+from mpo.backbones.base import DiffusersBackbone, Embeddings
 from mpo.backbones.registry import register_backbone
 from mpo.backbones.schedules import FlowMatchSchedule
 from mpo.sampling import FLOW_RENAMED, FLOW_SCHEDULER_ALIASES, SamplingSupport
@@ -51,6 +51,8 @@ class SD3Backbone(DiffusersBackbone):
         schedulers=FLOW_SCHEDULER_ALIASES, renamed=FLOW_RENAMED, compile_blocks=("JointTransformerBlock",)
     )
     schedule_class = FlowMatchSchedule
+    size_multiple: ClassVar[int] = SPATIAL_MULTIPLE
+    size_reason: ClassVar[str] = "VAE factor 8 x patch size 2"
     # The tiny VAE downsamples by 2: 16 x 16 pixels are 8 x 8 latents, 16 patches of 2 x 2.
     tiny_size: ClassVar[dict[str, int]] = {"height": 16, "width": 16}
     tiny_pretrain_steps: ClassVar[int] = 200
@@ -141,21 +143,6 @@ class SD3Backbone(DiffusersBackbone):
             tokenizer_3=tokenizer_3,
         )
 
-    # ---- recipe checks ----------------------------------------------------------------------------
-    @classmethod
-    def check_generate_config(cls, gen: GenerateConfig) -> list[tuple[str, str]]:
-        problems = super().check_generate_config(gen)
-        for key in ("height", "width"):
-            if getattr(gen, key) <= 0 or getattr(gen, key) % SPATIAL_MULTIPLE:
-                problems.append(
-                    (
-                        f"generate.{key}",
-                        f"must be a positive multiple of {SPATIAL_MULTIPLE} (VAE factor 8 x patch size 2), "
-                        "e.g. 1024",
-                    )
-                )
-        return problems
-
     @property
     def lora_target_modules(self) -> list[str]:
         """Both streams of every joint attention (image: to_*, text: add_*_proj / to_add_out), and the
@@ -201,25 +188,15 @@ class SD3Backbone(DiffusersBackbone):
     def sample(
         self, embeds: Embeddings, negative: Embeddings, noise: torch.Tensor, gen: GenerateConfig
     ) -> torch.Tensor:
-        with self.sampling(gen):
-            batch = noise.shape[0]
-            negative = repeat_rows(negative, batch, "negative")
-            embeds = repeat_rows(embeds, batch, "embeds")
-            dtype = self._pipe.transformer.dtype
-            return self._pipe(
-                prompt_embeds=embeds["prompt_embeds"].to(self._device, dtype),
-                pooled_prompt_embeds=embeds["pooled_prompt_embeds"].to(self._device, dtype),
-                negative_prompt_embeds=negative["prompt_embeds"].to(self._device, dtype),
-                negative_pooled_prompt_embeds=negative["pooled_prompt_embeds"].to(self._device, dtype),
-                height=noise.shape[-2] * self.vae_scale_factor,
-                width=noise.shape[-1] * self.vae_scale_factor,
-                num_inference_steps=gen.num_inference_steps,
-                guidance_scale=gen.guidance_scale,
-                latents=noise.to(self._device, dtype),  # sigma_max = 1: the initial latents are the noise
-                generator=torch.Generator(device="cpu").manual_seed(0),  # unused by Euler
-                output_type="latent",
-                return_dict=False,
-            )[0]
+        # sigma_max = 1: the initial latents are the noise.
+        return self.run_pipeline(
+            embeds,
+            negative,
+            noise.to(self._device, self.denoiser.dtype),
+            gen,
+            height=noise.shape[-2] * self.vae_scale_factor,
+            width=noise.shape[-1] * self.vae_scale_factor,
+        )
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

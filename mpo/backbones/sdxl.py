@@ -26,7 +26,7 @@ import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
 from torch import nn
 
-from mpo.backbones.base import DiffusersBackbone, Embeddings, repeat_rows
+from mpo.backbones.base import DiffusersBackbone, Embeddings
 from mpo.backbones.registry import register_backbone
 from mpo.backbones.schedules import DDPMSchedule
 from mpo.sampling import SamplingSupport
@@ -156,15 +156,6 @@ class SDXLBackbone(DiffusersBackbone):
     def vae_scale_factor(self) -> int:
         return self._pipe.vae_scale_factor
 
-    @classmethod
-    def check_generate_config(cls, gen: GenerateConfig) -> list[tuple[str, str]]:
-        problems = super().check_generate_config(gen)
-        for key in ("height", "width"):
-            value = getattr(gen, key)
-            if value <= 0 or value % 8:
-                problems.append((f"generate.{key}", "must be a positive multiple of 8 (e.g. 1024)"))
-        return problems
-
     # ---- conditioning ----------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Embeddings:
@@ -212,28 +203,15 @@ class SDXLBackbone(DiffusersBackbone):
     def sample(
         self, embeds: Embeddings, negative: Embeddings, noise: torch.Tensor, gen: GenerateConfig
     ) -> torch.Tensor:
-        with self.sampling(gen):
-            batch = noise.shape[0]
-            negative = repeat_rows(negative, batch, "negative")
-            embeds = repeat_rows(embeds, batch, "embeds")
-            dtype = self._pipe.unet.dtype
-            return self._pipe(
-                prompt_embeds=embeds["prompt_embeds"].to(self._device, dtype),
-                pooled_prompt_embeds=embeds["pooled_prompt_embeds"].to(self._device, dtype),
-                negative_prompt_embeds=negative["prompt_embeds"].to(self._device, dtype),
-                negative_pooled_prompt_embeds=negative["pooled_prompt_embeds"].to(self._device, dtype),
-                height=noise.shape[-2] * self.vae_scale_factor,
-                width=noise.shape[-1] * self.vae_scale_factor,
-                num_inference_steps=gen.num_inference_steps,
-                guidance_scale=gen.guidance_scale,
-                # Unit noise: prepare_latents multiplies by the scheduler's init_noise_sigma itself.
-                latents=noise.to(self._device, dtype),
-                # Only consulted by stochastic schedulers, which are never used here; a private generator
-                # keeps the global RNG (which training resumes) untouched whatever the scheduler does.
-                generator=torch.Generator(device="cpu").manual_seed(0),
-                output_type="latent",
-                return_dict=False,
-            )[0]
+        # Unit noise: prepare_latents multiplies by the scheduler's init_noise_sigma itself.
+        return self.run_pipeline(
+            embeds,
+            negative,
+            noise.to(self._device, self.denoiser.dtype),
+            gen,
+            height=noise.shape[-2] * self.vae_scale_factor,
+            width=noise.shape[-1] * self.vae_scale_factor,
+        )
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

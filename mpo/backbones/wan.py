@@ -32,7 +32,7 @@ import torch
 from diffusers import UniPCMultistepScheduler, WanPipeline
 from torch import nn
 
-from mpo.backbones.base import DiffusersBackbone, Embeddings, load_pipeline, repeat_rows
+from mpo.backbones.base import DiffusersBackbone, Embeddings, load_pipeline
 from mpo.backbones.registry import register_backbone
 from mpo.backbones.schedules import FlowMatchSchedule, TimestepSampler
 from mpo.sampling import FLOW_RENAMED, FLOW_SCHEDULER_ALIASES, SamplingSupport
@@ -69,6 +69,11 @@ class WanBackbone(DiffusersBackbone):
         attention_dispatch=True,
     )
     schedule_class = FlowMatchSchedule
+    size_multiple: ClassVar[int] = SPATIAL_MULTIPLE
+    size_reason: ClassVar[str] = "VAE factor 8 x patch size 2"
+    size_example: ClassVar[str] = "480 x 832"
+    frame_compression: ClassVar[int | None] = TEMPORAL_COMPRESSION
+    frames_example: ClassVar[int] = 81
     channel_dim: ClassVar[int] = 0  # latents are [C, F, h, w]
     # The tiny VAE compresses space by 4 and time by 4: 3 latent frames of 8 x 8.
     tiny_size: ClassVar[dict[str, int]] = {"height": 32, "width": 32, "num_frames": 9}
@@ -195,28 +200,6 @@ class WanBackbone(DiffusersBackbone):
             scheduler=scheduler,
         )
 
-    # ---- recipe checks ----------------------------------------------------------------------------
-    @classmethod
-    def check_generate_config(cls, gen: GenerateConfig) -> list[tuple[str, str]]:
-        problems = super().check_generate_config(gen)
-        if gen.num_frames < 1 or (gen.num_frames - 1) % TEMPORAL_COMPRESSION:
-            problems.append(
-                (
-                    "generate.num_frames",
-                    f"must be {TEMPORAL_COMPRESSION}k+1 (the VAE's temporal compression), e.g. 81",
-                )
-            )
-        for key in ("height", "width"):
-            if getattr(gen, key) <= 0 or getattr(gen, key) % SPATIAL_MULTIPLE:
-                problems.append(
-                    (
-                        f"generate.{key}",
-                        f"must be a positive multiple of {SPATIAL_MULTIPLE} (VAE factor 8 x patch size 2), "
-                        "e.g. 480 x 832",
-                    )
-                )
-        return problems
-
     @property
     def lora_target_modules(self) -> list[str]:
         """Self- and cross-attention projections of every block (what the public Wan LoRAs adapt)."""
@@ -267,27 +250,17 @@ class WanBackbone(DiffusersBackbone):
     def sample(
         self, embeds: Embeddings, negative: Embeddings, noise: torch.Tensor, gen: GenerateConfig
     ) -> torch.Tensor:
-        with self.sampling(gen):
-            batch = noise.shape[0]
-            dtype = self._pipe.transformer.dtype
-            spatial, temporal = self._pipe.vae_scale_factor_spatial, self._pipe.vae_scale_factor_temporal
-            return self._pipe(
-                prompt_embeds=repeat_rows(embeds, batch, "embeds")["prompt_embeds"].to(self._device, dtype),
-                negative_prompt_embeds=repeat_rows(negative, batch, "negative")["prompt_embeds"].to(
-                    self._device, dtype
-                ),
-                height=noise.shape[-2] * spatial,
-                width=noise.shape[-1] * spatial,
-                num_frames=(noise.shape[2] - 1) * temporal + 1,
-                num_inference_steps=gen.num_inference_steps,
-                guidance_scale=gen.guidance_scale,
-                # [B, C, F, h, w] unit noise in float32, as the pipeline draws its own.
-                latents=noise.to(self._device, torch.float32),
-                # Unused by UniPC; a private generator keeps the global RNG untouched regardless.
-                generator=torch.Generator(device="cpu").manual_seed(0),
-                output_type="latent",
-                return_dict=False,
-            )[0]
+        spatial, temporal = self._pipe.vae_scale_factor_spatial, self._pipe.vae_scale_factor_temporal
+        # [B, C, F, h, w] unit noise in float32, as the pipeline draws its own.
+        return self.run_pipeline(
+            embeds,
+            negative,
+            noise.to(self._device, torch.float32),
+            gen,
+            height=noise.shape[-2] * spatial,
+            width=noise.shape[-1] * spatial,
+            num_frames=(noise.shape[2] - 1) * temporal + 1,
+        )
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
