@@ -89,32 +89,16 @@ class CogVideoXBackbone(DiffusersBackbone):
         """A CogVideoX pipeline: a 2-layer T5 (width 32, 16 text positions), a 2-layer transformer with
         3D rotary embeddings (2 heads of 16), and a 3-level causal 3D VAE (space x4, time x4)."""
         from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
-        from transformers import T5Config, T5EncoderModel
+        from transformers import T5EncoderModel
 
-        from mpo.backbones.tiny import t5_tokenizer
+        from mpo.backbones.tiny import t5_tokenizer, tiny_t5_config
 
         text_length = 16
         tokenizer = t5_tokenizer(text_length)
         latent_size = cls.tiny_size["height"] // 4
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            text_encoder = T5EncoderModel(
-                T5Config(
-                    vocab_size=len(tokenizer),
-                    d_model=32,
-                    d_kv=8,
-                    d_ff=64,
-                    num_layers=2,
-                    num_heads=4,
-                    relative_attention_num_buckets=8,
-                    relative_attention_max_distance=16,
-                    dropout_rate=0.0,
-                    feed_forward_proj="gated-gelu",
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                    decoder_start_token_id=tokenizer.pad_token_id,
-                )
-            )
+            text_encoder = T5EncoderModel(tiny_t5_config(tokenizer))
             transformer = CogVideoXTransformer3DModel(
                 num_attention_heads=2,
                 attention_head_dim=16,  # split 4 / 6 / 6 between time, height and width by the 3D rotary

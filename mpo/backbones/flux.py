@@ -88,9 +88,9 @@ class FluxBackbone(DiffusersBackbone):
         a shift factor, its decoder fitted briefly so that decoded colour follows the latents) and
         the release's dynamic-shift scheduler."""
         from diffusers import FluxTransformer2DModel
-        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+        from transformers import CLIPTextConfig, CLIPTextModel, T5EncoderModel
 
-        from mpo.backbones.tiny import clip_tokenizer, t5_tokenizer, tiny_flow_vae
+        from mpo.backbones.tiny import clip_tokenizer, t5_tokenizer, tiny_flow_vae, tiny_t5_config
 
         tokenizer = clip_tokenizer()
         tokenizer_2 = t5_tokenizer(16)
@@ -109,23 +109,7 @@ class FluxBackbone(DiffusersBackbone):
                     pad_token_id=tokenizer.pad_token_id,
                 )
             )
-            text_encoder_2 = T5EncoderModel(
-                T5Config(
-                    vocab_size=len(tokenizer_2),
-                    d_model=32,
-                    d_kv=8,
-                    d_ff=64,
-                    num_layers=2,
-                    num_heads=4,
-                    relative_attention_num_buckets=8,
-                    relative_attention_max_distance=16,
-                    dropout_rate=0.0,
-                    feed_forward_proj="gated-gelu",
-                    pad_token_id=tokenizer_2.pad_token_id,
-                    eos_token_id=tokenizer_2.eos_token_id,
-                    decoder_start_token_id=tokenizer_2.pad_token_id,
-                )
-            )
+            text_encoder_2 = T5EncoderModel(tiny_t5_config(tokenizer_2))
             transformer = FluxTransformer2DModel(
                 patch_size=1,
                 in_channels=4 * 4,  # 4 latent channels x a 2 x 2 patch

@@ -74,9 +74,9 @@ class SD3Backbone(DiffusersBackbone):
         RMS q/k norms (2 heads of 8), and a two-level VAE without quant convs (factor 2, a shift
         factor, its decoder fitted briefly so that decoded colour follows the latents)."""
         from diffusers import SD3Transformer2DModel
-        from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5EncoderModel
 
-        from mpo.backbones.tiny import clip_tokenizer, t5_tokenizer, tiny_flow_vae
+        from mpo.backbones.tiny import clip_tokenizer, t5_tokenizer, tiny_flow_vae, tiny_t5_config
 
         tokenizer = clip_tokenizer()
         t5_length = 16
@@ -97,23 +97,8 @@ class SD3Backbone(DiffusersBackbone):
             torch.manual_seed(seed)
             text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**clip))
             text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip))
-            text_encoder_3 = T5EncoderModel(
-                T5Config(
-                    vocab_size=len(tokenizer_3),
-                    d_model=32,  # = the two CLIP widths side by side, as 4096 >= 768 + 1280
-                    d_kv=8,
-                    d_ff=64,
-                    num_layers=2,
-                    num_heads=4,
-                    relative_attention_num_buckets=8,
-                    relative_attention_max_distance=16,
-                    dropout_rate=0.0,
-                    feed_forward_proj="gated-gelu",
-                    pad_token_id=tokenizer_3.pad_token_id,
-                    eos_token_id=tokenizer_3.eos_token_id,
-                    decoder_start_token_id=tokenizer_3.pad_token_id,
-                )
-            )
+            # Width 32 = the two CLIP widths side by side, as 4096 >= 768 + 1280 in the release.
+            text_encoder_3 = T5EncoderModel(tiny_t5_config(tokenizer_3))
             transformer = SD3Transformer2DModel(
                 sample_size=cls.tiny_size["height"] // 2,
                 patch_size=2,

@@ -26,7 +26,7 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -78,6 +78,28 @@ def t5_tokenizer(max_length: int):
 
 
 # ---- pretraining --------------------------------------------------------------------------------------
+def tiny_t5_config(tokenizer, config_class: type | None = None) -> Any:
+    """The tiny T5-family encoder config every family's tests share (T5 for CogVideoX, FLUX and SD3,
+    UMT5 for Wan): 2 layers of width 32, relative attention over the tiny prompt length."""
+    if config_class is None:
+        from transformers import T5Config as config_class
+    return config_class(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+
+
 def pretrain_tiny_denoiser(
     backbone: Backbone,
     steps: int = 100,

@@ -129,29 +129,13 @@ class WanBackbone(DiffusersBackbone):
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
         from transformers import UMT5Config, UMT5EncoderModel
 
-        from mpo.backbones.tiny import fit_tiny_decoder, t5_tokenizer
+        from mpo.backbones.tiny import fit_tiny_decoder, t5_tokenizer, tiny_t5_config
 
         text_length = 16
         tokenizer = t5_tokenizer(text_length)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            text_encoder = UMT5EncoderModel(
-                UMT5Config(
-                    vocab_size=len(tokenizer),
-                    d_model=32,
-                    d_kv=8,
-                    d_ff=64,
-                    num_layers=2,
-                    num_heads=4,
-                    relative_attention_num_buckets=8,
-                    relative_attention_max_distance=16,
-                    dropout_rate=0.0,
-                    feed_forward_proj="gated-gelu",
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                    decoder_start_token_id=tokenizer.pad_token_id,
-                )
-            )
+            text_encoder = UMT5EncoderModel(tiny_t5_config(tokenizer, UMT5Config))
             transformer = WanTransformer3DModel(
                 patch_size=(1, 2, 2),
                 num_attention_heads=2,
