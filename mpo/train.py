@@ -106,6 +106,7 @@ from mpo.train_state import (
     check_settings,
     checkpoint_dir,
     discard_training,
+    fill_deepspeed_config,
     is_deepspeed,
     latest_checkpoint,
     load_checkpoint,
@@ -309,20 +310,6 @@ def stepped_optimizer(acc: Accelerator, optimizer: Any) -> Any:
     if is_deepspeed(acc) or getattr(acc, "scaler", None) is not None:
         return optimizer
     return getattr(optimizer, "optimizer", optimizer)
-
-
-def fill_deepspeed_config(recipe: Any, acc: Accelerator) -> None:
-    """Give DeepSpeed the micro batch and clipping of the recipe (the JSONs say "auto"): the pairs
-    come from our own sampler, not from a dataloader that ``prepare`` could read them from."""
-    if not is_deepspeed(acc):
-        return
-    config = acc.state.deepspeed_plugin.deepspeed_config
-    for key, value in (
-        ("train_micro_batch_size_per_gpu", recipe.train.batch_size),
-        ("gradient_clipping", recipe.train.max_grad_norm),
-    ):
-        if config.get(key, "auto") == "auto":
-            config[key] = value
 
 
 # train.* keys that do not change what training produces: how often to save and how many to keep,

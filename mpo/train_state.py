@@ -117,6 +117,21 @@ def is_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
+def fill_deepspeed_config(recipe: Any, acc: Accelerator) -> None:
+    """Give DeepSpeed the micro batch and clipping of the recipe (the launch JSONs say "auto"): both
+    trainers draw their batches from their own samplers, not from a dataloader that ``prepare``
+    could read them from."""
+    if not is_deepspeed(acc):
+        return
+    config = acc.state.deepspeed_plugin.deepspeed_config
+    for key, value in (
+        ("train_micro_batch_size_per_gpu", recipe.train.batch_size),
+        ("gradient_clipping", recipe.train.max_grad_norm),
+    ):
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+
+
 def checkpoint_dir(run: RunDir, step: int) -> Path:
     return run.checkpoints / f"{PREFIX}{step}"
 

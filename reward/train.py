@@ -48,17 +48,18 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
-from mpo.distributed import make_accelerator, whole_model_loading
+from mpo.distributed import make_training_accelerator, whole_model_loading
 from mpo.store import RunDir, write_parquet, write_text
 from mpo.train_state import (
     Resumable,
     TrainProgress,
     check_settings,
+    fill_deepspeed_config,
     is_deepspeed,
     latest_checkpoint,
     load_checkpoint,
@@ -119,15 +120,9 @@ class RewardTrainer:
 
 
 # ---- setup ----------------------------------------------------------------------------------------
-def setup_accelerator(recipe: Any) -> Accelerator:
-    tracker = recipe.tracking.tracker
-    root = Path(recipe.output_dir)
-    return make_accelerator(
-        recipe,
-        training=True,
-        log_with=None if tracker == "none" else tracker,
-        project_config=ProjectConfiguration(project_dir=str(root), logging_dir=str(root / "logs")),
-    )
+# The reward trainer's Accelerator is the DPO trainer's: mixed precision, accumulation, the recipe's
+# tracker, logs under the run directory.
+setup_accelerator = make_training_accelerator
 
 
 def init_tracking(recipe: Any, acc: Accelerator, run: RunDir) -> None:
@@ -235,19 +230,6 @@ def setup_scheduler(recipe: Any, optimizer: Any) -> Any:
     cfg = recipe.train
     name = "constant_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
-
-
-def fill_deepspeed_config(recipe: Any, acc: Accelerator) -> None:
-    """DeepSpeed's micro batch and clipping from the recipe (the launch JSONs say "auto")."""
-    if not is_deepspeed(acc):
-        return
-    config = acc.state.deepspeed_plugin.deepspeed_config
-    for key, value in (
-        ("train_micro_batch_size_per_gpu", recipe.train.batch_size),
-        ("gradient_clipping", recipe.train.max_grad_norm),
-    ):
-        if config.get(key, "auto") == "auto":
-            config[key] = value
 
 
 def data_fingerprint(data: td.QAData, split: list[str]) -> str:
