@@ -47,32 +47,77 @@ def test_vlm_shared_prefix_matches_naive_in_bf16_on_gpu(tmp_path):
     torch.testing.assert_close(fast.p_yes, naive.p_yes, atol=2e-2, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["sdxl", "cogvideox"])
-def test_batching_across_prompts_on_gpu_in_bf16(family):
-    """On a GPU, cuBLAS / SDPA may pick other kernels per batch size: several prompts per batch then
-    differ from one prompt per batch only at bf16 rounding (relative L2 below 2 %)."""
+def _tiny_on_gpu(family: str):
+    from mpo.backbones.registry import get_backbone_class
+
+    cls = get_backbone_class(family)
+    return cls(cls.tiny_pipeline().to(torch.bfloat16), "cuda"), cls.tiny_size
+
+
+def _candidates(backbone, size, prompts, **sampling):
+    """Two candidates per prompt, all prompts in one batch, from seeded bf16 noise on the GPU."""
     from mpo.backbones.base import repeat_rows
-    from mpo.backbones.cogvideox import CogVideoXBackbone
-    from mpo.backbones.sdxl import SDXLBackbone
-    from mpo.backbones.tiny import COGVIDEOX_SIZE, SDXL_SIZE, tiny_cogvideox_pipeline, tiny_sdxl_pipeline
     from mpo.schema import GenerateConfig
     from mpo.seeds import candidate_noise
 
-    cls, pipe, size = {
-        "sdxl": (SDXLBackbone, tiny_sdxl_pipeline, SDXL_SIZE),
-        "cogvideox": (CogVideoXBackbone, tiny_cogvideox_pipeline, COGVIDEOX_SIZE),
-    }[family]
-    backbone = cls(pipe().to(torch.bfloat16), "cuda")
-    gen = GenerateConfig(num_inference_steps=4, scheduler="dpmpp_2m", **size)
+    gen = GenerateConfig(**{"num_inference_steps": 4, **size, **sampling})
     shape = backbone.latent_shape(gen)
-    prompts = ["a photo of a cat", "a red car in the city", "the blue sea"]
     embeds = [repeat_rows(backbone.encode_prompts([p]), 2, "e") for p in prompts]
-    noise = [
-        torch.stack([candidate_noise(shape, 10 * k + i, "cuda", torch.bfloat16) for i in range(2)])
-        for k in range(3)
-    ]
-    negative = backbone.encode_prompts([""])
-    alone = torch.cat([backbone.sample(embeds[k], negative, noise[k], gen) for k in range(3)]).float()
     rows = {key: torch.cat([e[key] for e in embeds]) for key in embeds[0]}
-    together = backbone.sample(rows, negative, torch.cat(noise), gen).float()
-    assert ((together - alone).norm() / alone.norm()).item() < 2e-2
+    noise = torch.stack(
+        [
+            candidate_noise(shape, 10 * PROMPTS.index(p) + i, "cuda", torch.bfloat16)
+            for p in prompts
+            for i in range(2)
+        ]
+    )
+    return backbone.sample(rows, backbone.encode_negative(), noise, gen).float()
+
+
+PROMPTS = ["a photo of a cat", "a red car in the city", "the blue sea"]
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("family", ["sdxl", "cogvideox", "wan"])
+def test_batching_across_prompts_on_gpu_in_bf16(family):
+    """On a GPU, cuBLAS / SDPA may pick other kernels per batch size: several prompts per batch then
+    differ from one prompt per batch only at bf16 rounding (relative L2 below 2 %)."""
+    backbone, size = _tiny_on_gpu(family)
+    alone = torch.cat([_candidates(backbone, size, [p], scheduler="dpmpp_2m") for p in PROMPTS])
+    together = _candidates(backbone, size, PROMPTS, scheduler="dpmpp_2m")
+    assert _relative(together, alone) < 2e-2
+
+
+@pytest.mark.parametrize("family", ["sdxl", "cogvideox"])
+@pytest.mark.parametrize("kernel", ["sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math"])
+def test_attention_kernels_on_gpu_agree_at_bf16_rounding(family, kernel):
+    backbone, size = _tiny_on_gpu(family)
+    default = _candidates(backbone, size, PROMPTS[:1])
+    forced = _candidates(backbone, size, PROMPTS[:1], attention=kernel)
+    assert _relative(forced, default) < 2e-2
+    assert torch.equal(_candidates(backbone, size, PROMPTS[:1], attention=kernel), forced)
+
+
+def test_channels_last_on_gpu_agrees_at_bf16_rounding():
+    backbone, size = _tiny_on_gpu("sdxl")
+    default = _candidates(backbone, size, PROMPTS[:1])
+    nhwc = _candidates(backbone, size, PROMPTS[:1], channels_last=True)
+    assert _relative(nhwc, default) < 2e-2
+    assert all(p.is_contiguous() for p in backbone.denoiser.parameters())
+
+
+def test_auto_batch_on_gpu_finds_a_batch_that_fits():
+    from mpo.generate import plan_batches
+    from mpo.schema import GenerateConfig
+
+    backbone, size = _tiny_on_gpu("sdxl")
+    gen = GenerateConfig(
+        num_inference_steps=4, num_candidates=2, batch_size="auto", prompts_per_shard=8, **size
+    )
+    plan = plan_batches(
+        backbone, gen, PROMPTS[0], backbone.encode_negative(), torch.device("cuda"), torch.bfloat16
+    )
+    assert plan.auto and plan.prompts == 8  # the tiny model fits a whole shard
