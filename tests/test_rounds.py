@@ -580,3 +580,36 @@ def test_flow_families_run_rounds_and_sample_from_the_trained_policy(family, mod
     assert torch.allclose(stored, again, atol=1e-6)
     stored, base = sampled_again(out, False, tmp_path)
     assert not torch.allclose(stored, base, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_moving_precomputed_reference_under_zero3_gives_the_one_process_run(models, tmp_path):
+    """Full fine-tuning with ZeRO-3 (the policy sharded across ranks): each round's reference errors
+    are computed from the gathered weights the round started from, and the run equals 1 process."""
+    from tests.test_launch_run import ZERO2, assert_same_training, launch
+
+    config = tmp_path / "zero3.yaml"
+    config.write_text(
+        ZERO2.read_text().replace(
+            "launch/deepspeed/zero2.json", str(ROOT / "launch" / "deepspeed" / "zero3.json")
+        )
+    )
+    moving = (*MOVING["full"], "rounds.reference=previous", "train.reference=precomputed")
+    one, two = tmp_path / "one", tmp_path / "two"
+    torch.set_num_threads(1)
+    assert main(["run", str(SDXL), *rounds_overrides(one, models, *moving)]) == 0
+    result = launch(
+        config, ["run", str(SDXL), *rounds_overrides(two, models, *moving, "train.batch_size=1")], timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-2500:] + result.stderr[-3500:]
+    for out, ranks in ((one, 1), (two, 2)):  # each round's errors, one part per rank
+        parts = [len(list((out / "rounds" / f"round-{r:03d}" / "reference").glob("part-*"))) for r in (0, 1)]
+        assert parts == [ranks, ranks]
+    final = f"step-{ROUNDS * STEPS}"
+    base = load_file(str(models / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert_same_training(
+        checkpoint_tensors(RunDir(one).checkpoints / final),
+        checkpoint_tensors(RunDir(two).checkpoints / final),
+        {f"denoiser/{k}": v for k, v in base.items()},
+    )
