@@ -69,11 +69,12 @@ def exit_status(err: BaseException) -> int | None:
 
 
 def print_line(line: str) -> None:
-    """Write one line to stderr in a single system call. Under a launcher every rank shares one pipe;
-    ``print`` writes the text and its newline separately, so two ranks' lines can run together into
-    one. A single write of up to PIPE_BUF bytes (4096 on Linux) reaches the pipe whole."""
+    """Write a message and its newline to stderr in a single system call. Under a launcher every rank
+    shares one pipe; ``print`` writes the text and its newline separately, so two ranks' lines can
+    run together into one. A single write of up to PIPE_BUF bytes (4096 on Linux) reaches the pipe
+    whole (a recipe error listing several problems keeps its lines together too)."""
     sys.stderr.flush()
-    data = (line.replace("\n", " ") + "\n").encode("utf-8", "replace")
+    data = (line + "\n").encode("utf-8", "replace")
     try:
         fd = sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):  # a stream without a descriptor (a test's capture)

@@ -562,13 +562,16 @@ def export(recipe: Any, run: RunDir, processor: Any, mode: Any) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     base_path = str(recipe.model.path)
 
-    mode.export(
-        latest[1] / "weights",
-        tmp,
-        recipe.export.merge_lora,
-        base_path,
-        lambda: load_vlm(recipe.model, "cpu")[0],
-    )
+    # On the main process alone: a ZeRO-3 launch must not partition this load (a collective that the
+    # other processes, waiting at the barrier after the export, would never join).
+    with whole_model_loading():
+        mode.export(
+            latest[1] / "weights",
+            tmp,
+            recipe.export.merge_lora,
+            base_path,
+            lambda: load_vlm(recipe.model, "cpu")[0],
+        )
     save_processor(processor, base_path, tmp)
     write_text(tmp / "training.json", json.dumps({"step": latest[0], "checkpoint": latest[1].name}, indent=2))
     check_export(tmp)

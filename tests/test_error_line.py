@@ -21,8 +21,8 @@ def test_the_line_and_its_newline_go_out_in_one_write(monkeypatch, tmp_path):
     with (tmp_path / "stderr").open("w") as stream:
         monkeypatch.setattr(sys, "stderr", stream)
         monkeypatch.setattr(os, "write", lambda fd, data: writes.append(bytes(data)) or len(data))
-        print_line("mpo run: shard-00001.safetensors: damaged\n(rank 1 of 2)")
-    assert writes == [b"mpo run: shard-00001.safetensors: damaged (rank 1 of 2)\n"]
+        print_line("mpo run: recipe.yaml: 2 problems\n  generate.seed ...\n  train.beta ...")
+    assert writes == [b"mpo run: recipe.yaml: 2 problems\n  generate.seed ...\n  train.beta ...\n"]
 
 
 def test_two_processes_sharing_one_pipe_never_run_their_lines_together():

@@ -173,3 +173,28 @@ def test_a_damaged_file_on_one_rank_stops_both_after_a_checkpoint(setup, tmp_pat
     )
     assert "checkpoint step-1 holds the 1 steps done" in result.stderr
     assert (tmp_path / "run" / "checkpoints" / "step-1" / "progress.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_process_deepspeed_zero3_with_lora_matches_one_process(setup, tmp_path):
+    """LoRA under ZeRO-3: the frozen base and the adapters are sharded alike; the merged export
+    equals the one-process run's."""
+    lora = ["model.finetune=lora", "model.lora_rank=4", "train.learning_rate=1e-2"]
+    one = tmp_path / "one"
+    train_stage(load_train_recipe(TINY_QA, [*_overrides(one, setup, batch=4), *lora]))
+    config = tmp_path / "zero3.yaml"
+    text = (ROOT / "launch" / "cpu_deepspeed_zero2.yaml").read_text()
+    config.write_text(
+        text.replace("launch/deepspeed/zero2.json", str(ROOT / "launch" / "deepspeed" / "zero3.json"))
+    )
+    two = tmp_path / "zero3"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+        "--main_process_port", str(_free_port()), "-m", "reward.cli", "train", str(TINY_QA),
+        *_overrides(two, setup, batch=2), *lora,
+    ]  # fmt: skip
+    env = {k: v for k, v in ENV.items() if k != "ACCELERATE_USE_CPU"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-4000:]
+    _compare(one, two, setup["model"])
