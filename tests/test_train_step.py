@@ -225,9 +225,17 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_micro_steps_read_nothing_on_the_host_and_walk_no_modules(prepared, models, tmp_path, monkeypatch):
-    """Between log steps, a LoRA step with accumulation reads no tensor value on the host, never
-    unwraps the model and never calls the module-walking adapter toggles."""
+@pytest.mark.parametrize(
+    ("finetune", "reference"),
+    [("lora", "live"), ("full", "precomputed")],
+    ids=["lora-live", "full-precomputed"],
+)
+def test_micro_steps_read_nothing_on_the_host_and_walk_no_modules(
+    prepared, models, tmp_path, monkeypatch, finetune, reference
+):
+    """Between log steps, a step with accumulation reads no tensor value on the host, never unwraps
+    the model and never calls the module-walking adapter toggles: LoRA with the adapters-off
+    reference, and full fine-tuning reading the stored reference errors (computed in setup)."""
     run = copy_run(prepared, tmp_path / "run")
     mode = HostReads()
     walks: list[str] = []
@@ -263,8 +271,9 @@ def test_micro_steps_read_nothing_on_the_host_and_walk_no_modules(prepared, mode
 
         return call
 
-    extra = [*FINETUNE["lora"], "train.batch_size=2", "train.gradient_accumulation_steps=2"]
-    extra += ["train.max_steps=3", "tracking.log_every=3", "eval.every=0", "train.checkpoint_every=0"]
+    extra = [*FINETUNE[finetune], f"train.reference={reference}", "train.batch_size=2"]
+    extra += ["train.gradient_accumulation_steps=2", "train.max_steps=3", "tracking.log_every=3"]
+    extra += ["eval.every=0", "train.checkpoint_every=0"]
     recipe = recipe_for(run, models, extra=extra)
     with monkeypatch.context() as m:
         m.setattr(mpo.train, "make_dataloader", loader)
