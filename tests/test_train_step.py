@@ -384,6 +384,37 @@ def test_v_target_is_float32_when_the_denoiser_runs_in_bf16(tmp_path_factory):
     assert (inputs.target.double() - expected).abs().max() < 1e-5
 
 
+def test_the_frozen_reference_takes_the_dtypes_of_a_policy_prepared_in_bf16(models, tmp_path, monkeypatch):
+    """DeepSpeed's bf16 engine casts the module it prepares to bf16, after the float32 reference copy
+    was made: the copy must follow, or the two compute different functions (or the copy cannot take
+    bf16 inputs at all). Here one CPU process's ``prepare`` is followed by the engine's cast."""
+    recipe = recipe_for(tmp_path, models, extra=[*FINETUNE["full"], "train.mixed_precision=bf16"])
+    acc = mpo.train.setup_accelerator(recipe)
+    prepare = acc.prepare
+
+    def prepare_then_cast(*objects):
+        prepared = prepare(*objects)
+        prepared[0].to(torch.bfloat16)  # what the bf16 engine does to the module it wraps
+        return prepared
+
+    monkeypatch.setattr(acc, "prepare", prepare_then_cast)
+    t = mpo.train.prepare_step(recipe, acc)
+    policy, frozen = t.policy, t.reference.module
+    assert frozen is not policy
+
+    def dtypes(module):
+        return {n: x.dtype for n, x in [*module.named_parameters(), *module.named_buffers()]}
+
+    assert dtypes(frozen) == dtypes(policy) and t.input_dtype == torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    noisy = torch.randn(2, 4, 8, 8, generator=gen).to(t.input_dtype)
+    timesteps = torch.tensor([10, 500])
+    embeds = t.backbone.encode_prompts(["a red cat", "a dark forest"])
+    with torch.no_grad(), acc.autocast():
+        out = [t.backbone.predict(m, noisy, timesteps, embeds) for m in (policy.eval(), frozen)]
+    assert torch.equal(out[0], out[1])
+
+
 def test_lora_switch_gives_the_base_output_and_always_turns_back_on(models, tmp_path):
     from mpo.weights import LoraSwitch, add_lora
 
