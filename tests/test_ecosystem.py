@@ -453,6 +453,15 @@ def test_ema_weights_differ_from_the_raw_ones_resume_exactly_and_are_exported(pr
     ups = [k for k in raw if "lora.up" in k or "lora_B" in k]
     assert ups and all((raw[k] - ema[k]).abs().max() > 1e-6 for k in ups)  # the average lags the weights
     assert all(ema[k].abs().max() > 0 for k in ups)  # and moved off the zero init
+    # The average of each optimizer step, from the raw weights of steps 1-3: EMAModel's decay at its
+    # k-th update is min(train.ema_decay, k / (k + 9)) (its ramp; 0 at the first: the weights).
+    raws = [_lora_file(run / "checkpoints" / f"step-{s}" / "weights") for s in (1, 2, 3)]
+    expected = raws[0]
+    for k, weights in ((2, raws[1]), (3, raws[2])):
+        decay = min(0.9, k / (k + 9))
+        expected = {n: decay * expected[n] + (1 - decay) * weights[n] for n in expected}
+    for n in ups:
+        torch.testing.assert_close(ema[n], expected[n], rtol=1e-5, atol=1e-7, msg=n)
 
     # A resume from step 2 restores the EMA state: step 3's EMA weights are the uninterrupted ones.
     resumed = copy_run(prepared, tmp_path / "resumed")

@@ -135,6 +135,26 @@ def test_precomputed_reference_resumes_and_refuses_to_outrun_its_plan(
         _train(run, models, [*extra, "train.max_steps=5"], monkeypatch)
 
 
+def test_the_plan_holds_the_positions_each_process_trains_on(monkeypatch):
+    """Per process, the planned positions of every chunk are the sampler's micro-batches in order
+    (2 processes x 3 pairs, chunks of 2 micro-steps, 5 micro-steps); together they cover the stream
+    once. (Batch 1 per process would not tell the rank offset k W + r from (k W + r) B.)"""
+    from itertools import islice
+
+    from mpo.reference import Plan
+    from mpo.train_data import StreamBatchSampler
+
+    monkeypatch.setattr(mpo.reference, "CHUNK_MICRO_STEPS", 2)
+    every = []
+    for rank in range(2):
+        plan = Plan(micro_steps=5, batch_size=3, rank=rank, world_size=2)
+        planned = torch.cat([plan.chunk_positions(k) for k in range(plan.chunks)])
+        sampled = [p for batch in islice(iter(StreamBatchSampler(3, rank, 2)), 5) for p in batch]
+        assert plan.chunks == 3 and planned.tolist() == sampled, rank
+        every += sampled
+    assert sorted(every) == list(range(plan.positions)) == list(range(30))
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("launch", ["ddp", "zero2"])

@@ -80,6 +80,23 @@ def test_ddpm_schedule_is_the_scheduler_and_refuses_flow_configs():
         schedule.loss_weight(t, "cosmap")
 
 
+def test_ddpm_min_snr_weight_follows_the_checkpoint_prediction_type():
+    """CogVideoX's v-prediction scheduler (the released config: SNR-shifted, zero terminal SNR) gets
+    min(SNR, gamma) / (SNR + 1), not the epsilon form min(SNR, gamma) / SNR."""
+    from diffusers import CogVideoXDDIMScheduler
+
+    scheduler = CogVideoXDDIMScheduler(
+        prediction_type="v_prediction", rescale_betas_zero_snr=True, snr_shift_scale=3.0
+    )
+    schedule = DDPMSchedule(scheduler)
+    t = torch.tensor([0, 300, 700, 999])
+    abar = scheduler.alphas_cumprod.double()[t]
+    snr = abar / (1 - abar)
+    got = schedule.loss_weight(t, "min_snr", 5.0).double()
+    torch.testing.assert_close(got, snr.clamp(max=5.0) / (snr + 1), rtol=1e-5, atol=1e-7)
+    assert snr[0] > 5.0 and got[-1] == 0.0  # the clip and the zero-SNR end both occur
+
+
 def _draws(sampler: TimestepSampler, n: int = 4000) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     return torch.stack([sampler(generator) for _ in range(n)])

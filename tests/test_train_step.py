@@ -225,9 +225,17 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_micro_steps_read_nothing_on_the_host_and_walk_no_modules(prepared, models, tmp_path, monkeypatch):
-    """Between log steps, a LoRA step with accumulation reads no tensor value on the host, never
-    unwraps the model and never calls the module-walking adapter toggles."""
+@pytest.mark.parametrize(
+    ("finetune", "reference"),
+    [("lora", "live"), ("full", "precomputed")],
+    ids=["lora-live", "full-precomputed"],
+)
+def test_micro_steps_read_nothing_on_the_host_and_walk_no_modules(
+    prepared, models, tmp_path, monkeypatch, finetune, reference
+):
+    """Between log steps, a step with accumulation reads no tensor value on the host, never unwraps
+    the model and never calls the module-walking adapter toggles: LoRA with the adapters-off
+    reference, and full fine-tuning reading the stored reference errors (computed in setup)."""
     run = copy_run(prepared, tmp_path / "run")
     mode = HostReads()
     walks: list[str] = []
@@ -263,8 +271,9 @@ def test_micro_steps_read_nothing_on_the_host_and_walk_no_modules(prepared, mode
 
         return call
 
-    extra = [*FINETUNE["lora"], "train.batch_size=2", "train.gradient_accumulation_steps=2"]
-    extra += ["train.max_steps=3", "tracking.log_every=3", "eval.every=0", "train.checkpoint_every=0"]
+    extra = [*FINETUNE[finetune], f"train.reference={reference}", "train.batch_size=2"]
+    extra += ["train.gradient_accumulation_steps=2", "train.max_steps=3", "tracking.log_every=3"]
+    extra += ["eval.every=0", "train.checkpoint_every=0"]
     recipe = recipe_for(run, models, extra=extra)
     with monkeypatch.context() as m:
         m.setattr(mpo.train, "make_dataloader", loader)
@@ -373,6 +382,37 @@ def test_v_target_is_float32_when_the_denoiser_runs_in_bf16(tmp_path_factory):
     eps = torch.cat([noise, noise]).double()
     expected = abar.sqrt() * eps - (1 - abar).sqrt() * x0
     assert (inputs.target.double() - expected).abs().max() < 1e-5
+
+
+def test_the_frozen_reference_takes_the_dtypes_of_a_policy_prepared_in_bf16(models, tmp_path, monkeypatch):
+    """DeepSpeed's bf16 engine casts the module it prepares to bf16, after the float32 reference copy
+    was made: the copy must follow, or the two compute different functions (or the copy cannot take
+    bf16 inputs at all). Here one CPU process's ``prepare`` is followed by the engine's cast."""
+    recipe = recipe_for(tmp_path, models, extra=[*FINETUNE["full"], "train.mixed_precision=bf16"])
+    acc = mpo.train.setup_accelerator(recipe)
+    prepare = acc.prepare
+
+    def prepare_then_cast(*objects):
+        prepared = prepare(*objects)
+        prepared[0].to(torch.bfloat16)  # what the bf16 engine does to the module it wraps
+        return prepared
+
+    monkeypatch.setattr(acc, "prepare", prepare_then_cast)
+    t = mpo.train.prepare_step(recipe, acc)
+    policy, frozen = t.policy, t.reference.module
+    assert frozen is not policy
+
+    def dtypes(module):
+        return {n: x.dtype for n, x in [*module.named_parameters(), *module.named_buffers()]}
+
+    assert dtypes(frozen) == dtypes(policy) and t.input_dtype == torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    noisy = torch.randn(2, 4, 8, 8, generator=gen).to(t.input_dtype)
+    timesteps = torch.tensor([10, 500])
+    embeds = t.backbone.encode_prompts(["a red cat", "a dark forest"])
+    with torch.no_grad(), acc.autocast():
+        out = [t.backbone.predict(m, noisy, timesteps, embeds) for m in (policy.eval(), frozen)]
+    assert torch.equal(out[0], out[1])
 
 
 def test_lora_switch_gives_the_base_output_and_always_turns_back_on(models, tmp_path):
