@@ -513,8 +513,11 @@ class _Checker:
         if self.cfg.model.finetune != "lora":
             self.add(key, f"comfyui is a LoRA file layout, but model.finetune={self.cfg.model.finetune!r}")
         elif backbone is not None and backbone.comfyui_lora is None:
+            why = backbone.no_comfyui_lora_reason
             self.add(
-                key, f"model.family={self.cfg.model.family!r} has no ComfyUI LoRA convention; use [diffusers]"
+                key,
+                f"model.family={self.cfg.model.family!r} has no ComfyUI LoRA convention"
+                f"{f' ({why})' if why else ''}; use [diffusers]",
             )
 
     def check_precision(self) -> None:

@@ -11,8 +11,10 @@ Writes ``<output_dir>/export/``, a folder that is also a hub repo as it is::
                                         the adapter merged in; with export.merge_lora=false there is no
                                         pipeline copy, only the adapter)
     lora/pytorch_lora_weights.safetensors   LoRA runs: pipe.load_lora_weights("export", subfolder="lora")
-    lora/pytorch_lora_weights_comfyui.safetensors   with "comfyui" in export.lora_formats: the kohya
-                                        key layout ComfyUI / A1111 load (mpo/lora_formats.py)
+    lora/pytorch_lora_weights_comfyui.safetensors   with "comfyui" in export.lora_formats: the same
+                                        adapter in the original checkpoint's key layout (SDXL, FLUX:
+                                        kohya's; Wan: the original Wan's) that ComfyUI loads
+                                        (mpo/lora_formats.py)
     README.md                           model card (huggingface_hub ModelCard, mpo/model_card.py): the
                                         hub header, usage, recipe, pair statistics, held-out reward
                                         per dimension before and after training
@@ -170,10 +172,11 @@ def _save_merged_pipeline(backbone: Backbone, weights: Path, out: Path) -> None:
 
 
 def write_comfyui_lora(recipe: Any, backbone: Backbone, weights: Path, out: Path) -> Path:
-    """The checkpoint's diffusers LoRA file in the kohya / ComfyUI key layout, beside it."""
+    """The checkpoint's diffusers LoRA file in the family's original key layout (kohya / ComfyUI),
+    beside it."""
     from safetensors.torch import load_file, save_file
 
-    from mpo.lora_formats import COMFYUI_FILE, comfyui_metadata, to_comfyui
+    from mpo.lora_formats import COMFYUI_FILE, comfyui_architecture, comfyui_metadata, to_comfyui
     from mpo.weights import LORA_FILE
 
     convention = type(backbone).comfyui_lora
@@ -182,12 +185,16 @@ def write_comfyui_lora(recipe: Any, backbone: Backbone, weights: Path, out: Path
             f"export.lora_formats: model.family={recipe.model.family!r} has no ComfyUI LoRA layout"
         )
     layers = load_file(str(weights / LORA_DIR / LORA_FILE))
-    component = denoiser_component(backbone.pipeline(), backbone.denoiser)
-    state = to_comfyui(
-        layers, component, convention["layout"], backbone.denoiser.config, recipe.model.lora_alpha
-    )
+    # The prefix the diffusers file was saved under (Wan 2.2's low-noise expert: transformer).
+    component = backbone.lora_component or denoiser_component(backbone.pipeline(), backbone.denoiser)
+    config = backbone.denoiser.config
+    state = to_comfyui(layers, component, convention["layout"], config, recipe.model.lora_alpha)
     meta = comfyui_metadata(
-        recipe.model.lora_rank, recipe.model.lora_alpha, convention.get("architecture"), recipe.name
+        recipe.model.lora_rank,
+        recipe.model.lora_alpha,
+        comfyui_architecture(convention, config),
+        recipe.name,
+        convention.get("implementation"),
     )
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / COMFYUI_FILE), metadata=meta)
@@ -238,6 +245,15 @@ def model_card(
             "",
         ]
         pair_lines += rounds_markdown(run, recipe)
+    convention = type(backbone).comfyui_lora
+    comfyui = None
+    if convention and recipe.model.finetune == "lora" and "comfyui" in list(recipe.export.lora_formats):
+        from mpo.lora_formats import layout
+
+        comfyui = {
+            "tools": convention.get("tools", "ComfyUI"),
+            "layout": layout(convention["layout"]).description,
+        }
     return build_card(
         recipe,
         modality=backbone.modality,
@@ -250,6 +266,7 @@ def model_card(
         fmt=fmt,
         short=_short,
         pair_lines=pair_lines,
+        comfyui=comfyui,
     )
 
 

@@ -77,13 +77,14 @@ def usage(
     where: str,
     pipeline_here: bool,
     lora: bool,
-    comfyui: bool,
+    comfyui: dict[str, str] | None,
     modality: str,
     lora_kwargs: dict[str, Any] | None = None,
 ) -> list[str]:
     """The ``## Use`` section: load from the card's own folder (or hub repo). ``lora_kwargs``: what
     the family's ``load_lora_weights`` needs besides the folder (e.g. ``load_into_transformer_2=True``
-    for the low-noise expert of Wan 2.2 A14B)."""
+    for the low-noise expert of Wan 2.2 A14B). ``comfyui``: the ComfyUI file's ``tools`` and
+    ``layout`` (None: not written)."""
     extra = "".join(f", {k}={v!r}" for k, v in (lora_kwargs or {}).items())
     prompt = '"a red car driving on a mountain road"'
     lines = ["## Use", "", "```python", "from diffusers import DiffusionPipeline", ""]
@@ -101,8 +102,8 @@ def usage(
     if comfyui:
         lines += [
             "",
-            "ComfyUI / A1111 / kohya: `lora/pytorch_lora_weights_comfyui.safetensors` (kohya key layout) "
-            "goes into `ComfyUI/models/loras/`; load it with a LoraLoader node on the base checkpoint.",
+            f"{comfyui['tools']}: `lora/pytorch_lora_weights_comfyui.safetensors` ({comfyui['layout']}) "
+            "goes into `ComfyUI/models/loras/`; load it with a LoraLoaderModelOnly node on the base model.",
         ]
     return lines
 
@@ -120,11 +121,12 @@ def build_card(
     lora_kwargs: dict[str, Any] | None = None,
     short: Any,
     pair_lines: list[str] | None = None,
+    comfyui: dict[str, str] | None = None,
 ) -> ModelCard:
     """The card of one export: header, how to load it, what it was trained on, what it changed.
-    ``pair_lines``: the preference-pair section in place of ``pair_stats`` (an iterative run's rounds)."""
+    ``pair_lines``: the preference-pair section in place of ``pair_stats`` (an iterative run's rounds);
+    ``comfyui``: the ComfyUI LoRA file's ``tools`` and ``layout``, where the export wrote one."""
     lora = recipe.model.finetune == "lora"
-    comfyui = lora and "comfyui" in list(recipe.export.lora_formats)
     data = card_data(recipe, modality, lora_only=lora and not pipeline_here)
     lines = [
         f"# {recipe.name}",

@@ -288,7 +288,7 @@ class ExportConfig:
     merge_lora: bool = opt(True, "LoRA runs: also write the pipeline with the adapter merged in")
     which: str = opt("best", "which checkpoint is exported", EXPORT_WHICH)
     lora_formats: list[str] = opt_list(
-        lambda: ["diffusers"], "LoRA files written: diffusers, and/or comfyui (kohya keys)", LORA_FORMATS
+        lambda: ["diffusers"], "LoRA files written: diffusers, and/or comfyui (SDXL, FLUX, Wan)", LORA_FORMATS
     )
     license: str | None = opt(None, "model card license when the base model's is unknown (e.g. openrail++)")
     ema: bool = opt(True, "with train.ema: export the EMA weights (false: the raw trained weights)")

@@ -109,6 +109,10 @@ def test_model_card_parses_with_huggingface_hub_and_sits_beside_model_index(lora
     step = json.loads((export / "export.json").read_text())["step"]
     assert f"| total | {table.loc[0, 'total']:.4f} | {table.loc[step, 'total']:.4f} |" in card.text
     assert "| pairs |" in card.text and "```yaml" in card.text and "comfyui" in card.text
+    assert (
+        "ComfyUI / A1111 / kohya: `lora/pytorch_lora_weights_comfyui.safetensors` (kohya key layout)"
+        in card.text
+    )
 
 
 def test_card_header_for_a_hub_base_and_license_from_the_base_card(tmp_path, prepared, models):
@@ -268,9 +272,10 @@ def test_the_comfyui_file_is_offered_where_a_convention_exists_and_refused_with_
             load_recipe(str(recipe), overrides)
     else:
         assert list(load_recipe(str(recipe), overrides).export.lora_formats) == ["diffusers", "comfyui"]
-    assert (get_backbone_class(family).comfyui_lora is not None) == (
-        family == "sdxl"
-    )  # the one convention here
+    assert (get_backbone_class(family).comfyui_lora is not None) == (family in ("sdxl", "flux", "wan"))
+    if family == "sd3":  # the refusal says why: ComfyUI reads SD3's diffusers file as it is
+        with pytest.raises(RecipeError, match=r"ComfyUI loads the diffusers file"):
+            load_recipe(str(recipe), overrides)
 
 
 def test_push_to_hub_makes_the_expected_calls_with_the_export_files(lora_run, models):

@@ -519,6 +519,8 @@ def test_wan_low_noise_expert_trains_alone_and_exports_in_the_diffusers_layout(
     out = tmp_path / "run"
     extra = [*FINETUNE[finetune], "train.lr_schedule=constant", "train.warmup_steps=0", "train.max_steps=2",
              "train.batch_size=2", "train.checkpoint_every=2", "export.which=last"]  # fmt: skip
+    if finetune == "lora":
+        extra.append("export.lora_formats=[diffusers,comfyui]")
     recipe = _expert_recipe(two_experts, out, "low_noise", extra)
     generate_stage(recipe)
     score_stage(recipe)
@@ -547,4 +549,13 @@ def test_wan_low_noise_expert_trains_alone_and_exports_in_the_diffusers_layout(
             merged = exported.transformer_2(x, torch.tensor([100.0]), text, return_dict=False)[0]
             adapted = base.transformer_2(x, torch.tensor([100.0]), text, return_dict=False)[0]
         torch.testing.assert_close(adapted, merged, rtol=0, atol=1e-5)
-        assert "load_into_transformer_2=True" in (out / "export" / "README.md").read_text()
+        card = (out / "export" / "README.md").read_text()
+        assert "load_into_transformer_2=True" in card and "(original Wan key layout)" in card
+        # The original-Wan-layout file of the same expert, through diffusers' reader of that layout.
+        comfyui = WanPipeline.from_pretrained(two_experts)
+        comfyui.load_lora_weights(
+            out / "export" / "lora" / "pytorch_lora_weights_comfyui.safetensors", load_into_transformer_2=True
+        )
+        with torch.no_grad():
+            from_comfyui = comfyui.transformer_2(x, torch.tensor([100.0]), text, return_dict=False)[0]
+        torch.testing.assert_close(from_comfyui, merged, rtol=0, atol=1e-5)

@@ -61,8 +61,10 @@ class Backbone(ABC):
     family: ClassVar[str]  # set by @register_backbone
     modality: ClassVar[Literal["image", "video"]]
     # The kohya / ComfyUI LoRA convention of this family's denoiser (mpo.lora_formats): {"layout":
-    # a layout name, "architecture": the modelspec id}; None where there is none.
+    # a layout name, "architecture": the modelspec id, "implementation": the original code's URL,
+    # "tools": what loads it (the model card says)}; None where there is none.
     comfyui_lora: ClassVar[dict[str, str] | None] = None
+    no_comfyui_lora_reason: ClassVar[str] = ""  # why there is none, where known (the refusal says)
     # The schedule kind the family trains with, known before any weight is loaded (recipe checks).
     schedule_class: ClassVar[type[TrainingSchedule] | None] = None
     channel_dim: ClassVar[int] = 0  # the channel axis of one latent ([C, h, w]: 0; [F, C, h, w]: 1)

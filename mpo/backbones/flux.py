@@ -54,6 +54,12 @@ class FluxBackbone(DiffusersBackbone):
     pipeline_class = FluxPipeline
     denoiser_attr = "transformer"
     modality: ClassVar[Literal["image", "video"]] = "image"
+    comfyui_lora: ClassVar[dict[str, str] | None] = {  # schnell (no guidance embedder): flux-1-schnell
+        "layout": "bfl-flux",
+        "architecture": "flux-1-dev/lora",
+        "implementation": "https://github.com/black-forest-labs/flux",
+        "tools": "ComfyUI / kohya",
+    }
     sampling_support: ClassVar[SamplingSupport] = SamplingSupport(
         schedulers=FLOW_SCHEDULER_ALIASES,
         renamed=FLOW_RENAMED,

@@ -46,6 +46,9 @@ class SD3Backbone(DiffusersBackbone):
     pipeline_class = StableDiffusion3Pipeline
     denoiser_attr = "transformer"
     modality: ClassVar[Literal["image", "video"]] = "image"
+    no_comfyui_lora_reason: ClassVar[str] = (
+        "ComfyUI loads the diffusers file, transformer.* keys, as it is; diffusers reads no other SD3 layout"
+    )
     # The joint transformer has no diffusers cache hooks; its blocks compile one by one.
     sampling_support: ClassVar[SamplingSupport] = SamplingSupport(
         schedulers=FLOW_SCHEDULER_ALIASES, renamed=FLOW_RENAMED, compile_blocks=("JointTransformerBlock",)

@@ -56,6 +56,8 @@ class SDXLBackbone(DiffusersBackbone):
     comfyui_lora: ClassVar[dict[str, str] | None] = {
         "layout": "sgm-unet",
         "architecture": "stable-diffusion-xl-v1-base/lora",
+        "implementation": "https://github.com/Stability-AI/generative-models",
+        "tools": "ComfyUI / A1111 / kohya",
     }
     schedule_class = DDPMSchedule
     sampling_support: ClassVar[SamplingSupport] = SamplingSupport(channels_last=True)

@@ -62,6 +62,12 @@ class WanBackbone(DiffusersBackbone):
     pipeline_class = WanPipeline
     denoiser_attr = "transformer"
     modality: ClassVar[Literal["image", "video"]] = "video"
+    comfyui_lora: ClassVar[dict[str, str] | None] = {  # musubi-tuner's modelspec id for every Wan
+        "layout": "wan",
+        "architecture": "wan2.1/lora",
+        "implementation": "https://github.com/Wan-Video/Wan2.1",
+        "tools": "ComfyUI",
+    }
     sampling_support: ClassVar[SamplingSupport] = SamplingSupport(
         schedulers=FLOW_SCHEDULER_ALIASES,
         renamed=FLOW_RENAMED,
