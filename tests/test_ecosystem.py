@@ -28,6 +28,7 @@ from mpo.lora_formats import COMFYUI_FILE, sgm_unet_module, to_comfyui
 from mpo.model_card import base_license, card_data
 from mpo.store import read_parquet
 from mpo.train import train_stage
+from tests.scripts.processes import run_launch
 from tests.scripts.tiny_runs import copy_run, recipe_for
 
 LORA = [
@@ -602,7 +603,7 @@ def test_two_processes_train_with_ema_wandb_and_pictures(prepared, models, tmp_p
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / launch),
         "--main_process_port", str(port), str(ROOT / "tests" / "scripts" / "train_run.py"), str(SDXL), *overrides,
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = run_launch(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert len(list((two / "wandb").glob("offline-run-*"))) == 1  # the main process's run only
     assert (two / "report" / "curve-total.png").exists() and (

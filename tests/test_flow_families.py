@@ -32,6 +32,7 @@ from mpo.select import select_stage
 from mpo.store import RunDir, read_parquet
 from mpo.train import train_stage
 from mpo.train_state import list_checkpoints, read_best
+from tests.scripts.processes import run_launch
 from tests.scripts.tiny_runs import (
     DETERMINISTIC_ENV,
     ROOT,
@@ -102,7 +103,7 @@ def prepared(tmp_path_factory, models):
 
 
 def _run(command: list[str], env: dict[str, str] | None = None, timeout: int = 300):
-    done = subprocess.run(
+    done = run_launch(
         command, env=env or DETERMINISTIC_ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
     assert done.returncode == 0, done.stderr[-4000:]

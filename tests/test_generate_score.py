@@ -19,6 +19,7 @@ from mpo.config import load_recipe
 from mpo.generate import generate_stage
 from mpo.score import score_stage
 from mpo.store import CandidateStore, RunDir, StoreError, read_shard_info, temp_files
+from tests.scripts.processes import run_launch
 from tests.scripts.tiny_runs import DETERMINISTIC_ENV, all_latents, assert_same_candidates, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def _command(stages: str, out: Path, models: Path, *options: str, recipe: Path =
 
 
 def _run(command: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    done = subprocess.run(command, env=env or ENV, cwd=ROOT, capture_output=True, text=True, timeout=420)
+    done = run_launch(command, env=env or ENV, cwd=ROOT, capture_output=True, text=True, timeout=420)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 

@@ -16,6 +16,8 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DeepSpeedPlugin, DistributedType
 
+from tests.scripts.processes import run_launch
+
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
 YAMLS = sorted(LAUNCH.glob("*.yaml"))
@@ -280,7 +282,7 @@ def test_cpu_deepspeed_zero2_trains_on_two_ranks(tmp_path):
         str(script),
         str(tmp_path),
     ]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = run_launch(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ranks = [_json(tmp_path / f"rank{r}.json") for r in (0, 1)]
     for info in ranks:

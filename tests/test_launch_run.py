@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from mpo.cli import main
 from mpo.lock import LOCK_NAME
+from tests.scripts.processes import run_launch
 from tests.scripts.tiny_runs import COGVIDEOX, COGVIDEOX_SMALL, ROOT, SDXL, checkpoint_tensors, copy_run
 from tests.scripts.tiny_runs import finished_overrides as overrides
 
@@ -57,7 +58,7 @@ def _command(config: Path, args: list[str], script: list[str] | None = None) -> 
 
 def launch(config: Path, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     deepspeed = "deepspeed" in config.name or "zero" in config.name
-    return subprocess.run(
+    return run_launch(
         _command(config, args), cwd=ROOT, env=_env(deepspeed), capture_output=True, text=True, timeout=timeout
     )
 

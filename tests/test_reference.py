@@ -14,6 +14,7 @@ import mpo.train
 from mpo.reference import PrecomputedReference
 from mpo.store import StoreError
 from mpo.train import train_stage
+from tests.scripts.processes import run_launch
 from tests.scripts.tiny_runs import checkpoint_tensors, copy_run, recipe_for
 
 FINETUNE = {
@@ -166,7 +167,6 @@ def test_precomputed_reference_on_two_processes_gives_the_one_process_losses(
     import json
     import os
     import socket
-    import subprocess
     import sys
 
     from tests.scripts.tiny_runs import ROOT, SDXL, SDXL_SMALL
@@ -188,7 +188,7 @@ def test_precomputed_reference_on_two_processes_gives_the_one_process_losses(
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
         "--main_process_port", str(port), str(ROOT / "tests" / "scripts" / "train_run.py"), str(SDXL), *overrides,
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    result = run_launch(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
     parts = sorted(p.name for p in (two / "reference").glob("part-*.safetensors"))
     assert len(parts) == 2 and "w2r0" in parts[0] and "w2r1" in parts[1]

@@ -18,6 +18,7 @@ from reward.backends.tiny_vlm import build_tiny_qwen2_vl
 from reward.synthetic import write_shapes
 from reward.train import train_stage
 from reward.train_config import load_train_recipe
+from tests.scripts.processes import run_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_QA = ROOT / "recipes" / "reward" / "tiny_qa.yaml"
@@ -63,7 +64,7 @@ def _launch(
         "--main_process_port", str(_free_port()), "-m", "reward.cli", "train", str(TINY_QA),
         *_overrides(run, setup, batch=2),
     ]  # fmt: skip
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return run_launch(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def _compare(one: Path, two: Path, base: Path) -> None:
@@ -126,7 +127,7 @@ def test_two_process_deepspeed_zero3_trains_resumes_and_exports_whole_weights(on
             "--main_process_port", str(_free_port()), "-m", "reward.cli", "train", str(TINY_QA),
             *_overrides(two, setup, batch=2), f"train.max_steps={steps}", "train.checkpoint_every=1",
         ]  # fmt: skip
-        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        result = run_launch(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
         assert result.returncode == 0, result.stderr[-4000:]
     assert (
         "resumed from step" in result.stdout and "│ 1 " in result.stdout.split("resumed from step", 1)[1][:40]
@@ -164,7 +165,7 @@ def test_a_damaged_file_on_one_rank_stops_both_after_a_checkpoint(setup, tmp_pat
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / "cpu_ddp.yaml"),
         "--main_process_port", str(_free_port()), "-m", "reward.cli", "train", str(TINY_QA), *overrides,
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=ROOT, env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True,
+    result = run_launch(command, cwd=ROOT, env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True,
                             text=True, timeout=300)  # fmt: skip
     assert result.returncode != 0
     # both ranks report it (the error is gathered), and the step trained before it is kept
@@ -195,6 +196,6 @@ def test_two_process_deepspeed_zero3_with_lora_matches_one_process(setup, tmp_pa
         *_overrides(two, setup, batch=2), *lora,
     ]  # fmt: skip
     env = {k: v for k, v in ENV.items() if k != "ACCELERATE_USE_CPU"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    result = run_launch(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
     _compare(one, two, setup["model"])
