@@ -487,6 +487,22 @@ def test_ema_weights_differ_from_the_raw_ones_resume_exactly_and_are_exported(pr
     assert isinstance(pipe, StableDiffusionXLPipeline)
 
 
+def test_ema_steps_once_per_optimizer_step_under_accumulation(prepared, models, tmp_path):
+    """With 2 micro-steps per optimizer step, the average takes one update per optimizer step."""
+    run = copy_run(prepared, tmp_path / "run")
+    train_stage(
+        recipe_for(run, models, extra=[*EMA, "train.max_steps=2", "train.gradient_accumulation_steps=2"])
+    )
+    raws = [_lora_file(run / "checkpoints" / f"step-{s}" / "weights") for s in (1, 2)]
+    ema = _lora_file(run / "checkpoints" / "step-2" / "weights_ema")
+    decay = min(0.9, 2 / (2 + 9))  # its second update; the first copies the weights
+    ups = [k for k in ema if "lora.up" in k or "lora_B" in k]
+    assert ups
+    for n in ups:
+        expected = decay * raws[0][n] + (1 - decay) * raws[1][n]
+        torch.testing.assert_close(ema[n], expected, rtol=1e-5, atol=1e-7, msg=n)
+
+
 @pytest.mark.slow
 def test_resume_from_another_runs_checkpoint_and_from_none(lora_run, prepared, models, tmp_path):
     from mpo.train_options import OptionError
