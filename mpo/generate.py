@@ -236,9 +236,10 @@ def generate_shard(
 ) -> None:
     """Denoise every candidate of one shard and write the shard atomically.
 
-    A batch holds the candidates of ``batch.prompts`` whole prompts (default: the recipe's), each candidate from its
-    own seeded noise and with its own prompt's embeddings (every prompt encoded alone). Previews are
-    written before the shard: the shard file is what marks this work as done.
+    A batch holds the candidates of ``batch.prompts`` whole prompts (default: the recipe's), each
+    candidate from its own seeded noise and with its own prompt's embeddings (every prompt encoded
+    alone); a batch that runs out of memory under ``batch_size: auto`` is redone with fewer prompts.
+    Previews are written before the shard: the shard file is what marks this work as done.
     """
     gen = recipe.generate
     n = gen.num_candidates

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -406,15 +406,12 @@ def attention_kernel(name: str, device: torch.device) -> Iterator[None]:
     else:
         from diffusers.models.attention_dispatch import attention_backend
 
-        try:
-            context = attention_backend(name)
-            context.__enter__()
-        except (RuntimeError, ValueError, ImportError) as err:  # its package is missing, or no kernel
-            raise SamplingError(f"generate.attention={name!r}: {err}") from None
-        try:
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(attention_backend(name))
+            except (RuntimeError, ValueError, ImportError) as err:  # its package is missing, or no kernel
+                raise SamplingError(f"generate.attention={name!r}: {err}") from None
             yield
-        finally:
-            context.__exit__(None, None, None)
 
 
 @contextmanager
