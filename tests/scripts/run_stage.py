@@ -17,7 +17,7 @@ import torch
 
 import mpo.generate
 from mpo.config import load_recipe
-from mpo.distributed import make_accelerator
+from mpo.distributed import end_session, make_accelerator
 from mpo.generate import generate_stage
 from mpo.score import score_stage
 from mpo.select import select_stage
@@ -52,6 +52,9 @@ def main() -> None:
     stages = {"generate": generate_stage, "score": score_stage, "select": select_stage, "train": train_stage}
     for name in names:
         stages[name](recipe, accelerator)
+    # As `mpo` does: the process group ends here, not at interpreter exit (where tearing it down can
+    # abort a process: "terminate called without an active exception").
+    end_session(accelerator)
 
 
 if __name__ == "__main__":
