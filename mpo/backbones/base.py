@@ -45,7 +45,15 @@ from mpo.sampling import (
 if TYPE_CHECKING:
     from mpo.schema import GenerateConfig, ModelConfig, TrainConfig
 
-__all__ = ["Backbone", "DiffusersBackbone", "Embeddings", "ModelPathError", "PredictionType"]
+__all__ = [
+    "Backbone",
+    "DiffusersBackbone",
+    "Embeddings",
+    "ImagePipelineBackbone",
+    "ModelPathError",
+    "PredictionType",
+    "VideoPipelineBackbone",
+]
 
 
 class ModelPathError(ValueError):
@@ -415,6 +423,70 @@ class DiffusersBackbone(Backbone):
 
     def pipeline(self):
         return self._pipe
+
+
+class ImagePipelineBackbone(DiffusersBackbone):
+    """An image family over a pipeline that takes ``[B, C, h, w]`` initial latents at the VAE's scale
+    and decodes with its scaling and shift factors (SDXL, SD3, FLUX; SDXL decodes with its own
+    latent statistics, FLUX packs its latents and samples its own way)."""
+
+    modality: ClassVar[Literal["image", "video"]] = "image"
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self._pipe.vae_scale_factor
+
+    @torch.no_grad()
+    def sample(
+        self, embeds: Embeddings, negative: Embeddings, noise: torch.Tensor, gen: GenerateConfig
+    ) -> torch.Tensor:
+        # Unit noise: the pipeline's prepare_latents scales it by the scheduler's initial sigma itself
+        # (1 for the flow families: the initial latents are the noise).
+        return self.run_pipeline(
+            embeds,
+            negative,
+            noise.to(self._device, self.denoiser.dtype),
+            gen,
+            height=noise.shape[-2] * self.vae_scale_factor,
+            width=noise.shape[-1] * self.vae_scale_factor,
+        )
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self._pipe.vae
+        latents = latents.to(self._device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        images = vae.decode(latents, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+class VideoPipelineBackbone(DiffusersBackbone):
+    """A video family over a pipeline with one T5-family text encoder (CogVideoX, Wan): prompts are
+    encoded by the pipeline itself, up to the family's ``max_text_length`` tokens."""
+
+    modality: ClassVar[Literal["image", "video"]] = "video"
+
+    @property
+    @abstractmethod
+    def max_text_length(self) -> int:
+        """Tokens per prompt (the pipeline's ``max_sequence_length``)."""
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Embeddings:
+        embeds, _ = self._pipe.encode_prompt(
+            prompt=list(prompts),
+            do_classifier_free_guidance=False,
+            num_videos_per_prompt=1,
+            max_sequence_length=self.max_text_length,
+            device=self._device,
+        )
+        return {"prompt_embeds": embeds}
+
+    def latent_frames(self, gen: GenerateConfig) -> int:
+        """Latent frames of ``generate.num_frames`` (which must be ``temporal``k+1 for the VAE)."""
+        temporal = self._pipe.vae_scale_factor_temporal
+        if gen.num_frames < 1 or (gen.num_frames - 1) % temporal:
+            raise ValueError(f"generate.num_frames={gen.num_frames} must be {temporal}k+1 for this VAE")
+        return (gen.num_frames - 1) // temporal + 1
 
 
 def repeat_rows(embeds: Embeddings, batch: int, name: str) -> Embeddings:

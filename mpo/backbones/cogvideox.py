@@ -23,13 +23,13 @@ Departure from the official inference script: classifier-free guidance has a con
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline
 from torch import nn
 
-from mpo.backbones.base import DiffusersBackbone, Embeddings
+from mpo.backbones.base import Embeddings, VideoPipelineBackbone
 from mpo.backbones.registry import register_backbone
 from mpo.backbones.schedules import DDPMSchedule
 from mpo.sampling import SCHEDULER_ALIASES, SamplingSupport
@@ -45,10 +45,9 @@ SPATIAL_MULTIPLE = 8 * 2
 
 
 @register_backbone("cogvideox")
-class CogVideoXBackbone(DiffusersBackbone):
+class CogVideoXBackbone(VideoPipelineBackbone):
     pipeline_class = CogVideoXPipeline
     denoiser_attr = "transformer"
-    modality: ClassVar[Literal["image", "video"]] = "video"
     schedule_class = DDPMSchedule
     size_multiple: ClassVar[int] = SPATIAL_MULTIPLE
     size_reason: ClassVar[str] = "VAE factor 8 x patch size 2"
@@ -156,25 +155,12 @@ class CogVideoXBackbone(DiffusersBackbone):
     def max_text_length(self) -> int:
         return self._pipe.transformer.config.max_text_seq_length
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Embeddings:
-        embeds, _ = self._pipe.encode_prompt(
-            prompt=list(prompts),
-            do_classifier_free_guidance=False,
-            num_videos_per_prompt=1,
-            max_sequence_length=self.max_text_length,
-            device=self._device,
-        )
-        return {"prompt_embeds": embeds}
-
     # ---- latents -----------------------------------------------------------------------------------
     def latent_shape(self, gen: GenerateConfig) -> tuple[int, ...]:
         pipe = self._pipe
         temporal, spatial = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
         config = pipe.transformer.config
-        if gen.num_frames < 1 or (gen.num_frames - 1) % temporal:
-            raise ValueError(f"generate.num_frames={gen.num_frames} must be {temporal}k+1 for this VAE")
-        frames = (gen.num_frames - 1) // temporal + 1
+        frames = self.latent_frames(gen)
         if config.patch_size_t is not None and frames % config.patch_size_t:
             good = (frames + config.patch_size_t - frames % config.patch_size_t - 1) * temporal + 1
             raise ValueError(

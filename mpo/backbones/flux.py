@@ -28,14 +28,14 @@ Conventions that the generate and train stages rely on
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import nn
 
-from mpo.backbones.base import DiffusersBackbone, Embeddings
+from mpo.backbones.base import Embeddings, ImagePipelineBackbone
 from mpo.backbones.registry import register_backbone
 from mpo.backbones.schedules import FlowMatchSchedule
 from mpo.sampling import FLOW_RENAMED, FLOW_SCHEDULER_ALIASES, SamplingSupport
@@ -50,10 +50,9 @@ DEFAULT_GUIDANCE = 3.5  # FLUX.1-dev's model card, and the pipeline's default
 
 
 @register_backbone("flux")
-class FluxBackbone(DiffusersBackbone):
+class FluxBackbone(ImagePipelineBackbone):
     pipeline_class = FluxPipeline
     denoiser_attr = "transformer"
-    modality: ClassVar[Literal["image", "video"]] = "image"
     comfyui_lora: ClassVar[dict[str, str] | None] = {  # schnell (no guidance embedder): flux-1-schnell
         "layout": "bfl-flux",
         "architecture": "flux-1-dev/lora",
@@ -191,10 +190,6 @@ class FluxBackbone(DiffusersBackbone):
             self._schedule = FlowMatchSchedule(config.num_train_timesteps, shift=math.exp(mu))
 
     # ---- latents -----------------------------------------------------------------------------------
-    @property
-    def vae_scale_factor(self) -> int:
-        return self._pipe.vae_scale_factor
-
     def latent_shape(self, gen: GenerateConfig) -> tuple[int, ...]:
         multiple = self.vae_scale_factor * 2
         for key in ("height", "width"):
@@ -230,13 +225,6 @@ class FluxBackbone(DiffusersBackbone):
             width=width * self.vae_scale_factor,
         )
         return self._unpack(packed, height, width)
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self._pipe.vae
-        latents = latents.to(self._device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(latents, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
 
     # ---- training ---------------------------------------------------------------------------------
     def call_denoiser(

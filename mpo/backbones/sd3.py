@@ -22,13 +22,13 @@ is not used; sampling is plain classifier-free guidance, the pipeline's default.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from torch import nn
 
-from mpo.backbones.base import DiffusersBackbone, Embeddings
+from mpo.backbones.base import Embeddings, ImagePipelineBackbone
 from mpo.backbones.registry import register_backbone
 from mpo.backbones.schedules import FlowMatchSchedule
 from mpo.sampling import FLOW_RENAMED, FLOW_SCHEDULER_ALIASES, SamplingSupport
@@ -42,10 +42,9 @@ T5_LENGTH = 256  # the pipeline's default max_sequence_length
 
 
 @register_backbone("sd3")
-class SD3Backbone(DiffusersBackbone):
+class SD3Backbone(ImagePipelineBackbone):
     pipeline_class = StableDiffusion3Pipeline
     denoiser_attr = "transformer"
-    modality: ClassVar[Literal["image", "video"]] = "image"
     no_comfyui_lora_reason: ClassVar[str] = (
         "ComfyUI loads the diffusers file, transformer.* keys, as it is; diffusers reads no other SD3 layout"
     )
@@ -157,10 +156,6 @@ class SD3Backbone(DiffusersBackbone):
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     # ---- latents -----------------------------------------------------------------------------------
-    @property
-    def vae_scale_factor(self) -> int:
-        return self._pipe.vae_scale_factor
-
     def latent_shape(self, gen: GenerateConfig) -> tuple[int, ...]:
         multiple = self.vae_scale_factor * self._pipe.patch_size
         for key in ("height", "width"):
@@ -171,27 +166,6 @@ class SD3Backbone(DiffusersBackbone):
                 )
         factor = self.vae_scale_factor
         return (self._pipe.transformer.config.in_channels, gen.height // factor, gen.width // factor)
-
-    @torch.no_grad()
-    def sample(
-        self, embeds: Embeddings, negative: Embeddings, noise: torch.Tensor, gen: GenerateConfig
-    ) -> torch.Tensor:
-        # sigma_max = 1: the initial latents are the noise.
-        return self.run_pipeline(
-            embeds,
-            negative,
-            noise.to(self._device, self.denoiser.dtype),
-            gen,
-            height=noise.shape[-2] * self.vae_scale_factor,
-            width=noise.shape[-1] * self.vae_scale_factor,
-        )
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self._pipe.vae
-        latents = latents.to(self._device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(latents, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
 
     # ---- training ---------------------------------------------------------------------------------
     def call_denoiser(

@@ -20,13 +20,13 @@ Conventions that the generate and train stages rely on
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
 from torch import nn
 
-from mpo.backbones.base import DiffusersBackbone, Embeddings
+from mpo.backbones.base import Embeddings, ImagePipelineBackbone
 from mpo.backbones.registry import register_backbone
 from mpo.backbones.schedules import DDPMSchedule
 from mpo.sampling import SamplingSupport
@@ -49,10 +49,9 @@ _DETERMINISTIC_SCHEDULERS = {
 
 
 @register_backbone("sdxl")
-class SDXLBackbone(DiffusersBackbone):
+class SDXLBackbone(ImagePipelineBackbone):
     pipeline_class = StableDiffusionXLPipeline
     denoiser_attr = "unet"
-    modality: ClassVar[Literal["image", "video"]] = "image"
     comfyui_lora: ClassVar[dict[str, str] | None] = {
         "layout": "sgm-unet",
         "architecture": "stable-diffusion-xl-v1-base/lora",
@@ -154,10 +153,6 @@ class SDXLBackbone(DiffusersBackbone):
             add_watermarker=False,
         )
 
-    @property
-    def vae_scale_factor(self) -> int:
-        return self._pipe.vae_scale_factor
-
     # ---- conditioning ----------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Embeddings:
@@ -200,20 +195,6 @@ class SDXLBackbone(DiffusersBackbone):
             )
             self._time_id_cache[key] = time_ids.to(latents.device)
         return self._time_id_cache[key].expand(latents.shape[0], -1)
-
-    @torch.no_grad()
-    def sample(
-        self, embeds: Embeddings, negative: Embeddings, noise: torch.Tensor, gen: GenerateConfig
-    ) -> torch.Tensor:
-        # Unit noise: prepare_latents multiplies by the scheduler's init_noise_sigma itself.
-        return self.run_pipeline(
-            embeds,
-            negative,
-            noise.to(self._device, self.denoiser.dtype),
-            gen,
-            height=noise.shape[-2] * self.vae_scale_factor,
-            width=noise.shape[-1] * self.vae_scale_factor,
-        )
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

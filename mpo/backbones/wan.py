@@ -26,13 +26,13 @@ Conventions that the generate and train stages rely on
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from diffusers import UniPCMultistepScheduler, WanPipeline
 from torch import nn
 
-from mpo.backbones.base import DiffusersBackbone, Embeddings, load_pipeline
+from mpo.backbones.base import Embeddings, VideoPipelineBackbone, load_pipeline
 from mpo.backbones.registry import register_backbone
 from mpo.backbones.schedules import FlowMatchSchedule, TimestepSampler
 from mpo.sampling import FLOW_RENAMED, FLOW_SCHEDULER_ALIASES, SamplingSupport
@@ -58,10 +58,9 @@ EXPERTS = {"high_noise": "transformer", "low_noise": "transformer_2"}
 
 
 @register_backbone("wan")
-class WanBackbone(DiffusersBackbone):
+class WanBackbone(VideoPipelineBackbone):
     pipeline_class = WanPipeline
     denoiser_attr = "transformer"
-    modality: ClassVar[Literal["image", "video"]] = "video"
     comfyui_lora: ClassVar[dict[str, str] | None] = {  # musubi-tuner's modelspec id for every Wan
         "layout": "wan",
         "architecture": "wan2.1/lora",
@@ -208,24 +207,11 @@ class WanBackbone(DiffusersBackbone):
     def max_text_length(self) -> int:
         return min(MAX_TEXT_LENGTH, self._pipe.tokenizer.model_max_length)
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Embeddings:
-        embeds, _ = self._pipe.encode_prompt(
-            prompt=list(prompts),
-            do_classifier_free_guidance=False,
-            num_videos_per_prompt=1,
-            max_sequence_length=self.max_text_length,
-            device=self._device,
-        )
-        return {"prompt_embeds": embeds}
-
     # ---- latents -----------------------------------------------------------------------------------
     def latent_shape(self, gen: GenerateConfig) -> tuple[int, ...]:
         pipe = self._pipe
-        temporal, spatial = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
-        config = pipe.transformer.config
-        if gen.num_frames < 1 or (gen.num_frames - 1) % temporal:
-            raise ValueError(f"generate.num_frames={gen.num_frames} must be {temporal}k+1 for this VAE")
+        spatial, config = pipe.vae_scale_factor_spatial, pipe.transformer.config
+        frames = self.latent_frames(gen)
         multiple = spatial * config.patch_size[1]
         for key in ("height", "width"):
             if getattr(gen, key) % multiple:
@@ -233,7 +219,6 @@ class WanBackbone(DiffusersBackbone):
                     f"generate.{key}={getattr(gen, key)} must be a multiple of {multiple} "
                     f"(VAE factor {spatial} x patch size {config.patch_size[1]})"
                 )
-        frames = (gen.num_frames - 1) // temporal + 1
         return (config.in_channels, frames, gen.height // spatial, gen.width // spatial)
 
     @torch.no_grad()
