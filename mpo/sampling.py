@@ -134,6 +134,16 @@ class SamplingSupport:
     channels_last: bool = False
 
 
+# Flow-matching transformers whose blocks diffusers' cache hooks know and whose attention goes
+# through its dispatcher (Wan, FLUX).
+FLOW_TRANSFORMER_SUPPORT = SamplingSupport(
+    schedulers=FLOW_SCHEDULER_ALIASES,
+    renamed=FLOW_RENAMED,
+    caches={"first_block": {"threshold": 0.05}, "pab": {"spatial_attention_block_skip_range": 2}},
+    attention_dispatch=True,
+)
+
+
 def dispatch_backends() -> list[str]:
     """diffusers' attention backends (``diffusers.models.attention_dispatch.AttentionBackendName``)."""
     from diffusers.models.attention_dispatch import AttentionBackendName

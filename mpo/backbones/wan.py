@@ -35,7 +35,7 @@ from torch import nn
 from mpo.backbones.base import Embeddings, VideoPipelineBackbone, load_pipeline
 from mpo.backbones.registry import register_backbone
 from mpo.backbones.schedules import FlowMatchSchedule, TimestepSampler
-from mpo.sampling import FLOW_RENAMED, FLOW_SCHEDULER_ALIASES, SamplingSupport
+from mpo.sampling import FLOW_TRANSFORMER_SUPPORT, SamplingSupport
 
 if TYPE_CHECKING:
     from mpo.schema import GenerateConfig, ModelConfig, TrainConfig
@@ -67,12 +67,7 @@ class WanBackbone(VideoPipelineBackbone):
         "implementation": "https://github.com/Wan-Video/Wan2.1",
         "tools": "ComfyUI",
     }
-    sampling_support: ClassVar[SamplingSupport] = SamplingSupport(
-        schedulers=FLOW_SCHEDULER_ALIASES,
-        renamed=FLOW_RENAMED,
-        caches={"first_block": {"threshold": 0.05}, "pab": {"spatial_attention_block_skip_range": 2}},
-        attention_dispatch=True,
-    )
+    sampling_support: ClassVar[SamplingSupport] = FLOW_TRANSFORMER_SUPPORT
     schedule_class = FlowMatchSchedule
     size_multiple: ClassVar[int] = SPATIAL_MULTIPLE
     size_reason: ClassVar[str] = "VAE factor 8 x patch size 2"
